@@ -1,0 +1,123 @@
+"""Validation shared by every entry point: each error names its argument.
+
+Array arguments may be anything np.asarray accepts (lists included), as in
+NumPy itself; `out` must be an ndarray, since the result is written into it.
+"""
+
+import math
+import operator
+
+import numpy as np
+
+FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def float_array(name, a):
+    """``a`` as an ndarray of float32 or float64, or TypeError naming the fix."""
+    if not isinstance(a, np.ndarray):
+        a = np.asarray(a)
+    if a.dtype not in FLOAT_DTYPES:
+        raise TypeError(
+            f"{name} has dtype {a.dtype}; fastbn computes in float32 or float64: "
+            f"pass {name}.astype(np.float32) (or np.float64)"
+        )
+    return a
+
+
+def data(name, x):
+    """A float array of ndim >= 2 (features and examples)."""
+    x = float_array(name, x)
+    if x.ndim < 2:
+        raise ValueError(
+            f"{name} has shape {x.shape}, but batch norm needs at least 2 dimensions "
+            f"(features and examples): for one feature with many examples pass "
+            f"{name}[None, :], for many features of one example {name}[:, None] "
+            f"(with axis=0)"
+        )
+    return x
+
+
+def feature_axis(axis, x):
+    """``axis`` as an int in [0, x.ndim)."""
+    try:
+        a = operator.index(axis)
+    except TypeError:
+        raise TypeError(f"axis must be an int, got {axis!r}") from None
+    if not -x.ndim <= a < x.ndim:
+        raise ValueError(
+            f"axis {a} is out of range for x of shape {x.shape} ({x.ndim} dimensions)"
+        )
+    return a % x.ndim
+
+
+def counts(x, axis, training):
+    """(C, M): features and values per feature, rejecting empty input and M == 1 in training."""
+    n_features = x.shape[axis]
+    if x.size == 0:
+        raise ValueError(f"x is empty (shape {x.shape}): batch norm needs at least one value")
+    per_feature = x.size // n_features
+    if training and per_feature == 1:
+        raise ValueError(
+            f"Expected more than 1 value per feature when training, got x of shape {x.shape} "
+            f"with axis={axis} ({n_features} features of 1 value each)"
+        )
+    return n_features, per_feature
+
+
+def positive_eps(eps):
+    """eps as a finite float > 0."""
+    try:
+        value = float(eps)
+    except (TypeError, ValueError):
+        raise TypeError(f"eps must be a float, got {eps!r}") from None
+    if not (math.isfinite(value) and value > 0.0):
+        raise ValueError(f"eps must be finite and > 0, got {eps!r}")
+    return value
+
+
+def per_feature(name, v, n_features, x, axis, default=None):
+    """A length-C float vector as contiguous float64 (``default`` filled when v is None)."""
+    if v is None:
+        return None if default is None else np.full(n_features, default)
+    v = float_array(name, v)
+    if v.shape != (n_features,):
+        raise ValueError(
+            f"{name} has shape {v.shape}, expected ({n_features},): one value per feature "
+            f"of x with shape {x.shape} and axis={axis}"
+        )
+    return np.array(v, dtype=np.float64)  # a private, writable, contiguous copy
+
+
+def same_shape(name, a, x):
+    """``a`` must have x's shape (dy against x)."""
+    if a.shape != x.shape:
+        raise ValueError(f"{name} has shape {a.shape}, but x has shape {x.shape}: they must match")
+
+
+def _same_view(a, b):
+    return (
+        a.__array_interface__["data"][0] == b.__array_interface__["data"][0]
+        and a.shape == b.shape
+        and a.strides == b.strides
+    )
+
+
+def output(out, x, inputs, may_be=None):
+    """Check ``out``: x's shape and dtype, writable, overlapping no input but ``may_be`` itself."""
+    if not isinstance(out, np.ndarray):
+        raise TypeError(f"out must be a numpy.ndarray, got {type(out).__name__}")
+    if out.shape != x.shape:
+        raise ValueError(f"out has shape {out.shape}, but x has shape {x.shape}: they must match")
+    if out.dtype != x.dtype:
+        raise TypeError(f"out has dtype {out.dtype}, but x has dtype {x.dtype}: they must match")
+    if not out.flags.writeable:
+        raise ValueError("out is read-only: pass a writable array")
+    for name, a in inputs:
+        if a is None or not np.may_share_memory(out, a):
+            continue
+        if may_be is not None and a is may_be[1] and _same_view(out, a):
+            continue
+        if np.shares_memory(out, a):
+            allowed = f" (only {may_be[0]} itself may be passed as out)" if may_be else ""
+            raise ValueError(f"out overlaps the input {name}{allowed}")
+    return out

@@ -1,0 +1,521 @@
+"""The layer: batch normalization with parameters, running statistics and a mode.
+
+`BatchNorm` holds state only. The arithmetic on the data is the functional
+API's; the layer adds the running statistics (PyTorch's update rule), the
+forward cache for backward, and the no-lost-state rule: a call that fails
+leaves every attribute as it was.
+"""
+
+import math
+import numbers
+
+import numpy as np
+
+from fastbn.functional import batch_norm_backward, batch_norm_eval, batch_norm_train
+
+__all__ = ["BatchNorm"]
+
+_LAYER_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+# How many offending features an error message lists before it stops.
+_SHOWN_FEATURES = 8
+
+
+def _is_real(value):
+    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
+
+
+def _is_int(value):
+    return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
+
+
+def _feature_list(bad):
+    """Name the features flagged in the boolean array ``bad`` for a message."""
+    indices = np.flatnonzero(bad)
+    shown = ", ".join(str(i) for i in indices[:_SHOWN_FEATURES])
+    more = f" and {indices.size - _SHOWN_FEATURES} more" if indices.size > _SHOWN_FEATURES else ""
+    return f"[{shown}{more}]"
+
+
+class BatchNorm:
+    """Batch normalization over every axis but ``axis``, with learnable scale and shift.
+
+    Parameters
+    ----------
+    num_features : int
+        C, the length of the feature axis.
+    axis : int, default 0
+        The feature axis of the inputs: 0 for the (features, examples) layout,
+        1 or -1 for batch-first data, 1 for (N, C, H, W) images, -1 for
+        (N, H, W, C) images.
+    eps : float, default 1e-5
+        Added to the variance before the square root.
+    momentum : float or None, default 0.1
+        Weight f of the batch statistics in the running statistics,
+        ``running = (1 - f) * running + f * batch``. None gives the cumulative
+        average, f = 1 / num_batches_tracked.
+    affine : bool, default True
+        Whether the layer has the learnable gamma and beta.
+    track_running_stats : bool, default True
+        Whether the layer keeps running statistics and uses them in eval
+        mode. Without them it normalizes with batch statistics in both modes,
+        and running_mean and running_var are None.
+    dtype : {np.float32, np.float64}, default np.float32
+        The dtype of the parameters, the statistics and the inputs.
+
+    Attributes
+    ----------
+    gamma, beta : ndarray or None
+        The scale (ones) and shift (zeros), shape (C,); None when affine=False.
+        step(), optimizers and load_state_dict() update them in place.
+    dgamma, dbeta : ndarray or None
+        Their gradients, zeros until the first backward(), which overwrites
+        them in place; None when affine=False.
+    running_mean, running_var : ndarray or None
+        Running statistics (zeros and ones), None when track_running_stats=False.
+    num_batches_tracked : int
+        The number of training batches folded into the running statistics.
+    training : bool
+        True in training mode (the initial mode), False in eval mode.
+
+    Notes
+    -----
+    If a call fails, the layer's parameters, gradients, running statistics,
+    counter and forward cache are exactly as before it. Batch statistics that
+    are not finite (NaN or inf in the data, or a variance that overflows)
+    raise FloatingPointError, as do running statistics that would overflow the
+    layer's dtype; PyTorch would store them instead.
+    """
+
+    def __init__(
+        self,
+        num_features,
+        *,
+        axis=0,
+        eps=1e-5,
+        momentum=0.1,
+        affine=True,
+        track_running_stats=True,
+        dtype=np.float32,
+    ):
+        if not _is_int(num_features):
+            raise TypeError(f"num_features must be an int, got {num_features!r}")
+        if num_features <= 0:
+            raise ValueError(f"num_features must be positive, got {num_features}")
+        if not _is_int(axis):
+            raise TypeError(f"axis must be an int, got {axis!r}")
+        if not _is_real(eps):
+            raise TypeError(f"eps must be a real number, got {eps!r}")
+        if not (math.isfinite(eps) and eps > 0):
+            raise ValueError(f"eps must be finite and > 0, got {eps!r}")
+        if momentum is not None:
+            if not _is_real(momentum):
+                raise TypeError(f"momentum must be a real number or None, got {momentum!r}")
+            if not 0 <= momentum <= 1:
+                raise ValueError(f"momentum must be in [0, 1] or None, got {momentum!r}")
+        for name, flag in (("affine", affine), ("track_running_stats", track_running_stats)):
+            if not isinstance(flag, (bool, np.bool_)):
+                raise TypeError(f"{name} must be a bool, got {flag!r}")
+        layer_dtype = None if dtype is None else np.dtype(dtype)
+        if layer_dtype not in _LAYER_DTYPES:
+            raise TypeError(f"dtype must be np.float32 or np.float64, got {dtype!r}")
+
+        self.num_features = int(num_features)
+        self.axis = int(axis)
+        self.eps = float(eps)
+        self.momentum = None if momentum is None else float(momentum)
+        self.affine = bool(affine)
+        self.track_running_stats = bool(track_running_stats)
+        self.dtype = layer_dtype
+        self.training = True
+
+        shape = (self.num_features,)
+        if self.affine:
+            self.gamma = np.ones(shape, layer_dtype)
+            self.beta = np.zeros(shape, layer_dtype)
+            self.dgamma = np.zeros(shape, layer_dtype)
+            self.dbeta = np.zeros(shape, layer_dtype)
+        else:
+            self.gamma = self.beta = self.dgamma = self.dbeta = None
+        if self.track_running_stats:
+            self.running_mean = np.zeros(shape, layer_dtype)
+            self.running_var = np.ones(shape, layer_dtype)
+        else:
+            self.running_mean = self.running_var = None
+        self.num_batches_tracked = 0
+        # (x, mean, invstd, batch_stats) of the last successful forward: x by
+        # reference, mean and invstd float64, batch_stats whether the forward
+        # normalized with batch statistics (the training formula of backward).
+        self._cache = None
+
+    # ------------------------------------------------------------------ modes
+
+    def train(self, mode=True):
+        """Set training mode (or eval mode for ``mode=False``).
+
+        Parameters
+        ----------
+        mode : bool, default True
+            True for training mode, False for eval mode.
+
+        Returns
+        -------
+        BatchNorm
+            The layer itself.
+        """
+        if not isinstance(mode, (bool, np.bool_)):
+            raise TypeError(f"mode must be a bool, got {mode!r}")
+        self.training = bool(mode)
+        return self
+
+    def eval(self):
+        """Set eval mode, the same as ``train(False)``.
+
+        Returns
+        -------
+        BatchNorm
+            The layer itself.
+        """
+        return self.train(False)
+
+    # ---------------------------------------------------------- computation
+
+    def forward(self, x, out=None):
+        """Normalize a batch.
+
+        Training mode normalizes with the batch statistics and, when tracking,
+        folds them into the running statistics; eval mode normalizes with the
+        running statistics. Without running statistics both modes use the
+        batch statistics.
+
+        Parameters
+        ----------
+        x : ndarray
+            Input of the layer's dtype, ndim >= 2, with ``num_features``
+            along ``axis``. The layer keeps a reference to it for backward(),
+            so it should not be modified before then.
+        out : ndarray, optional
+            Writable array of x's shape and dtype to write y into. It may not
+            overlap x, nor the x kept from the previous forward. If the call
+            raises FloatingPointError, out holds the rejected output.
+
+        Returns
+        -------
+        ndarray
+            y, x's shape and dtype: out if given, else a new array.
+
+        Raises
+        ------
+        TypeError
+            x of another dtype than the layer's.
+        ValueError
+            x of the wrong shape, out overlapping x, M == 1 in training.
+        FloatingPointError
+            Batch statistics that are not finite, or running statistics that
+            would overflow the layer's dtype.
+        """
+        x = self._checked(x, "x")
+        if out is not None:
+            kept = None if self._cache is None else self._cache[0]
+            for held, what in ((x, "x"), (kept, "the x kept from the previous forward")):
+                if held is not None and np.shares_memory(out, held):
+                    raise ValueError(
+                        f"out overlaps {what}: the layer keeps x for backward(), "
+                        "so write y into a separate array"
+                    )
+
+        if not self.training and self.track_running_stats:
+            y = batch_norm_eval(
+                x,
+                self.running_mean,
+                self.running_var,
+                self.gamma,
+                self.beta,
+                axis=self.axis,
+                eps=self.eps,
+                out=out,
+            )
+            # Snapshots: the running statistics may change before backward().
+            mean = self.running_mean.astype(np.float64)
+            invstd = 1.0 / np.sqrt(self.running_var.astype(np.float64) + self.eps)
+            self._cache = (x, mean, invstd, False)
+            return y
+
+        y, mean, invstd = batch_norm_train(
+            x, self.gamma, self.beta, axis=self.axis, eps=self.eps, out=out
+        )
+        if self.training and self.track_running_stats:
+            self._update_running_stats(mean, invstd, x.size // self.num_features)
+        else:
+            # invstd > 0 is False for NaN and for a variance that overflowed.
+            bad = ~(np.isfinite(mean) & (invstd > 0))
+            if bad.any():
+                raise FloatingPointError(
+                    f"the batch statistics of features {_feature_list(bad)} are not finite "
+                    "(NaN or inf in x, or a variance that overflows); the layer is unchanged"
+                )
+        self._cache = (x, mean, invstd, True)
+        return y
+
+    __call__ = forward
+
+    def _update_running_stats(self, mean, invstd, m):
+        """Fold a batch's statistics into the running ones, or raise and change nothing."""
+        count = self.num_batches_tracked + 1
+        f = 1.0 / count if self.momentum is None else self.momentum
+        # Overflow, 1 / 0 and NaN are detected below, on the results.
+        with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
+            # invstd = 1 / sqrt(var + eps) in float64, so 1 / invstd**2 gives
+            # var + eps to a few ulp: var to ~1e-15 relative, or to ~1e-15 * eps
+            # absolute where var << eps (clipped at 0, which var cannot be below).
+            var = np.maximum(1.0 / (invstd * invstd) - self.eps, 0.0)
+            unbiased_var = var * (m / (m - 1))
+            # PyTorch's rule, evaluated in float64 and rounded once to the layer's dtype.
+            new_mean = np.multiply(self.running_mean, 1.0 - f, dtype=np.float64)
+            new_mean += f * mean
+            new_var = np.multiply(self.running_var, 1.0 - f, dtype=np.float64)
+            new_var += f * unbiased_var
+            new_mean = new_mean.astype(self.dtype)
+            new_var = new_var.astype(self.dtype)
+        # A NaN or inf batch statistic survives even f = 0 (0 * inf is NaN).
+        bad = ~(np.isfinite(new_mean) & np.isfinite(new_var))
+        if bad.any():
+            raise FloatingPointError(
+                f"the batch statistics of features {_feature_list(bad)} are not finite, or "
+                f"overflow {self.dtype} in the running statistics (NaN or inf in x, or "
+                "values too large); the layer is unchanged"
+            )
+        self.running_mean[...] = new_mean
+        self.running_var[...] = new_var
+        self.num_batches_tracked = count
+
+    def backward(self, dy, out=None):
+        """Backpropagate through the last forward().
+
+        Where that forward used batch statistics, their dependence on x is
+        part of the gradient (the training formula); where it used running
+        statistics they are constants, dx = gamma * invstd * dy. Sets dgamma
+        and dbeta in place.
+
+        Parameters
+        ----------
+        dy : ndarray
+            Gradient of the loss with respect to y: x's shape, the layer's dtype.
+        out : ndarray, optional
+            Writable array of x's shape and dtype to write dx into; it may be dy.
+
+        Returns
+        -------
+        ndarray
+            dx: out if given, else a new array.
+
+        Raises
+        ------
+        RuntimeError
+            No forward() preceded this call.
+        TypeError
+            dy of another dtype than the layer's.
+        ValueError
+            dy of another shape than x.
+        """
+        if self._cache is None:
+            raise RuntimeError("backward() needs a forward() first: nothing to backpropagate")
+        x, mean, invstd, batch_stats = self._cache
+        dy = self._checked_dtype(dy, "dy")
+        dx, dgamma, dbeta = batch_norm_backward(
+            dy, x, mean, invstd, self.gamma, axis=self.axis, training=batch_stats, out=out
+        )
+        if self.affine:
+            self.dgamma[...] = dgamma
+            self.dbeta[...] = dbeta
+        return dx
+
+    def step(self, lr):
+        """Take a gradient-descent step: gamma -= lr * dgamma, beta -= lr * dbeta, in place.
+
+        Does nothing when affine=False.
+
+        Parameters
+        ----------
+        lr : float
+            The learning rate, a finite real number.
+        """
+        if not _is_real(lr):
+            raise TypeError(f"lr must be a real number, got {lr!r}")
+        if not math.isfinite(lr):
+            raise ValueError(f"lr must be finite, got {lr!r}")
+        if self.affine:
+            # A Python float keeps the arithmetic in the layer's dtype.
+            lr = float(lr)
+            self.gamma -= lr * self.dgamma
+            self.beta -= lr * self.dbeta
+
+    def parameters(self):
+        """List the learnable parameters with their gradients.
+
+        Returns
+        -------
+        list of (str, ndarray, ndarray)
+            ``[("gamma", gamma, dgamma), ("beta", beta, dbeta)]``, the layer's
+            own arrays, or an empty list when affine=False.
+        """
+        if not self.affine:
+            return []
+        return [("gamma", self.gamma, self.dgamma), ("beta", self.beta, self.dbeta)]
+
+    # ----------------------------------------------------------------- state
+
+    def reset_running_stats(self):
+        """Reset running_mean to 0, running_var to 1 and num_batches_tracked to 0, in place."""
+        if self.track_running_stats:
+            self.running_mean.fill(0)
+            self.running_var.fill(1)
+            self.num_batches_tracked = 0
+
+    def reset_parameters(self):
+        """Reset the running statistics, gamma to 1 and beta to 0, in place.
+
+        The gradients dgamma and dbeta are left as they are, as in PyTorch.
+        """
+        self.reset_running_stats()
+        if self.affine:
+            self.gamma.fill(1)
+            self.beta.fill(0)
+
+    def state_dict(self):
+        """Return copies of the layer's state under PyTorch's names.
+
+        Returns
+        -------
+        dict
+            ``weight`` and ``bias`` (gamma and beta, when affine) and
+            ``running_mean``, ``running_var`` and ``num_batches_tracked``
+            (when tracking running statistics): arrays copied, the counter an int.
+        """
+        state = {}
+        if self.affine:
+            state["weight"] = self.gamma.copy()
+            state["bias"] = self.beta.copy()
+        if self.track_running_stats:
+            state["running_mean"] = self.running_mean.copy()
+            state["running_var"] = self.running_var.copy()
+            state["num_batches_tracked"] = self.num_batches_tracked
+        return state
+
+    def load_state_dict(self, state_dict):
+        """Copy a state into the layer's arrays, in place, all or nothing.
+
+        Parameters
+        ----------
+        state_dict : mapping
+            The keys of state_dict(). The arrays (NumPy arrays, or anything
+            ``np.asarray`` takes, such as CPU tensors) must have shape (C,)
+            and dtype float32 or float64, converted to the layer's dtype;
+            num_batches_tracked a non-negative integer, a 0-d integer array
+            included. A PyTorch BatchNorm state_dict converted with
+            ``{k: v.numpy() for k, v in sd.items()}`` qualifies.
+
+        Raises
+        ------
+        ValueError
+            Missing or unexpected keys, a wrong shape, a negative counter, or
+            finite values that overflow the layer's dtype.
+        TypeError
+            A dtype other than float32 or float64, or a counter that is not
+            an integer.
+        """
+        expected = list(self.state_dict())
+        missing = [key for key in expected if key not in state_dict]
+        unexpected = [key for key in state_dict if key not in expected]
+        if missing or unexpected:
+            raise ValueError(
+                f"state_dict does not match the layer: missing keys {missing}, "
+                f"unexpected keys {unexpected}"
+            )
+        arrays = {}
+        for key in expected:
+            if key != "num_batches_tracked":
+                arrays[key] = self._converted_state(key, state_dict[key])
+        count = None
+        if self.track_running_stats:
+            count = state_dict["num_batches_tracked"]
+            if not (
+                _is_int(count) or (isinstance(count, np.ndarray) and count.dtype.kind in "iu")
+            ):
+                raise TypeError(
+                    f"state_dict['num_batches_tracked'] must be an integer, got {count!r}"
+                )
+            count = int(count)
+            if count < 0:
+                raise ValueError(f"state_dict['num_batches_tracked'] must be >= 0, got {count}")
+        # Everything is checked: now copy, into the arrays optimizers may hold.
+        targets = {
+            "weight": self.gamma,
+            "bias": self.beta,
+            "running_mean": self.running_mean,
+            "running_var": self.running_var,
+        }
+        for key, value in arrays.items():
+            targets[key][...] = value
+        if count is not None:
+            self.num_batches_tracked = count
+
+    def _converted_state(self, key, value):
+        """Return a state_dict array checked and converted to the layer's dtype."""
+        array = np.asarray(value)
+        if array.dtype not in _LAYER_DTYPES:
+            raise TypeError(
+                f"state_dict[{key!r}] has dtype {array.dtype}; expected float32 or float64"
+            )
+        if array.shape != (self.num_features,):
+            raise ValueError(
+                f"state_dict[{key!r}] has shape {array.shape}; expected ({self.num_features},)"
+            )
+        with np.errstate(over="ignore"):
+            converted = array.astype(self.dtype)
+        if not np.array_equal(np.isfinite(converted), np.isfinite(array)):
+            raise ValueError(f"state_dict[{key!r}] has values that overflow {self.dtype}")
+        return converted
+
+    # ------------------------------------------------------------ plumbing
+
+    def _checked_dtype(self, array, name):
+        array = np.asarray(array)
+        if array.dtype != self.dtype:
+            raise TypeError(
+                f"{name} has dtype {array.dtype} but the layer's dtype is {self.dtype}: "
+                f"convert it with {name}.astype(np.{self.dtype}), or build the layer "
+                f"with dtype=np.{array.dtype}"
+            )
+        return array
+
+    def _checked(self, x, name):
+        """Return x as an array of the layer's dtype with num_features along axis."""
+        x = self._checked_dtype(x, name)
+        if x.ndim < 2:
+            raise ValueError(
+                f"{name} must have ndim >= 2, got shape {x.shape}; "
+                f"use {name}[:, None] or {name}[None, :]"
+            )
+        if not -x.ndim <= self.axis < x.ndim:
+            raise ValueError(f"axis {self.axis} is out of range for {name} of shape {x.shape}")
+        if x.shape[self.axis] != self.num_features:
+            raise ValueError(
+                f"{name} of shape {x.shape} has {x.shape[self.axis]} features along axis "
+                f"{self.axis}, but the layer has num_features={self.num_features}"
+            )
+        return x
+
+    def __repr__(self):
+        return (
+            f"BatchNorm({self.num_features}, axis={self.axis}, eps={self.eps}, "
+            f"momentum={self.momentum}, affine={self.affine}, "
+            f"track_running_stats={self.track_running_stats}, dtype=np.{self.dtype})"
+        )
+
+    def __getstate__(self):
+        # The forward cache references the caller's batch: transient, not the
+        # layer's state, so copies and pickles leave it out (as torch modules
+        # hold no autograd graph).
+        state = self.__dict__.copy()
+        state["_cache"] = None
+        return state
