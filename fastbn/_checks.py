@@ -78,7 +78,7 @@ def positive_eps(eps):
 def per_feature(name, v, n_features, x, axis, default=None):
     """A length-C float vector as contiguous float64 (``default`` filled when v is None)."""
     if v is None:
-        return None if default is None else np.full(n_features, default)
+        return None if default is None else np.full(n_features, float(default))
     v = float_array(name, v)
     if v.shape != (n_features,):
         raise ValueError(

@@ -9,6 +9,8 @@ layout. Long runs (Q >= ROWS_MIN_RUN) go to the rows family, the rest
 (batch-first, channels-last) to the columns family.
 """
 
+import math
+
 import numpy as np
 
 from fastbn import _checks
@@ -54,11 +56,7 @@ class _Layout:
             x = np.ascontiguousarray(x)
         shape = x.shape
         self.shape = shape
-        self.pcq = (
-            int(np.prod(shape[:axis])),
-            shape[axis],
-            int(np.prod(shape[axis + 1 :])),
-        )
+        self.pcq = (math.prod(shape[:axis]), shape[axis], math.prod(shape[axis + 1 :]))
         self.x = _kernel_input(x)
         self.serial = x.size < PARALLEL_MIN
         self.rows = self.pcq[2] >= ROWS_MIN_RUN
@@ -71,21 +69,22 @@ class _Layout:
         return _kernel_input(np.ascontiguousarray(a))
 
     def output(self, out):
-        """(buffer the kernel writes, array returned): out itself when its layout fits."""
+        """The buffer the kernel writes: out itself when its layout fits, else a new array."""
         if out is not None:
             target = out.T if self.transposed else out
             if target.flags.c_contiguous:
-                return target, out
-            return np.empty(self.shape, out.dtype), out
-        buffer = np.empty(self.shape, self.x.dtype)
-        return buffer, (buffer.T if self.transposed else buffer)
+                self.copy_back = False
+                return target
+        self.copy_back = out is not None
+        return np.empty(self.shape, self.x.dtype)
 
-    def finish(self, buffer, result):
-        """Copy the kernel's buffer into result when they are not the same memory."""
-        target = result.T if self.transposed else result
-        if target.__array_interface__["data"][0] != buffer.__array_interface__["data"][0]:
-            target[...] = buffer
-        return result
+    def finish(self, buffer, out):
+        """The result in the caller's layout: out (copied into if need be) or the buffer."""
+        if out is None:
+            return buffer.T if self.transposed else buffer
+        if self.copy_back:
+            out[...] = buffer.T if self.transposed else buffer
+        return out
 
     def view(self, a):
         """a as the kernels take it: (P, C, Q) for rows, flat for columns."""
@@ -128,7 +127,7 @@ def batch_norm_train(x, gamma=None, beta=None, *, axis=0, eps=1e-5, out=None):
     if out is not None:
         _checks.output(out, x, (("x", x), ("gamma", gamma), ("beta", beta)))
     layout = _Layout(x, axis)
-    buffer, result = layout.output(out)
+    buffer = layout.output(out)
     if layout.rows:
         mean, invstd = rows.train_forward(
             layout.view(layout.x), gamma64, beta64, eps, layout.view(buffer), layout.serial
@@ -143,7 +142,7 @@ def batch_norm_train(x, gamma=None, beta=None, *, axis=0, eps=1e-5, out=None):
             layout.view(buffer),
             layout.serial,
         )
-    return layout.finish(buffer, result), mean, invstd
+    return layout.finish(buffer, out), mean, invstd
 
 
 def batch_norm_eval(
@@ -189,7 +188,7 @@ def batch_norm_eval(
         )
         _checks.output(out, x, inputs, may_be=("x", x))
     layout = _Layout(x, axis)
-    buffer, result = layout.output(out)
+    buffer = layout.output(out)
     if layout.rows:
         rows.eval_forward(
             layout.view(layout.x),
@@ -213,7 +212,7 @@ def batch_norm_eval(
             layout.view(buffer),
             layout.serial,
         )
-    return layout.finish(buffer, result)
+    return layout.finish(buffer, out)
 
 
 def batch_norm_backward(dy, x, mean, invstd, gamma=None, *, axis=0, training=True, out=None):
@@ -260,7 +259,7 @@ def batch_norm_backward(dy, x, mean, invstd, gamma=None, *, axis=0, training=Tru
         _checks.output(out, x, inputs, may_be=("dy", dy))
     layout = _Layout(x, axis)
     dy_c = layout.contiguous(dy)
-    buffer, result = layout.output(out)
+    buffer = layout.output(out)
     if layout.rows:
         dgamma, dbeta = rows.backward(
             layout.view(dy_c),
@@ -284,5 +283,5 @@ def batch_norm_backward(dy, x, mean, invstd, gamma=None, *, axis=0, training=Tru
             layout.view(buffer),
             layout.serial,
         )
-    dx = layout.finish(buffer, result)
+    dx = layout.finish(buffer, out)
     return dx, dgamma.astype(x.dtype, copy=False), dbeta.astype(x.dtype, copy=False)
