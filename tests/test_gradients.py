@@ -101,20 +101,26 @@ def test_eval_gradient(rng, name, order, with_gamma):
     _assert_grad(dbeta, _central_difference(loss, beta), "dbeta")
 
 
+@pytest.mark.parametrize("eps", [1e-5, 0.1])
 @pytest.mark.parametrize("name", GRAD_LAYOUTS)
-def test_training_gradient_sums_to_zero(rng, name):
-    """Training dx is orthogonal to 1 and to x_hat per feature (the batch stats absorb them)."""
+def test_training_gradient_projections(rng, name, eps):
+    """Per feature, training dx sums to 0 and sum(dx * x_hat) = gamma * invstd**3 * eps * dgamma.
+
+    (The batch mean absorbs any shift of x; with eps = 0 the batch variance would
+    absorb any scaling too, and eps leaves exactly this remainder.)
+    """
     shape, axis = GRAD_LAYOUTS[name]
     x = rng.standard_normal(shape)
     dy = rng.standard_normal(shape)
     gamma = make_params(rng, shape[axis], np.float64)[0]
-    _, mean, invstd = fastbn.batch_norm_train(x, axis=axis)
-    dx = fastbn.batch_norm_backward(dy, x, mean, invstd, gamma, axis=axis)[0]
+    _, mean, invstd = fastbn.batch_norm_train(x, axis=axis, eps=eps)
+    dx, dgamma, _ = fastbn.batch_norm_backward(dy, x, mean, invstd, gamma, axis=axis)
     for c in range(shape[axis]):
         fs = feature_slice(x.ndim, axis, c)
         x_hat = (x[fs] - mean[c]) * invstd[c]
         assert abs(dx[fs].sum()) < 1e-12
-        assert abs((dx[fs] * x_hat).sum()) < 1e-12
+        expected = gamma[c] * invstd[c] ** 3 * eps * dgamma[c]
+        assert abs((dx[fs] * x_hat).sum() - expected) < 1e-12
 
 
 @pytest.mark.parametrize(("shape", "axis"), [((6, 3), 1), ((2, 3, 4, 5), 1), ((3, 8), 0)])
