@@ -75,6 +75,18 @@ def _fold_batch_stats(running_mean, running_var, mean, invstd, eps, f, bessel):
     return bad
 
 
+def _layer_dtype(dtype):
+    """Return dtype as np.dtype float32 or float64, or raise TypeError."""
+    try:
+        # np.dtype(None) would be float64: None is no choice of dtype here.
+        resolved = None if dtype is None else np.dtype(dtype)
+    except TypeError:
+        resolved = None
+    if resolved is None or resolved not in _LAYER_DTYPES:
+        raise TypeError(f"dtype must be np.float32 or np.float64, got {dtype!r}")
+    return resolved
+
+
 def _feature_list(bad):
     """Name the features of the list ``bad`` in a message."""
     shown = ", ".join(str(c) for c in bad[:_SHOWN_FEATURES])
@@ -158,9 +170,7 @@ class BatchNorm:
         for name, flag in (("affine", affine), ("track_running_stats", track_running_stats)):
             if not isinstance(flag, (bool, np.bool_)):
                 raise TypeError(f"{name} must be a bool, got {flag!r}")
-        layer_dtype = None if dtype is None else np.dtype(dtype)
-        if layer_dtype not in _LAYER_DTYPES:
-            raise TypeError(f"dtype must be np.float32 or np.float64, got {dtype!r}")
+        layer_dtype = _layer_dtype(dtype)
 
         self.num_features = int(num_features)
         self.axis = int(axis)
