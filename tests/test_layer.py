@@ -242,6 +242,16 @@ def test_constant_feature(rng):
     np.testing.assert_allclose(dx[1], invstd * (dy[1] - dy[1].mean()), rtol=1e-9, atol=1e-9)
 
 
+def test_constant_feature_running_variance_is_never_negative():
+    """The variance recovered from invstd rounds to either side of 0: never store below 0."""
+    x = np.full((1, 8), 3.0)
+    for eps in np.geomspace(1e-8, 1e-2, 25):
+        bn = BatchNorm(1, eps=eps, momentum=1.0, dtype=np.float64)
+        bn(x)
+        assert bn.running_mean[0] == 3.0
+        assert 0.0 <= bn.running_var[0] <= 1e-15 * eps, eps
+
+
 # --------------------------------------------------------- forward, both modes
 
 
@@ -351,10 +361,11 @@ def test_eval_backward_uses_statistics_of_its_forward(rng):
     x = make_batches(rng, (C, 24), 1)[0]
     dy = rng.standard_normal((C, 24))
     invstd = 1.0 / np.sqrt(bn.running_var + bn.eps)
-    dx_ref, _, _ = ref_backward(dy, x, bn.running_mean, invstd, bn.gamma, training=False)
+    dx_ref, dgamma_ref, _ = ref_backward(dy, x, bn.running_mean, invstd, bn.gamma, training=False)
     bn(x)
     bn.reset_running_stats()
     assert_close(bn.backward(dy), dx_ref, np.float64)
+    assert_close(bn.dgamma, dgamma_ref, np.float64, scale=10)
 
 
 # ------------------------------------------------------------ finite differences
