@@ -518,12 +518,17 @@ class BatchNorm:
     # ------------------------------------------------------------ plumbing
 
     def _checked_dtype(self, array, name):
+        """Return array as an ndarray of the layer's dtype, or raise TypeError naming the fix."""
         array = np.asarray(array)
         if array.dtype != self.dtype:
+            other_layer = (
+                f", or build the layer with dtype=np.{array.dtype}"
+                if array.dtype in _LAYER_DTYPES
+                else ""
+            )
             raise TypeError(
                 f"{name} has dtype {array.dtype} but the layer's dtype is {self.dtype}: "
-                f"convert it with {name}.astype(np.{self.dtype}), or build the layer "
-                f"with dtype=np.{array.dtype}"
+                f"convert it with {name}.astype(np.{self.dtype}){other_layer}"
             )
         return array
 

@@ -752,7 +752,8 @@ def test_failure_before_any_forward_leaves_no_cache(rng):
 
 def test_dtype_error_names_both_and_the_fix():
     bn = BatchNorm(3)
-    with raises(TypeError, "x", "float64", "float32", "x.astype(np.float32)"):
+    with raises(TypeError, "x", "float64", "float32", "x.astype(np.float32)", "dtype=np.float64"):
         bn(np.ones((3, 4)))
-    with raises(TypeError, "x", "int64", "x.astype(np.float32)"):
+    with raises(TypeError, "x", "int64", "x.astype(np.float32)") as info:
         bn(np.ones((3, 4), np.int64))
+    assert "dtype=np.int64" not in str(info.value)  # not a layer dtype to suggest
