@@ -11,18 +11,20 @@ import pickle
 
 import numpy as np
 import pytest
-from conftest import assert_close, f64, raises, reduced_axes, ref_backward, ref_eval, ref_train
+from conftest import (
+    LAYOUTS,
+    assert_close,
+    f64,
+    raises,
+    reduced_axes,
+    ref_backward,
+    ref_eval,
+    ref_train,
+)
 
 from fastbn import BatchNorm
 
-# The four layouts of SPEC section 2: name -> (shape, axis), C = 5 in each.
-LAYOUTS = {
-    "features_first": ((5, 24), 0),
-    "batch_first": ((24, 5), 1),
-    "batch_first_neg": ((24, 5), -1),
-    "nchw": ((3, 5, 2, 4), 1),
-    "nhwc": ((3, 2, 4, 5), -1),
-}
+# Features of the (C, 24) batches of the tests that need no other layout.
 C = 5
 TIGHT = 1e-12  # float64 statistics, relative
 
@@ -187,7 +189,7 @@ def test_train_and_eval_return_self():
 @pytest.mark.parametrize("name", LAYOUTS)
 def test_running_stats_follow_pytorch_rule(rng, name, momentum):
     shape, axis = LAYOUTS[name]
-    bn = BatchNorm(C, axis=axis, momentum=momentum, dtype=np.float64)
+    bn = BatchNorm(shape[axis], axis=axis, momentum=momentum, dtype=np.float64)
     batches = make_batches(rng, shape, 4)
     for step, x in enumerate(batches, start=1):
         bn(x)
@@ -201,7 +203,7 @@ def test_running_stats_follow_pytorch_rule(rng, name, momentum):
 @pytest.mark.parametrize("momentum", [0.1, None])
 def test_running_stats_float32(rng, momentum):
     shape, axis = LAYOUTS["nchw"]
-    bn = BatchNorm(C, axis=axis, momentum=momentum)
+    bn = BatchNorm(shape[axis], axis=axis, momentum=momentum)
     batches = make_batches(rng, shape, 3, np.float32)
     for x in batches:
         bn(x)
@@ -327,7 +329,7 @@ def test_without_running_stats(rng):
 
 def test_without_affine(rng):
     shape, axis = LAYOUTS["features_first"]
-    bn = BatchNorm(C, axis=axis, affine=False, dtype=np.float64)
+    bn = BatchNorm(shape[axis], axis=axis, affine=False, dtype=np.float64)
     assert bn.gamma is None and bn.beta is None and bn.dgamma is None and bn.dbeta is None
     assert bn.parameters() == []
     assert set(bn.state_dict()) == {"running_mean", "running_var", "num_batches_tracked"}
