@@ -5,6 +5,7 @@ NumPy itself; `out` must be an ndarray, since the result is written into it.
 """
 
 import math
+import numbers
 import operator
 
 import numpy as np
@@ -66,10 +67,9 @@ def counts(x, axis, training):
 
 def positive_eps(eps):
     """eps as a finite float > 0."""
-    try:
-        value = float(eps)
-    except (TypeError, ValueError):
-        raise TypeError(f"eps must be a float, got {eps!r}") from None
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
+        raise TypeError(f"eps must be a real number, got {eps!r}")
+    value = float(eps)
     if not (math.isfinite(value) and value > 0.0):
         raise ValueError(f"eps must be finite and > 0, got {eps!r}")
     return value
