@@ -42,6 +42,8 @@ LARGE_LAYOUTS = {
     "batch_first_many": ((1100, 1024), -1),
     "nchw": ((8, 16, 96, 97), 1),
     "nhwc": ((8, 96, 97, 16), -1),
+    "ncl_short_runs": ((20000, 16, 4), 1),  # runs of 4: folded into the columns family
+    "ncl_many_runs": ((5000, 8, 32), 1),  # runs of 32: many runs per unit (rows family)
 }
 
 

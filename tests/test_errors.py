@@ -208,6 +208,26 @@ def test_bad_eps(func, eps):
         FUNCS[func](a)
 
 
+@pytest.mark.parametrize("eps", ["1e-5", None, True, 1e-5j], ids=repr)
+@pytest.mark.parametrize("func", ["train", "eval"])
+def test_eps_not_a_real_number(func, eps):
+    """A non-real eps (str, None, bool, complex) is a TypeError naming eps and its value."""
+    a = _valid()
+    a["eps"] = eps
+    with raises(TypeError, "eps", repr(eps)):
+        FUNCS[func](a)
+
+
+@pytest.mark.parametrize("eps", [np.float32(1e-3), np.float64(1e-3), 1], ids=repr)
+def test_eps_real_scalars_are_accepted(eps):
+    """NumPy float scalars and Python ints are valid eps values."""
+    a = _valid()
+    a["eps"] = eps
+    y = _train(a)[0]
+    expected = fastbn.batch_norm_train(a["x"], a["gamma"], a["beta"], eps=float(eps))[0]
+    np.testing.assert_array_equal(y, expected)
+
+
 # --- dtypes ------------------------------------------------------------------------------
 
 BAD_DTYPES = [np.int64, np.int32, np.bool_, np.complex128, np.float16, np.object_]
