@@ -146,6 +146,24 @@ def test_mixed_orders_backward(rng, name, order):
     check_backward(layout(dy, order), layout(x, other), mean, invstd, None, axis, True)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("shape", "axis"), [((6, 300), 0), ((300, 6), 1), ((4, 3, 5, 7), 1)])
+def test_zero_stride_inputs(rng, shape, axis, dtype):
+    """Broadcast (zero-stride, read-only) x and dy work, e.g. dy = broadcast_to(1.0, shape)."""
+    c = shape[axis]
+    # every feature holds the same values: x varies along the last reduced axis only
+    last = -1 if axis % len(shape) != len(shape) - 1 else 0
+    row = rng.standard_normal(shape[last]).astype(dtype)
+    x = np.broadcast_to(row if last == -1 else row[:, None], shape)
+    dy = np.broadcast_to(np.asarray(1.5, dtype), shape)
+    gamma, beta = make_params(rng, c, dtype)
+    rm, rv = make_running(rng, c, dtype)
+    _, mean, invstd = check_train(x, gamma, beta, axis)
+    check_eval(x, rm, rv, gamma, beta, axis)
+    for training in (True, False):
+        check_backward(dy, x, mean, invstd, gamma, axis, training)
+
+
 # --- parameter dtypes differing from the data's -----------------------------------------
 
 
