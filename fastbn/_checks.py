@@ -111,7 +111,9 @@ def output(out, x, inputs, may_be=None):
     if out.dtype != x.dtype:
         raise TypeError(f"out has dtype {out.dtype}, but x has dtype {x.dtype}: they must match")
     if not out.flags.writeable:
-        raise ValueError("out is read-only: pass a writable array")
+        raise ValueError(
+            f"out (shape {out.shape}, dtype {out.dtype}) is read-only: pass a writable array"
+        )
     for name, a in inputs:
         if a is None or not np.may_share_memory(out, a):
             continue

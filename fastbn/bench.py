@@ -76,7 +76,9 @@ def main(argv=None):
         f"{os.cpu_count()} cores, {numba.get_num_threads()} numba threads; "
         f"{args.dtype}; medians over >= {args.budget} s each"
     )
-    header = f"{'shape':>18} {'axis':>4} {'pass':>8} {'fastbn ms':>10} {'numpy ms':>10} {'speedup':>8}"
+    header = (
+        f"{'shape':>18} {'axis':>4} {'pass':>8} {'fastbn ms':>10} {'numpy ms':>10} {'speedup':>8}"
+    )
     print(header)
     print("-" * len(header))
     rng = np.random.default_rng(0)

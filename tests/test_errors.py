@@ -195,6 +195,15 @@ def test_dy_shape_differs_from_x(func, dy_shape):
         FUNCS[func](a)
 
 
+@pytest.mark.parametrize("func", ["backward", "backward_eval"])
+def test_dy_dtype_differs_from_x(func):
+    """dy of another float dtype than x is a TypeError naming both dtypes."""
+    a = _valid()
+    a["dy"] = a["dy"].astype(np.float32)
+    with raises(TypeError, "dy", "float32", "float64"):
+        FUNCS[func](a)
+
+
 # --- eps -----------------------------------------------------------------------------------
 
 

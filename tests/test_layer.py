@@ -134,7 +134,7 @@ def test_initial_state():
         ({"eps": 0.0}, ValueError, "eps must be finite and > 0, got 0.0"),
         ({"eps": -1e-5}, ValueError, "eps must be finite and > 0"),
         ({"eps": float("inf")}, ValueError, "eps must be finite and > 0, got inf"),
-        ({"eps": None}, TypeError, "eps must be a float, got None"),
+        ({"eps": None}, TypeError, "eps must be a real number, got None"),
         ({"dtype": np.float16}, TypeError, "dtype must be np.float32 or np.float64"),
         ({"dtype": np.int32}, TypeError, "dtype must be np.float32 or np.float64"),
         ({"dtype": None}, TypeError, "dtype must be np.float32 or np.float64, got None"),

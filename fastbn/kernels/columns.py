@@ -70,24 +70,32 @@ def fold(partials, n_features, run):
 @njit(cache=True)
 def _moments_groups(flat, shift, width, g0, g1, j0, j1, s1, s2):
     """Add x - shift and its square, down groups g0..g1, to s1, s2 at j0..j1."""
+    # Slices let every index start at 0: Numba then drops its negative-index
+    # check, which would otherwise stop the loop from vectorizing.
+    shift = shift[j0:j1]
+    s1 = s1[j0:j1]
+    s2 = s2[j0:j1]
     for g in range(g0, g1):
         x = flat[g * width + j0 : g * width + j1]
-        for j in range(j1 - j0):
-            d = np.float64(x[j]) - shift[j0 + j]
-            s1[j0 + j] += d
-            s2[j0 + j] += d * d
+        for j in range(x.size):
+            d = np.float64(x[j]) - shift[j]
+            s1[j] += d
+            s2[j] += d * d
 
 
 @njit(cache=True)
 def _grad_sums_groups(dy_flat, flat, mean, width, g0, g1, j0, j1, s1, s2):
     """Add dy and dy * (x - mean), down groups g0..g1, to s1, s2 at j0..j1."""
+    mean = mean[j0:j1]
+    s1 = s1[j0:j1]
+    s2 = s2[j0:j1]
     for g in range(g0, g1):
         dy = dy_flat[g * width + j0 : g * width + j1]
         x = flat[g * width + j0 : g * width + j1]
-        for j in range(j1 - j0):
+        for j in range(x.size):
             d = np.float64(dy[j])
-            s1[j0 + j] += d
-            s2[j0 + j] += d * (np.float64(x[j]) - mean[j0 + j])
+            s1[j] += d
+            s2[j] += d * (np.float64(x[j]) - mean[j])
 
 
 @njit(parallel=True, cache=True)

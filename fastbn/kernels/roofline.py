@@ -1,0 +1,63 @@
+"""Roofline kernels: the least work that touches the same memory as batch norm.
+
+The benchmarks divide fastbn's times by these (SPEC section 8). Each works on
+flat C-contiguous arrays in fixed chunks under prange, with the same Numba
+settings as the fused kernels, and computes in the data's dtype, so it is the
+fastest honest pass over the bytes:
+
+- read (R): a sum of x;
+- read_write (RW): y = a * x + b;
+- read2 (R2): a dot product of x and dy;
+- read2_write (R2W): dx = a * dy + b * x + c.
+"""
+
+import numpy as np
+from numba import njit, prange
+
+from fastbn.kernels._common import REDUCE_MATH
+
+CHUNK = 16384
+
+
+@njit(parallel=True, cache=True, fastmath=REDUCE_MATH)
+def read(x):
+    """Per-chunk sums of x (R)."""
+    n_chunks = -(-x.size // CHUNK)
+    partial = np.empty(n_chunks, x.dtype)
+    for k in prange(n_chunks):
+        s = x.dtype.type(0)
+        for i in range(k * CHUNK, min(x.size, (k + 1) * CHUNK)):
+            s += x[i]
+        partial[k] = s
+    return partial
+
+
+@njit(parallel=True, cache=True, fastmath=REDUCE_MATH)
+def read_write(x, a, b, out):
+    """out = a * x + b (RW)."""
+    n_chunks = -(-x.size // CHUNK)
+    for k in prange(n_chunks):
+        for i in range(k * CHUNK, min(x.size, (k + 1) * CHUNK)):
+            out[i] = a * x[i] + b
+
+
+@njit(parallel=True, cache=True, fastmath=REDUCE_MATH)
+def read2(x, dy):
+    """Per-chunk dot products of x and dy (R2)."""
+    n_chunks = -(-x.size // CHUNK)
+    partial = np.empty(n_chunks, x.dtype)
+    for k in prange(n_chunks):
+        s = x.dtype.type(0)
+        for i in range(k * CHUNK, min(x.size, (k + 1) * CHUNK)):
+            s += x[i] * dy[i]
+        partial[k] = s
+    return partial
+
+
+@njit(parallel=True, cache=True, fastmath=REDUCE_MATH)
+def read2_write(dy, x, a, b, c, out):
+    """out = a * dy + b * x + c (R2W)."""
+    n_chunks = -(-x.size // CHUNK)
+    for k in prange(n_chunks):
+        for i in range(k * CHUNK, min(x.size, (k + 1) * CHUNK)):
+            out[i] = a * dy[i] + b * x[i] + c
