@@ -1,93 +1,399 @@
-"""Benchmark fastbn against the NumPy baseline: ``python -m fastbn.bench``.
+"""Benchmark fastbn against NumPy, PyTorch and the bandwidth roofline: ``python -m fastbn.bench``.
 
-Times the train forward and the backward of both on each shape, in one
-process, as the median of repeated runs (the machines are shared and noisy),
-and prints the time and the speedup of fastbn over NumPy.
+For each bench case (a SPEC section 8 shape in one layout) and dtype it
+times train forward, eval forward and backward of each peer: fastbn
+allocating its outputs, fastbn writing into preallocated ones (fastbn-out),
+the NumPy baseline (`fastbn.reference`) and PyTorch (when it is installed),
+and the roofline kernels R, RW, R2, R2W. Then the small (64, 128) case and
+the cold start. It prints one table and the SPEC's targets as MET / NOT MET.
+
+How it measures:
+
+- each peer runs in a subprocess of its own (``--worker PEER`` answers JSON
+  jobs on stdin, one a line, with JSON lines on stdout), so the OpenMP
+  runtimes of two libraries never spin in one process;
+- the peers of one case run back to back, so the ratios of a row come from
+  the same moments of a shared machine;
+- a time is the MEDIAN of repeated calls after one warm-up call, called for
+  a budget of seconds and at least `MIN_RUNS` times;
+- each peer runs at every thread count of ``--threads`` and keeps its best.
 """
 
 import argparse
-import os
+import contextlib
+import gc
+import importlib.util
+import json
+import platform
+import statistics
+import subprocess
+import sys
 import time
+import traceback
+from dataclasses import dataclass
 
 import numba
 import numpy as np
 
 import fastbn
-from fastbn import reference
+from fastbn import _bench_report as report
+from fastbn._bench_cold import measure_cold_start
+from fastbn._bench_peers import BENCH_CASES, PEERS, Case, make_data, peer_calls, small_calls
 
-QUICK_SHAPES = [((256, 64), 0), ((1024, 256), 0), ((4096, 512), 0), ((512, 4096), 1)]
-FULL_SHAPES = [
-    *QUICK_SHAPES,
-    ((4096, 4096), 0),
-    ((64, 262144), 0),
-    ((262144, 64), 1),
-    ((2, 4194304), 0),
-    ((4194304, 2), 1),
-    ((32, 64, 56, 56), 1),
-    ((32, 56, 56, 64), -1),
-]
+MIN_RUNS = 3
+SEED = 0
+QUICK_CASE_LABELS = (
+    "256x64 ff",
+    "1024x256 ff",
+    "1024x256 bf",
+    "4096x512 ff",
+    "4096x512 bf",
+    "32x64x56x56 nchw",
+)
 
 
-def median_seconds(fn, budget=0.5, min_runs=5):
-    """Median wall time of fn over at least min_runs runs or budget seconds."""
-    fn()  # warm-up: compilation, page faults
+# --- worker side: one peer, one process -------------------------------------------------
+
+
+def median_seconds(fn, budget, min_runs=MIN_RUNS):
+    """Median wall time of fn over repeated calls.
+
+    Parameters
+    ----------
+    fn : callable
+        Called without arguments; the first call is a warm-up, not timed.
+    budget : float
+        Seconds to keep calling for; at least ``min_runs`` calls are timed.
+
+    Returns
+    -------
+    median : float
+        Seconds.
+    runs : int
+        Timed calls.
+    """
+    fn()
     times = []
-    start = time.perf_counter()
-    while len(times) < min_runs or time.perf_counter() - start < budget:
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return float(np.median(times))
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        deadline = time.perf_counter() + budget
+        while len(times) < min_runs or time.perf_counter() < deadline:
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+    return statistics.median(times), len(times)
 
 
-def measure(shape, axis, dtype, rng, budget):
-    """Median seconds of (fastbn, numpy) for train forward and backward."""
-    x = rng.standard_normal(shape).astype(dtype)
-    dy = rng.standard_normal(shape).astype(dtype)
-    gamma = np.ones(shape[axis], dtype)
-    beta = np.zeros(shape[axis], dtype)
-    _, mean, invstd = fastbn.batch_norm_train(x, gamma, beta, axis=axis)
-    return {
-        "forward": (
-            median_seconds(lambda: fastbn.batch_norm_train(x, gamma, beta, axis=axis), budget),
-            median_seconds(lambda: reference.batch_norm_train(x, gamma, beta, axis=axis), budget),
-        ),
-        "backward": (
-            median_seconds(
-                lambda: fastbn.batch_norm_backward(dy, x, mean, invstd, gamma, axis=axis), budget
-            ),
-            median_seconds(
-                lambda: reference.batch_norm_backward(dy, x, mean, invstd, gamma, axis=axis),
-                budget,
-            ),
-        ),
+def thread_counts(peer, requested):
+    """The thread counts a peer runs at: the NumPy baseline runs on one (no BLAS calls)."""
+    return [1] if peer == "numpy" else requested
+
+
+def set_threads(peer, n):
+    """Set the threads of the peer's library (NumPy's element-wise calls have none)."""
+    if peer == "torch":
+        import torch
+
+        torch.set_num_threads(n)
+    elif peer != "numpy":
+        numba.set_num_threads(n)
+
+
+def time_calls(peer, calls, threads, budget):
+    """Records of the median time of each call at each thread count."""
+    records = []
+    for n in thread_counts(peer, threads):
+        set_threads(peer, n)
+        for name, fn in calls.items():
+            median, runs = median_seconds(fn, budget)
+            records.append({"call": name, "threads": n, "median": median, "runs": runs})
+    return records
+
+
+def case_job(peer, job):
+    case = Case.from_json(job["case"])
+    calls = peer_calls(peer, make_data(case, job["dtype"], job["seed"]))
+    return {"records": time_calls(peer, calls, job["threads"], job["budget"])}
+
+
+def small_job(peer, job):
+    return {"records": time_calls(peer, small_calls(), job["threads"], job["budget"])}
+
+
+def info_job(peer, job):
+    """Versions and threads as the worker sees them (the threading layer after a parallel call)."""
+    info = {"python": platform.python_version(), "numpy": np.__version__}
+    if peer == "torch":
+        import torch
+
+        info.update(torch=torch.__version__, torch_threads=torch.get_num_threads())
+    elif peer != "numpy":
+        fastbn.batch_norm_train(np.ones((2, 1 << 16), np.float32))  # a parallel call
+        info.update(
+            numba=numba.__version__,
+            threading_layer=numba.threading_layer(),
+            numba_threads=numba.get_num_threads(),
+        )
+    return info
+
+
+JOBS = {"case": case_job, "small": small_job, "info": info_job}
+
+
+def serve(peer):
+    """Answer JSON jobs from stdin, one a line, with one JSON line each on stdout."""
+    replies = sys.stdout
+    sys.stdout = sys.stderr  # a stray print must not corrupt the replies
+    if peer == "torch":
+        import torch
+
+        torch.set_grad_enabled(False)
+    for line in sys.stdin:
+        job = json.loads(line)
+        try:
+            reply = JOBS[job["kind"]](peer, job)
+        except Exception:
+            reply = {"error": traceback.format_exc()}
+        replies.write(json.dumps(reply) + "\n")
+        replies.flush()
+
+
+# --- driver side ----------------------------------------------------------------------
+
+
+class Worker:
+    """A peer's subprocess, ``python -m fastbn.bench --worker PEER``."""
+
+    def __init__(self, peer):
+        self.peer = peer
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "fastbn.bench", "--worker", peer],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+
+    def ask(self, job):
+        """Send one job and wait for its reply."""
+        self.process.stdin.write(json.dumps(job) + "\n")
+        self.process.stdin.flush()
+        line = self.process.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the {self.peer} worker exited with code {self.process.wait()}")
+        reply = json.loads(line)
+        if "error" in reply:
+            raise RuntimeError(f"the {self.peer} worker failed:\n{reply['error']}")
+        return reply
+
+    def close(self):
+        self.process.stdin.close()
+        self.process.wait()
+
+
+class Progress:
+    """A plain-text progress bar on stderr: one redrawn line, or a line a task off a terminal."""
+
+    WIDTH = 30
+
+    def __init__(self, total, stream=sys.stderr):
+        self.total = total
+        self.done = 0
+        self.stream = stream
+        self.start = time.perf_counter()
+        self.redraw = stream.isatty()
+
+    @contextlib.contextmanager
+    def task(self, what):
+        filled = self.WIDTH * self.done // self.total
+        elapsed = time.perf_counter() - self.start
+        line = (
+            f"[{'#' * filled}{'.' * (self.WIDTH - filled)}] {self.done}/{self.total}"
+            f" {elapsed:5.0f} s  {what}"
+        )
+        if self.redraw:
+            self.stream.write(f"\r{line:<100}")
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+        yield
+        self.done += 1
+
+    def close(self):
+        if self.redraw:
+            self.stream.write(f"\r{'':<100}\r")
+            self.stream.flush()
+
+
+@dataclass
+class Settings:
+    """What one run measures."""
+
+    cases: list
+    dtypes: list
+    threads: list
+    budget: float
+    peers: list
+
+
+def measure_case(workers, case, dtype, settings, progress):
+    """The rows of one case and dtype, its peers run back to back."""
+    job = {
+        "kind": "case",
+        "case": case.to_json(),
+        "dtype": dtype,
+        "threads": settings.threads,
+        "budget": settings.budget,
+        "seed": SEED,
     }
+    records = {}
+    for worker in workers:
+        with progress.task(f"{case.label} {dtype}: {worker.peer}"):
+            records[worker.peer] = worker.ask(job)["records"]
+    return report.case_rows(case, dtype, records)
+
+
+def measure(settings):
+    """Run every measurement of a run.
+
+    Returns
+    -------
+    dict
+        "workers" (each peer's versions and threads), "rows" (one per case,
+        dtype and pass), "small" and "cold_start".
+    """
+    n_steps = len(settings.cases) * len(settings.dtypes) * len(settings.peers) + 2
+    progress = Progress(n_steps)
+    with contextlib.ExitStack() as stack:
+        workers = {}
+        for peer in settings.peers:
+            workers[peer] = Worker(peer)
+            stack.callback(workers[peer].close)
+        infos = {peer: w.ask({"kind": "info"}) for peer, w in workers.items()}
+        rows = [
+            row
+            for case in settings.cases
+            for dtype in settings.dtypes
+            for row in measure_case(workers.values(), case, dtype, settings, progress)
+        ]
+        with progress.task("small (64, 128) float32: fastbn"):
+            job = {"kind": "small", "threads": settings.threads, "budget": 4 * settings.budget}
+            small = report.best_times(workers["fastbn"].ask(job)["records"])
+    with progress.task("cold start (empty, then warm compile cache)"):
+        cold = measure_cold_start()
+    progress.close()
+    return {"workers": infos, "rows": rows, "small": small, "cold_start": cold}
+
+
+def torch_installed():
+    return importlib.util.find_spec("torch") is not None
+
+
+def parse_threads(text):
+    threads = sorted({int(t) for t in text.split(",")})
+    limit = numba.config.NUMBA_NUM_THREADS
+    if not threads or threads[0] < 1 or threads[-1] > limit:
+        raise argparse.ArgumentTypeError(
+            f"thread counts must be between 1 and NUMBA_NUM_THREADS={limit}, got {text!r}"
+        )
+    return threads
+
+
+def select_cases(cases, shapes):
+    """The cases named by a comma-separated filter: SPEC names, array shapes or layouts."""
+    if shapes is None:
+        return cases
+    tokens = {t.strip() for t in shapes.split(",") if t.strip()}
+    chosen = [
+        c
+        for c in cases
+        if tokens & {c.name, "x".join(map(str, c.shape)), c.layout, c.label.replace(" ", ":")}
+    ]
+    if not chosen:
+        names = ", ".join(c.label.replace(" ", ":") for c in BENCH_CASES)
+        raise SystemExit(f"--shapes {shapes!r} matches no bench case; they are: {names}")
+    return chosen
+
+
+def parse_args(argv):
+    default_threads = ",".join(map(str, sorted({1, numba.config.NUMBA_NUM_THREADS})))
+    parser = argparse.ArgumentParser(
+        prog="python -m fastbn.bench", description=__doc__.splitlines()[0]
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="a few shapes, float32, short budgets: under 2 minutes",
+    )
+    parser.add_argument(
+        "--shapes",
+        help="comma-separated filter: SPEC names (4096x512), array shapes (512x4096), "
+        "layouts (ff, bf, nchw, nhwc) or name:layout (4096x512:bf)",
+    )
+    parser.add_argument(
+        "--dtype", choices=["float32", "float64", "both"], help="default: both (float32 --quick)"
+    )
+    parser.add_argument(
+        "--threads",
+        type=parse_threads,
+        default=default_threads,
+        help=f"comma-separated thread counts each peer runs at (default {default_threads})",
+    )
+    parser.add_argument(
+        "--budget", type=float, help="seconds per measurement (default 0.2, 0.05 --quick)"
+    )
+    parser.add_argument("--json", metavar="PATH", help="write the results as JSON")
+    parser.add_argument(
+        "--plot", metavar="PATH", help="plot GB/s against size per pass (needs matplotlib)"
+    )
+    parser.add_argument("--worker", choices=PEERS, help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def settings_from(args):
+    if args.quick:
+        cases = [c for c in BENCH_CASES if c.label in QUICK_CASE_LABELS]
+    else:
+        cases = BENCH_CASES
+    dtype = args.dtype or ("float32" if args.quick else "both")
+    peers = [p for p in PEERS if p != "torch" or torch_installed()]
+    return Settings(
+        cases=select_cases(cases, args.shapes),
+        dtypes=["float32", "float64"] if dtype == "both" else [dtype],
+        threads=args.threads,
+        budget=args.budget or (0.05 if args.quick else 0.2),
+        peers=peers,
+    )
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="a few small shapes only")
-    parser.add_argument("--dtype", choices=["float32", "float64"], default="float32")
-    parser.add_argument("--budget", type=float, default=0.5, help="seconds per measurement")
-    args = parser.parse_args(argv)
-    shapes = QUICK_SHAPES if args.quick else FULL_SHAPES
-    print(
-        f"fastbn {fastbn.__version__}, numba {numba.__version__}, numpy {np.__version__}; "
-        f"{os.cpu_count()} cores, {numba.get_num_threads()} numba threads; "
-        f"{args.dtype}; medians over >= {args.budget} s each"
-    )
-    header = (
-        f"{'shape':>18} {'axis':>4} {'pass':>8} {'fastbn ms':>10} {'numpy ms':>10} {'speedup':>8}"
-    )
-    print(header)
-    print("-" * len(header))
-    rng = np.random.default_rng(0)
-    for shape, axis in shapes:
-        for name, (fast, slow) in measure(shape, axis, args.dtype, rng, args.budget).items():
-            print(
-                f"{shape!s:>18} {axis:>4} {name:>8} {fast * 1e3:>10.3f} {slow * 1e3:>10.3f} "
-                f"{slow / fast:>7.1f}x"
-            )
+    args = parse_args(argv)
+    if args.worker:
+        serve(args.worker)
+        return
+    settings = settings_from(args)
+    started = time.perf_counter()
+    results = measure(settings)
+    results["machine"] = report.machine_info(results.pop("workers"), settings)
+    results["settings"] = {
+        "cases": [c.to_json() for c in settings.cases],
+        "dtypes": settings.dtypes,
+        "threads": settings.threads,
+        "budget": settings.budget,
+        "min_runs": MIN_RUNS,
+        "peers": settings.peers,
+        "seconds": time.perf_counter() - started,
+    }
+    results["targets"] = report.evaluate_targets(results)
+    print(report.format_report(results))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+    if args.plot:
+        report.plot(results["rows"], args.plot)
 
 
 if __name__ == "__main__":
