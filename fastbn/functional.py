@@ -20,7 +20,6 @@ __all__ = ["batch_norm_backward", "batch_norm_eval", "batch_norm_train"]
 
 PARALLEL_MIN = 1 << 15  # values below which one thread beats a parallel launch
 ROWS_MIN_RUN = 16  # shorter runs are folded into the columns family's groups
-COLUMNS_MIN_WIDTH = 32  # values per group, so short rows still fill vectors
 
 
 class _ReadOnly:
@@ -60,8 +59,7 @@ class _Layout:
         self.x = _kernel_input(x)
         self.serial = x.size < PARALLEL_MIN
         self.rows = self.pcq[2] >= ROWS_MIN_RUN
-        row = self.pcq[1] * self.pcq[2]
-        self.width = row * -(-COLUMNS_MIN_WIDTH // row)
+        self.width = columns.group_width(self.pcq[1], self.pcq[2])
 
     def contiguous(self, a):
         """Another array of the caller's shape, in this layout's C-contiguous form."""

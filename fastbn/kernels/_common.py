@@ -3,6 +3,11 @@
 The parallel drivers in rows.py and columns.py contain only their loops: a
 parallel=True function would turn any array expression into a parallel
 region of its own, so the small per-feature arithmetic lives here.
+
+Only the parallel drivers and the entry points are cached (cache=True). A
+helper loaded from the cache comes as object code, which LLVM cannot inline:
+its callers would then pay a call per run. Uncached, the helpers are compiled
+into each cached driver, which carries them from then on.
 """
 
 import numpy as np
@@ -15,71 +20,66 @@ REDUCE_MATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
 # it would fold (x - mean_hi) - mean_lo back into x - (mean_hi + mean_lo).
 EXACT_MATH = {"contract"}
 
+# The run kernels below work on flat arrays from an offset rather than on
+# slices: a slice costs two reference-count calls, which add up over short
+# runs. Unsigned indices spare Numba's negative-index check, which would stop
+# the loops from vectorizing.
 
-@njit(cache=True, fastmath=REDUCE_MATH)
-def shifted_sums(run, shift):
-    """Return sum(x - shift) and sum((x - shift)**2) over a run, in float64."""
+
+@njit(fastmath=REDUCE_MATH)
+def shifted_sums(x, start, n, shift):
+    """Return sum(x - shift) and sum((x - shift)**2) over x[start:start + n], in float64."""
     s1 = 0.0
     s2 = 0.0
-    for i in range(run.size):
-        d = np.float64(run[i]) - shift
+    o = np.uint64(start)
+    for i in range(np.uint64(n)):
+        d = np.float64(x[o + i]) - shift
         s1 += d
         s2 += d * d
     return s1, s2
 
 
-@njit(cache=True, fastmath=REDUCE_MATH)
-def centered_dot(dy_run, x_run, mean):
-    """Return sum(dy) and sum(dy * (x - mean)) over a run, in float64."""
+@njit(fastmath=REDUCE_MATH)
+def centered_dot(dy, x, start, n, mean):
+    """Return sum(dy) and sum(dy * (x - mean)) over [start, start + n), in float64."""
     s_dy = 0.0
     s_dyxc = 0.0
-    for i in range(dy_run.size):
-        g = np.float64(dy_run[i])
+    o = np.uint64(start)
+    for i in range(np.uint64(n)):
+        g = np.float64(dy[o + i])
         s_dy += g
-        s_dyxc += g * (np.float64(x_run[i]) - mean)
+        s_dyxc += g * (np.float64(x[o + i]) - mean)
     return s_dy, s_dyxc
 
 
-@njit(cache=True, fastmath=EXACT_MATH)
-def scale_centered(x_run, out_run, mean_hi, mean_lo, scale, shift):
-    """out = ((x - mean_hi) - mean_lo) * scale + shift, in x's dtype.
+@njit(fastmath=EXACT_MATH)
+def scale_centered(x, out, start, n, mean_hi, mean_lo, scale, shift):
+    """out = ((x - mean_hi) - mean_lo) * scale + shift over [start, start + n), in x's dtype.
 
     Subtracting the mean as a hi + lo pair keeps float32 exact where x is
     close to a large mean (Sterbenz), so y does not inherit the rounding of
     the mean.
     """
-    for i in range(x_run.size):
-        out_run[i] = ((x_run[i] - mean_hi) - mean_lo) * scale + shift
+    o = np.uint64(start)
+    for i in range(np.uint64(n)):
+        out[o + i] = ((x[o + i] - mean_hi) - mean_lo) * scale + shift
 
 
-@njit(cache=True, fastmath=EXACT_MATH)
-def scale_centered_each(x_run, out_run, mean_hi, mean_lo, scale, shift):
-    """scale_centered with one parameter per element of the run (columns)."""
-    for i in range(x_run.size):
-        out_run[i] = ((x_run[i] - mean_hi[i]) - mean_lo[i]) * scale[i] + shift[i]
+@njit(fastmath=EXACT_MATH)
+def input_gradient(dy, x, out, start, n, a, b, mean_hi, mean_lo, c):
+    """dx = a * dy + b * (x - mean) + c over [start, start + n): the training backward."""
+    o = np.uint64(start)
+    for i in range(np.uint64(n)):
+        out[o + i] = a * dy[o + i] + b * ((x[o + i] - mean_hi) - mean_lo) + c
 
 
-@njit(cache=True, fastmath=EXACT_MATH)
-def input_gradient(dy_run, x_run, out_run, a, b, mean_hi, mean_lo, c):
-    """dx = a * dy + b * (x - mean) + c, the training backward in x's dtype."""
-    for i in range(dy_run.size):
-        out_run[i] = a * dy_run[i] + b * ((x_run[i] - mean_hi) - mean_lo) + c
-
-
-@njit(cache=True, fastmath=EXACT_MATH)
-def input_gradient_each(dy_run, x_run, out_run, a, b, mean_hi, mean_lo, c):
-    """input_gradient with one parameter per element of the run (columns)."""
-    for i in range(dy_run.size):
-        out_run[i] = a[i] * dy_run[i] + b[i] * ((x_run[i] - mean_hi[i]) - mean_lo[i]) + c[i]
-
-
-@njit(cache=True)
+@njit
 def zeros(shape):
     """np.zeros outside a parallel function, where it would be a parallel region."""
     return np.zeros(shape)
 
 
-@njit(cache=True)
+@njit
 def row_sums(partials):
     """Sum each row of a (C, K) partial array left to right: a fixed order."""
     total = np.zeros(partials.shape[0])
@@ -89,7 +89,7 @@ def row_sums(partials):
     return total
 
 
-@njit(cache=True)
+@njit
 def in_dtype(values, like):
     """values cast to the dtype of the array ``like``."""
     out = np.empty(values.size, like.dtype)
@@ -98,7 +98,7 @@ def in_dtype(values, like):
     return out
 
 
-@njit(cache=True)
+@njit
 def split_mean(mean, like):
     """mean as hi + lo in like's dtype: hi is mean rounded, lo what rounding lost."""
     hi = in_dtype(mean, like)
@@ -108,28 +108,33 @@ def split_mean(mean, like):
     return hi, lo
 
 
-@njit(cache=True)
-def forward_stats(s1, s2, shift, count, eps):
-    """Per-feature float64 mean and invstd from sums of x - shift and its square.
+@njit
+def feature_stats(s1, s2, shift, count, eps):
+    """Mean and invstd (float64) of one feature from sums of x - shift and its square.
 
     Shifting by a value of the feature itself keeps the one-pass variance
     free of the cancellation that E[x^2] - E[x]^2 suffers at large means.
     """
+    d = s1 / count
+    var = s2 / count - d * d
+    if var < 0.0:  # rounding only; NaN fails the test and propagates
+        var = 0.0
+    return shift + d, 1.0 / np.sqrt(var + eps)
+
+
+@njit
+def forward_stats(s1, s2, shift, count, eps):
+    """feature_stats for every feature."""
     mean = np.empty(s1.size)
     invstd = np.empty(s1.size)
     for c in range(s1.size):
-        d = s1[c] / count
-        var = s2[c] / count - d * d
-        if var < 0.0:  # rounding only; NaN fails the test and propagates
-            var = 0.0
-        mean[c] = shift[c] + d
-        invstd[c] = 1.0 / np.sqrt(var + eps)
+        mean[c], invstd[c] = feature_stats(s1[c], s2[c], shift[c], count, eps)
     return mean, invstd
 
 
-@njit(cache=True)
+@njit
 def train_coefficients(dbeta, dgamma, invstd, gamma, count):
-    """dx = a * dy + b * (x - mean) + c, per feature (float64)."""
+    """dx = a * dy + b * (x - mean) + c: a, b, c per feature (arrays or scalars)."""
     a = gamma * invstd
     b = -a * invstd * dgamma / count
     c = -a * dbeta / count

@@ -28,20 +28,23 @@ def var(x, mean):
     """Per-feature biased variance of x about ``mean``, shape (n,), float64."""
     n, m = x.shape
     out = np.empty(n)
+    flat = x.reshape(-1)
     for i in prange(n):
-        out[i] = shifted_sums(x[i], np.float64(mean[i]))[1] / m
+        out[i] = shifted_sums(flat, i * m, m, np.float64(mean[i]))[1] / m
     return out
 
 
 @njit(parallel=True, cache=True)
 def normalize(x, mean, var, eps):
     """z_norm = (x - mean) / sqrt(var + eps), in x's dtype."""
-    n = x.shape[0]
+    n, m = x.shape
     out = np.empty_like(x)
+    flat, flat_out = x.reshape(-1), out.reshape(-1)
     mean_hi, mean_lo = split_mean(mean.astype(np.float64), x)
+    t = x.dtype.type
     for i in prange(n):
-        invstd = 1.0 / np.sqrt(np.float64(var[i]) + eps)
-        scale_centered(x[i], out[i], mean_hi[i], mean_lo[i], x.dtype.type(invstd), x.dtype.type(0))
+        invstd = t(1.0 / np.sqrt(np.float64(var[i]) + eps))
+        scale_centered(flat, flat_out, i * m, m, mean_hi[i], mean_lo[i], invstd, t(0))
     return out
 
 

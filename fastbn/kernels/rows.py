@@ -1,9 +1,16 @@
 """The rows family: each feature's values are contiguous runs of length Q.
 
-Data is viewed as (P, C, Q). A work unit is one feature over a block of
-consecutive p and a chunk of at most RUN_CHUNK values of q. Units depend on
-the shape only and their partial sums merge in a fixed order, so results do
-not depend on the thread count or on which thread ran what.
+Data is viewed as (P, C, Q): the run of feature c at p starts at (p*C + c)*Q
+of the flat array. Two schedules, both fixed by the shape alone, so results
+do not depend on the thread count or on which thread ran what:
+
+- per feature, when a feature fits in L2 (FEATURE_BYTES) and there are
+  enough features to share out: one unit computes a feature's statistics and
+  writes its output while its values are still in cache, so memory is read
+  once, in a single parallel region;
+- chunked otherwise: a unit is one feature over a block of consecutive p and
+  a chunk of at most RUN_CHUNK values of q; a first parallel pass writes each
+  unit's partial sums, merged in a fixed order, and a second applies them.
 """
 
 import numpy as np
@@ -11,6 +18,7 @@ from numba import njit, prange
 
 from fastbn.kernels._common import (
     centered_dot,
+    feature_stats,
     forward_stats,
     in_dtype,
     input_gradient,
@@ -22,22 +30,35 @@ from fastbn.kernels._common import (
 )
 
 RUN_CHUNK = 16384  # values per work unit: long enough to amortize, short enough to balance
+FEATURE_BYTES = 1 << 18  # a feature this small is read once: it stays in L2 between passes
+FEATURE_UNITS = 8  # features needed to share the per-feature schedule among threads
+
+# The unit functions are inlined into the parallel loops in Numba's IR: as
+# calls they cost more than a short run. The run kernels they call are not
+# inlined there, so that each keeps its own fastmath flags.
 
 
-@njit(cache=True)
+@njit(inline="always")
+def _per_feature(x):
+    """Whether the (P, C, Q) array x takes the per-feature schedule."""
+    P, C, Q = x.shape
+    return C >= FEATURE_UNITS and P * Q * x.itemsize <= FEATURE_BYTES
+
+
+@njit(inline="always")
 def _grid(shape):
-    """(p_block, q_chunks, n_units) of the unit grid for a (P, C, Q) shape."""
+    """(p_block, q_chunks, n_units) of the chunked schedule for a (P, C, Q) shape."""
     P, C, Q = shape
     q_chunks = (Q + RUN_CHUNK - 1) // RUN_CHUNK
     p_block = max(1, RUN_CHUNK // Q)
-    n_units = -(-P // p_block) * C * q_chunks
-    return p_block, q_chunks, n_units
+    return p_block, q_chunks, -(-P // p_block) * C * q_chunks
 
 
-@njit(cache=True)
-def _unit(u, shape, p_block, q_chunks):
+@njit(inline="always")
+def _unit(u, shape, grid):
     """Feature, p range, q range and partial slot of unit u (ordered p-block, c, q-chunk)."""
     P, C, Q = shape
+    p_block, q_chunks, _ = grid
     per_pb = C * q_chunks
     pb = u // per_pb
     r = u - pb * per_pb
@@ -48,110 +69,177 @@ def _unit(u, shape, p_block, q_chunks):
     return c, p0, min(p0 + p_block, P), q0, min(q0 + RUN_CHUNK, Q), pb * q_chunks + j
 
 
-@njit(cache=True)
-def _moments_unit(x, shift, u, grid, s1, s2):
-    c, p0, p1, q0, q1, slot = _unit(u, x.shape, grid[0], grid[1])
+@njit(inline="always")
+def _moments_unit(x, shape, shift, u, grid, s1, s2):
+    C, Q = shape[1], shape[2]
+    c, p0, p1, q0, q1, slot = _unit(u, shape, grid)
     a1 = 0.0
     a2 = 0.0
     for p in range(p0, p1):
-        b1, b2 = shifted_sums(x[p, c, q0:q1], shift[c])
+        b1, b2 = shifted_sums(x, (p * C + c) * Q + q0, q1 - q0, shift[c])
         a1 += b1
         a2 += b2
     s1[c, slot] = a1
     s2[c, slot] = a2
 
 
-@njit(cache=True)
-def _grad_sums_unit(dy, x, mean, u, grid, s1, s2):
-    c, p0, p1, q0, q1, slot = _unit(u, x.shape, grid[0], grid[1])
+@njit(inline="always")
+def _grad_sums_unit(dy, x, shape, mean, u, grid, s1, s2):
+    C, Q = shape[1], shape[2]
+    c, p0, p1, q0, q1, slot = _unit(u, shape, grid)
     a1 = 0.0
     a2 = 0.0
     for p in range(p0, p1):
-        b1, b2 = centered_dot(dy[p, c, q0:q1], x[p, c, q0:q1], mean[c])
+        b1, b2 = centered_dot(dy, x, (p * C + c) * Q + q0, q1 - q0, mean[c])
         a1 += b1
         a2 += b2
     s1[c, slot] = a1
     s2[c, slot] = a2
 
 
-@njit(cache=True)
-def _scale_unit(x, out, u, grid, mean_hi, mean_lo, scale, shift):
-    c, p0, p1, q0, q1, _ = _unit(u, x.shape, grid[0], grid[1])
+@njit(inline="always")
+def _scale_unit(x, out, shape, u, grid, mean_hi, mean_lo, scale, shift):
+    C, Q = shape[1], shape[2]
+    c, p0, p1, q0, q1, _ = _unit(u, shape, grid)
     for p in range(p0, p1):
-        scale_centered(
-            x[p, c, q0:q1], out[p, c, q0:q1], mean_hi[c], mean_lo[c], scale[c], shift[c]
-        )
+        start = (p * C + c) * Q + q0
+        scale_centered(x, out, start, q1 - q0, mean_hi[c], mean_lo[c], scale[c], shift[c])
 
 
-@njit(cache=True)
-def _input_gradient_unit(dy, x, out, u, grid, a, b, mean_hi, mean_lo, c0):
-    c, p0, p1, q0, q1, _ = _unit(u, x.shape, grid[0], grid[1])
+@njit(inline="always")
+def _input_gradient_unit(dy, x, out, shape, u, grid, a, b, mean_hi, mean_lo, c0):
+    C, Q = shape[1], shape[2]
+    c, p0, p1, q0, q1, _ = _unit(u, shape, grid)
     for p in range(p0, p1):
-        input_gradient(
-            dy[p, c, q0:q1],
-            x[p, c, q0:q1],
-            out[p, c, q0:q1],
-            a[c],
-            b[c],
-            mean_hi[c],
-            mean_lo[c],
-            c0[c],
-        )
+        start = (p * C + c) * Q + q0
+        input_gradient(dy, x, out, start, q1 - q0, a[c], b[c], mean_hi[c], mean_lo[c], c0[c])
 
 
 @njit(parallel=True, cache=True)
-def _apply(x, out, mean_hi, mean_lo, scale, shift, serial):
-    """out = ((x - mean) * scale + shift) per feature, in x's dtype."""
-    grid = _grid(x.shape)
+def _apply(x, out, shape, mean_hi, mean_lo, scale, shift, serial):
+    """out = ((x - mean) * scale + shift) per feature, in x's dtype (flat arrays)."""
+    grid = _grid(shape)
     if serial:
         for u in range(grid[2]):
-            _scale_unit(x, out, u, grid, mean_hi, mean_lo, scale, shift)
+            _scale_unit(x, out, shape, u, grid, mean_hi, mean_lo, scale, shift)
     else:
         for u in prange(grid[2]):
-            _scale_unit(x, out, u, grid, mean_hi, mean_lo, scale, shift)
+            _scale_unit(x, out, shape, u, grid, mean_hi, mean_lo, scale, shift)
 
 
 @njit(parallel=True, cache=True)
-def _moments(x, shift, serial):
+def _moments(x, shape, shift, serial):
     """Per-unit partial sums of x - shift and its square, shape (C, units per feature)."""
-    grid = _grid(x.shape)
-    n_slots = grid[2] // x.shape[1]
-    s1 = np.empty((x.shape[1], n_slots))
-    s2 = np.empty((x.shape[1], n_slots))
+    grid = _grid(shape)
+    n_slots = grid[2] // shape[1]
+    s1 = np.empty((shape[1], n_slots))
+    s2 = np.empty((shape[1], n_slots))
     if serial:
         for u in range(grid[2]):
-            _moments_unit(x, shift, u, grid, s1, s2)
+            _moments_unit(x, shape, shift, u, grid, s1, s2)
     else:
         for u in prange(grid[2]):
-            _moments_unit(x, shift, u, grid, s1, s2)
+            _moments_unit(x, shape, shift, u, grid, s1, s2)
     return s1, s2
 
 
 @njit(parallel=True, cache=True)
-def _grad_sums(dy, x, mean, serial):
+def _grad_sums(dy, x, shape, mean, serial):
     """Per-unit partial sums of dy and dy * (x - mean), shape (C, units per feature)."""
-    grid = _grid(x.shape)
-    n_slots = grid[2] // x.shape[1]
-    s1 = np.empty((x.shape[1], n_slots))
-    s2 = np.empty((x.shape[1], n_slots))
+    grid = _grid(shape)
+    n_slots = grid[2] // shape[1]
+    s1 = np.empty((shape[1], n_slots))
+    s2 = np.empty((shape[1], n_slots))
     if serial:
         for u in range(grid[2]):
-            _grad_sums_unit(dy, x, mean, u, grid, s1, s2)
+            _grad_sums_unit(dy, x, shape, mean, u, grid, s1, s2)
     else:
         for u in prange(grid[2]):
-            _grad_sums_unit(dy, x, mean, u, grid, s1, s2)
+            _grad_sums_unit(dy, x, shape, mean, u, grid, s1, s2)
     return s1, s2
 
 
 @njit(parallel=True, cache=True)
-def _input_gradient(dy, x, out, a, b, mean_hi, mean_lo, c0, serial):
-    grid = _grid(x.shape)
+def _input_gradient(dy, x, out, shape, a, b, mean_hi, mean_lo, c0, serial):
+    grid = _grid(shape)
     if serial:
         for u in range(grid[2]):
-            _input_gradient_unit(dy, x, out, u, grid, a, b, mean_hi, mean_lo, c0)
+            _input_gradient_unit(dy, x, out, shape, u, grid, a, b, mean_hi, mean_lo, c0)
     else:
         for u in prange(grid[2]):
-            _input_gradient_unit(dy, x, out, u, grid, a, b, mean_hi, mean_lo, c0)
+            _input_gradient_unit(dy, x, out, shape, u, grid, a, b, mean_hi, mean_lo, c0)
+
+
+@njit(inline="always")
+def _train_feature(x, shape, c, gamma, beta, eps, out, mean, invstd):
+    """Statistics of feature c, then its output, while it is in cache."""
+    P, C, Q = shape
+    shift = np.float64(x[c * Q])
+    s1 = 0.0
+    s2 = 0.0
+    for p in range(P):
+        b1, b2 = shifted_sums(x, (p * C + c) * Q, Q, shift)
+        s1 += b1
+        s2 += b2
+    mean[c], invstd[c] = feature_stats(s1, s2, shift, P * Q, eps)
+    t = x.dtype.type
+    mean_hi = t(mean[c])
+    mean_lo = t(mean[c] - np.float64(mean_hi))
+    scale = t(gamma[c] * invstd[c])
+    for p in range(P):
+        scale_centered(x, out, (p * C + c) * Q, Q, mean_hi, mean_lo, scale, t(beta[c]))
+
+
+@njit(inline="always")
+def _backward_feature(dy, x, shape, c, mean, invstd, gamma, training, out, dgamma, dbeta):
+    """Gradient sums of feature c, then its dx, while it is in cache."""
+    P, C, Q = shape
+    s1 = 0.0
+    s2 = 0.0
+    for p in range(P):
+        b1, b2 = centered_dot(dy, x, (p * C + c) * Q, Q, mean[c])
+        s1 += b1
+        s2 += b2
+    dbeta[c] = s1
+    dgamma[c] = s2 * invstd[c]
+    t = x.dtype.type
+    if training:
+        a, b, c0 = train_coefficients(s1, dgamma[c], invstd[c], gamma[c], P * Q)
+        mean_hi = t(mean[c])
+        mean_lo = t(mean[c] - np.float64(mean_hi))
+        for p in range(P):
+            start = (p * C + c) * Q
+            input_gradient(dy, x, out, start, Q, t(a), t(b), mean_hi, mean_lo, t(c0))
+    else:
+        scale = t(gamma[c] * invstd[c])
+        for p in range(P):
+            scale_centered(dy, out, (p * C + c) * Q, Q, t(0), t(0), scale, t(0))
+
+
+@njit(parallel=True, cache=True)
+def _train_per_feature(x, shape, gamma, beta, eps, out, serial):
+    mean = np.empty(shape[1])
+    invstd = np.empty(shape[1])
+    if serial:
+        for c in range(shape[1]):
+            _train_feature(x, shape, c, gamma, beta, eps, out, mean, invstd)
+    else:
+        for c in prange(shape[1]):
+            _train_feature(x, shape, c, gamma, beta, eps, out, mean, invstd)
+    return mean, invstd
+
+
+@njit(parallel=True, cache=True)
+def _backward_per_feature(dy, x, shape, mean, invstd, gamma, training, out, serial):
+    dgamma = np.empty(shape[1])
+    dbeta = np.empty(shape[1])
+    if serial:
+        for c in range(shape[1]):
+            _backward_feature(dy, x, shape, c, mean, invstd, gamma, training, out, dgamma, dbeta)
+    else:
+        for c in prange(shape[1]):
+            _backward_feature(dy, x, shape, c, mean, invstd, gamma, training, out, dgamma, dbeta)
+    return dgamma, dbeta
 
 
 @njit(cache=True)
@@ -160,14 +248,20 @@ def train_forward(x, gamma, beta, eps, out, serial):
 
     x and out are (P, C, Q) C-contiguous; returns float64 mean and invstd.
     """
-    shift = np.empty(x.shape[1])
-    for c in range(x.shape[1]):
-        shift[c] = x[0, c, 0]
-    s1, s2 = _moments(x, shift, serial)
-    count = x.shape[0] * x.shape[2]
+    shape = x.shape
+    flat = x.reshape(-1)
+    flat_out = out.reshape(-1)
+    if _per_feature(x):
+        return _train_per_feature(flat, shape, gamma, beta, eps, flat_out, serial)
+    shift = np.empty(shape[1])
+    for c in range(shape[1]):
+        shift[c] = flat[c * shape[2]]
+    s1, s2 = _moments(flat, shape, shift, serial)
+    count = shape[0] * shape[2]
     mean, invstd = forward_stats(row_sums(s1), row_sums(s2), shift, count, eps)
     mean_hi, mean_lo = split_mean(mean, x)
-    _apply(x, out, mean_hi, mean_lo, in_dtype(gamma * invstd, x), in_dtype(beta, x), serial)
+    scale = in_dtype(gamma * invstd, x)
+    _apply(flat, flat_out, shape, mean_hi, mean_lo, scale, in_dtype(beta, x), serial)
     return mean, invstd
 
 
@@ -176,22 +270,29 @@ def eval_forward(x, running_mean, running_var, gamma, beta, eps, out, serial):
     """out = gamma * (x - running_mean) / sqrt(running_var + eps) + beta."""
     mean_hi, mean_lo = split_mean(running_mean, x)
     scale = in_dtype(gamma / np.sqrt(running_var + eps), x)
-    _apply(x, out, mean_hi, mean_lo, scale, in_dtype(beta, x), serial)
+    shift = in_dtype(beta, x)
+    _apply(x.reshape(-1), out.reshape(-1), x.shape, mean_hi, mean_lo, scale, shift, serial)
 
 
 @njit(cache=True)
 def backward(dy, x, mean, invstd, gamma, training, out, serial):
     """dx into out; returns float64 dgamma and dbeta, x_hat recomputed from x."""
-    s1, s2 = _grad_sums(dy, x, mean, serial)
+    shape = x.shape
+    flat, flat_dy, flat_out = x.reshape(-1), dy.reshape(-1), out.reshape(-1)
+    if _per_feature(x):
+        return _backward_per_feature(
+            flat_dy, flat, shape, mean, invstd, gamma, training, flat_out, serial
+        )
+    s1, s2 = _grad_sums(flat_dy, flat, shape, mean, serial)
     dbeta = row_sums(s1)
     dgamma = row_sums(s2) * invstd
     if training:
-        a, b, c0 = train_coefficients(dbeta, dgamma, invstd, gamma, x.shape[0] * x.shape[2])
+        a, b, c0 = train_coefficients(dbeta, dgamma, invstd, gamma, shape[0] * shape[2])
         mean_hi, mean_lo = split_mean(mean, x)
-        _input_gradient(
-            dy, x, out, in_dtype(a, x), in_dtype(b, x), mean_hi, mean_lo, in_dtype(c0, x), serial
-        )
+        a_t, b_t, c_t = in_dtype(a, x), in_dtype(b, x), in_dtype(c0, x)
+        _input_gradient(flat_dy, flat, flat_out, shape, a_t, b_t, mean_hi, mean_lo, c_t, serial)
     else:
         zero = np.zeros_like(in_dtype(mean, x))
-        _apply(dy, out, zero, zero, in_dtype(gamma * invstd, x), zero, serial)
+        scale = in_dtype(gamma * invstd, x)
+        _apply(flat_dy, flat_out, shape, zero, zero, scale, zero, serial)
     return dgamma, dbeta
