@@ -4,6 +4,7 @@ Array arguments may be anything np.asarray accepts (lists included), as in
 NumPy itself; `out` must be an ndarray, since the result is written into it.
 """
 
+import functools
 import math
 import numbers
 import operator
@@ -75,17 +76,42 @@ def positive_eps(eps):
     return value
 
 
+class _ReadOnly:
+    """Exposes read-only memory as writable to the kernels, which never write it.
+
+    Numba compiles read-only arrays as a type of their own; this alias keeps
+    one compiled signature per dtype.
+    """
+
+    def __init__(self, a):
+        self.base = a
+        interface = dict(a.__array_interface__)
+        interface["data"] = (interface["data"][0], False)
+        self.__array_interface__ = interface
+
+
+def kernel_input(a):
+    """``a`` as the kernels take it: writable (they only read it)."""
+    return a if a.flags.writeable else np.asarray(_ReadOnly(a))
+
+
+@functools.lru_cache(maxsize=64)
+def _constant(value, n):
+    # Shared between calls: only the kernels see it, and they never write it.
+    return np.full(n, value)
+
+
 def per_feature(name, v, n_features, x, axis, default=None):
-    """A length-C float vector as contiguous float64 (``default`` filled when v is None)."""
+    """A length-C float vector as contiguous float64 for the kernels (``default`` if None)."""
     if v is None:
-        return None if default is None else np.full(n_features, float(default))
+        return None if default is None else _constant(float(default), n_features)
     v = float_array(name, v)
     if v.shape != (n_features,):
         raise ValueError(
             f"{name} has shape {v.shape}, expected ({n_features},): one value per feature "
             f"of x with shape {x.shape} and axis={axis}"
         )
-    return np.array(v, dtype=np.float64)  # a private, writable, contiguous copy
+    return kernel_input(np.ascontiguousarray(v, dtype=np.float64))
 
 
 def same_shape(name, a, x):

@@ -22,24 +22,6 @@ PARALLEL_MIN = 1 << 15  # values below which one thread beats a parallel launch
 ROWS_MIN_RUN = 16  # shorter runs are folded into the columns family's groups
 
 
-class _ReadOnly:
-    """Exposes read-only memory as writable to the kernels, which never write it.
-
-    Numba compiles read-only arrays as a type of their own; this alias keeps
-    one compiled signature per dtype.
-    """
-
-    def __init__(self, a):
-        self.base = a
-        interface = dict(a.__array_interface__)
-        interface["data"] = (interface["data"][0], False)
-        self.__array_interface__ = interface
-
-
-def _kernel_input(a):
-    return a if a.flags.writeable else np.asarray(_ReadOnly(a))
-
-
 class _Layout:
     """How an array is handed to the kernels: its C-contiguous form and (P, C, Q)."""
 
@@ -56,7 +38,7 @@ class _Layout:
         shape = x.shape
         self.shape = shape
         self.pcq = (math.prod(shape[:axis]), shape[axis], math.prod(shape[axis + 1 :]))
-        self.x = _kernel_input(x)
+        self.x = _checks.kernel_input(x)
         self.serial = x.size < PARALLEL_MIN
         self.rows = self.pcq[2] >= ROWS_MIN_RUN
         self.width = columns.group_width(self.pcq[1], self.pcq[2])
@@ -64,7 +46,7 @@ class _Layout:
     def contiguous(self, a):
         """Another array of the caller's shape, in this layout's C-contiguous form."""
         a = a.T if self.transposed else a
-        return _kernel_input(np.ascontiguousarray(a))
+        return _checks.kernel_input(np.ascontiguousarray(a))
 
     def output(self, out):
         """The buffer the kernel writes: out itself when its layout fits, else a new array."""
