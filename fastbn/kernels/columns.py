@@ -28,6 +28,7 @@ MIN_WIDTH = 256  # values per group at least, so that each group is a few vector
 POSITION_BLOCK = 1024  # positions per unit: its partial rows stay in L1
 UNIT_VALUES = 16384  # values per unit at least: amortizes the unit's set-up
 TARGET_UNITS = 32  # units to share among threads, where the data allows
+PARTIAL_VALUES = 8192  # partial rows hold this many sums at most: they stay in L2
 
 
 def group_width(n_features, run):
@@ -41,7 +42,7 @@ def _grid(n, width):
     """(groups, groups per block, blocks, position blocks) for n values in groups of width."""
     groups = n // width
     position_blocks = -(-width // POSITION_BLOCK)
-    wanted_blocks = -(-TARGET_UNITS // position_blocks)
+    wanted_blocks = min(-(-TARGET_UNITS // position_blocks), max(1, PARTIAL_VALUES // width))
     per_block = max(1, -(-groups // wanted_blocks), -(-UNIT_VALUES // min(width, POSITION_BLOCK)))
     return groups, per_block, -(-groups // per_block), position_blocks
 
@@ -60,8 +61,12 @@ def _unit(u, width, grid):
 def tile(values, n_features, run, width):
     """values per feature -> values per group position (feature (j // run) % n_features)."""
     out = np.empty(width, values.dtype)
-    for j in range(width):
-        out[j] = values[(j // run) % n_features]
+    j = 0
+    for _ in range(width // (n_features * run)):  # counters, not a division per position
+        for c in range(n_features):
+            for _ in range(run):
+                out[j] = values[c]
+                j += 1
     return out
 
 
@@ -70,8 +75,12 @@ def fold(partials, n_features, run):
     """Sum (blocks, W) partial rows to per-feature totals in a fixed order."""
     total = np.zeros(n_features)
     for b in range(partials.shape[0]):
-        for j in range(partials.shape[1]):
-            total[(j // run) % n_features] += partials[b, j]
+        j = 0
+        for _ in range(partials.shape[1] // (n_features * run)):
+            for c in range(n_features):
+                for _ in range(run):
+                    total[c] += partials[b, j]
+                    j += 1
     return total
 
 
