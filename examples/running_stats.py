@@ -17,7 +17,15 @@ running estimates. Two questions:
    training set under the final weights.
 
 It writes ``running_stats.png`` and prints both results. Measured on the
-2-core CI machine (seed 0; a few seconds): RESULTS
+2-core CI machine (seed 0; 5 seconds), 15 epochs: eval-mode test accuracy
+98.7% (momentum 0.1); each test batch normalized with its own statistics
+gives 44.9% with batches of 2, 77.0% of 4, 87.1% of 8, 95.5% of 16, 98.9% of
+32 and 99.1% for the whole test set at once: eval mode needs no batch at all
+and matches the large batches. The running mean with momentum 0.01 lags
+hundreds of steps behind the batch means; 0.5 follows each batch's noise;
+0.1 is smooth and on target; the cumulative average (None) still carries the
+early, different weights' statistics at the end (-0.66 against the final
+-0.71). Eval accuracy: 98.7% (0.01), 98.7% (0.1), 98.2% (0.5), 98.4% (None).
 
 Run ``python examples/running_stats.py [--out DIR]``; ``--quick`` trains a
 small network for one epoch (the smoke test).
