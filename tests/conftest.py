@@ -4,10 +4,14 @@ Layouts, memory orders, a seeded rng, float64 wrappers around ``fastbn.reference
 and a ``raises`` helper that checks every fragment an error message must contain.
 """
 
+import os
 import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, settings
 
 from fastbn import reference
 
@@ -188,3 +192,74 @@ def raises(exc, name, *fragments):
     parts = [rf"(?=.*(?<!\w){re.escape(name)}(?!\w))"]
     parts += [f"(?=.*{re.escape(str(f))})" for f in fragments]
     return pytest.raises(exc, match="(?s)" + "".join(parts))
+
+
+# ---------------------------------------------------------------- hypothesis
+
+# CI profile: reproducible and bounded, so the suite's time is known in advance.
+# HYPOTHESIS_PROFILE=dev explores more (random examples, no bound on time).
+settings.register_profile(
+    "ci",
+    deadline=None,
+    derandomize=True,
+    max_examples=40,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    print_blob=True,
+)
+settings.register_profile("dev", deadline=None, max_examples=300)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+# ---------------------------------------------------------------- subprocesses
+
+
+@pytest.fixture(scope="session")
+def subprocess_cache(tmp_path_factory):
+    """NUMBA_CACHE_DIR for subprocesses that import this same fastbn source.
+
+    The one this pytest process uses if set (children run the same source,
+    one at a time, so each kernel compiles once per run), else one temporary
+    directory for the session. Tests that need an empty cache use tmp_path.
+    """
+    return os.environ.get("NUMBA_CACHE_DIR") or str(tmp_path_factory.mktemp("numba-cache"))
+
+
+def python_env(cache_dir, **updates):
+    """The environment of a child Python: this one with a cache dir and ``updates``.
+
+    A value of None removes the variable. libtbb.so.12 of the ``tbb`` wheel
+    lives in sys.prefix/lib, which the loader searches only when told.
+    """
+    env = dict(os.environ)
+    lib = os.path.join(sys.prefix, "lib")
+    env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (lib, env.get("LD_LIBRARY_PATH")) if p)
+    if cache_dir is not None:
+        env["NUMBA_CACHE_DIR"] = str(cache_dir)
+    for key, value in updates.items():
+        if value is None:
+            env.pop(key, None)
+        else:
+            env[key] = str(value)
+    return env
+
+
+def run_python(code, env, *args, timeout=300, cwd=None, check=True):
+    """Run ``code`` (with sys.argv[1:] = ``args``) in a fresh interpreter (not a fork); return the CompletedProcess.
+
+    With check, a non-zero exit (an abort included: a negative return code
+    is the signal) fails the test with the child's stderr.
+    """
+    proc = subprocess.run(
+        [sys.executable, "-c", code, *map(str, args)],
+        env=env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    if check:
+        assert proc.returncode == 0, (
+            f"child exited with {proc.returncode}\n--- stdout\n{proc.stdout[-3000:]}"
+            f"\n--- stderr\n{proc.stderr[-5000:]}"
+        )
+    return proc
