@@ -244,7 +244,9 @@ def python_env(cache_dir, **updates):
 
 
 def run_python(code, env, *args, timeout=300, cwd=None, check=True):
-    """Run ``code`` (with sys.argv[1:] = ``args``) in a fresh interpreter (not a fork); return the CompletedProcess.
+    """Run ``code`` with sys.argv[1:] = ``args`` in a fresh interpreter (not a fork).
+
+    Returns the CompletedProcess.
 
     With check, a non-zero exit (an abort included: a negative return code
     is the signal) fails the test with the child's stderr.

@@ -149,7 +149,8 @@ def test_threads_with_one_numba_thread_each(subprocess_cache):
     """numba.set_num_threads is per Python thread: mixed counts must not disturb anyone."""
     code = WORKER.replace(
         "def worker(t):\n    try:\n",
-        "def worker(t):\n    try:\n        numba.set_num_threads(1 + t % numba.config.NUMBA_NUM_THREADS)\n",
+        "def worker(t):\n    try:\n"
+        "        numba.set_num_threads(1 + t % numba.config.NUMBA_NUM_THREADS)\n",
     )
     assert code != WORKER
     # Results may differ between thread counts only if chunking followed the
@@ -227,4 +228,3 @@ def test_kernel_guard_releases_the_lock_on_error(monkeypatch):
     with pytest.raises(ZeroDivisionError), _threading.kernel_guard(False):
         1 / 0  # noqa: B018
     assert not _threading._LOCK.locked()
-
