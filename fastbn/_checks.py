@@ -11,7 +11,8 @@ import operator
 
 import numpy as np
 
-FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+FLOAT64 = np.dtype(np.float64)
+FLOAT_DTYPES = (np.dtype(np.float32), FLOAT64)
 
 
 def float_array(name, a):
@@ -68,6 +69,10 @@ def counts(x, axis, training):
 
 def positive_eps(eps):
     """eps as a finite float > 0."""
+    # The common case first: isinstance against numbers.Real is an ABC check,
+    # slow next to the rest of a small call.
+    if type(eps) is float and 0.0 < eps < math.inf:
+        return eps
     if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
         raise TypeError(f"eps must be a real number, got {eps!r}")
     value = float(eps)
@@ -111,7 +116,9 @@ def per_feature(name, v, n_features, x, axis, default=None):
             f"{name} has shape {v.shape}, expected ({n_features},): one value per feature "
             f"of x with shape {x.shape} and axis={axis}"
         )
-    return kernel_input(np.ascontiguousarray(v, dtype=np.float64))
+    if v.dtype != FLOAT64:
+        return v.astype(FLOAT64)  # a new array: contiguous and writable
+    return kernel_input(np.ascontiguousarray(v))
 
 
 def same_shape(name, a, x):

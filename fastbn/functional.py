@@ -20,58 +20,136 @@ __all__ = ["batch_norm_backward", "batch_norm_eval", "batch_norm_train"]
 
 PARALLEL_MIN = 1 << 15  # values below which one thread beats a parallel launch
 ROWS_MIN_RUN = 16  # shorter runs are folded into the columns family's groups
+MAX_PLANS = 256  # plans kept; past that the cache starts over
 
 
-class _Layout:
-    """How an array is handed to the kernels: its C-contiguous form and (P, C, Q)."""
+class _Plan:
+    """How arrays of one dtype, shape, strides and feature axis go to the kernels.
 
-    def __init__(self, x, axis):
-        if x.flags.c_contiguous:
-            self.transposed = False
-        elif x.flags.f_contiguous:
-            self.transposed = True
+    Building a plan checks x and the axis (`_checks.data`, `feature_axis`,
+    `counts`), which depend on nothing but that key, nor does the layout; so
+    a plan is built once per key and reused (see `_planned`), which spares
+    small calls most of their Python overhead.
+
+    Attributes
+    ----------
+    axis, n_features : int
+        The feature axis in [0, ndim) and C.
+    transposed : bool
+        Whether the C-contiguous form is the transpose (Fortran-ordered x).
+    copied : bool
+        Whether x is in neither order, so that the kernels take a copy.
+    shape : tuple of int
+        The shape of the C-contiguous form.
+    pcq : tuple of int
+        (P, C, Q) of the C-contiguous form.
+    rows, serial : bool
+        The kernel family (rows or columns) and one thread or many.
+    lead_axis : bool
+        Whether (P, C, Q) is the C-contiguous shape with a leading axis of 1,
+        as for features-first (n, m) data.
+    columns_args : tuple of int
+        (C, Q, W), the arguments the columns family takes after the data.
+    """
+
+    __slots__ = (
+        "axis",
+        "columns_args",
+        "copied",
+        "lead_axis",
+        "n_features",
+        "pcq",
+        "rows",
+        "serial",
+        "shape",
+        "transposed",
+    )
+
+    def __init__(self, x, axis, training):
+        self.axis = axis = _checks.feature_axis(axis, x)
+        self.n_features, _ = _checks.counts(x, axis, training)
+        flags = x.flags
+        self.transposed = not flags.c_contiguous and flags.f_contiguous
+        self.copied = not (flags.c_contiguous or flags.f_contiguous)
+        if self.transposed:
             x = x.T
             axis = x.ndim - 1 - axis
+        shape = self.shape = x.shape
+        if len(shape) == 2:  # the common case, without slicing and multiplying tuples
+            self.pcq = (1, *shape) if axis == 0 else (*shape, 1)
         else:
-            self.transposed = False
-            x = np.ascontiguousarray(x)
-        shape = x.shape
-        self.shape = shape
-        self.pcq = (math.prod(shape[:axis]), shape[axis], math.prod(shape[axis + 1 :]))
-        self.x = _checks.kernel_input(x)
+            self.pcq = (math.prod(shape[:axis]), shape[axis], math.prod(shape[axis + 1 :]))
+        _, n_features, run = self.pcq
+        self.lead_axis = self.pcq == (1, *shape)
+        self.rows = run >= ROWS_MIN_RUN
         self.serial = x.size < PARALLEL_MIN
-        self.rows = self.pcq[2] >= ROWS_MIN_RUN
-        self.width = columns.group_width(self.pcq[1], self.pcq[2])
+        self.columns_args = (n_features, run, columns.group_width(n_features, run))
 
-    def contiguous(self, a):
-        """Another array of the caller's shape, in this layout's C-contiguous form."""
-        a = a.T if self.transposed else a
-        return _checks.kernel_input(np.ascontiguousarray(a))
+    def kernel_x(self, x):
+        """x (an array of the plan's key) as the kernels take it."""
+        if self.transposed:
+            x = x.T
+        elif self.copied:
+            x = np.ascontiguousarray(x)
+        return _checks.kernel_input(self.view(x))
 
-    def output(self, out):
-        """The buffer the kernel writes: out itself when its layout fits, else a new array."""
+    def kernel_input(self, a):
+        """Another array of the caller's shape, in any memory order, as the kernels take it."""
+        a = np.ascontiguousarray(a.T if self.transposed else a)
+        return _checks.kernel_input(self.view(a))
+
+    def view(self, a):
+        """A C-contiguous array of `shape` as the kernels take it: (P, C, Q) or flat."""
+        # Each view costs a good part of a small call: a[None] and ravel (a view
+        # of a C-contiguous array) take half the time of reshape.
+        if not self.rows:
+            return a.ravel()
+        return a[None] if self.lead_axis else a.reshape(self.pcq)
+
+    def output(self, out, dtype):
+        """The C-contiguous buffer the kernel writes, and whether it must be copied into out.
+
+        That is out itself (or its transpose) when its layout fits, else a new array.
+        """
         if out is not None:
             target = out.T if self.transposed else out
             if target.flags.c_contiguous:
-                self.copy_back = False
-                return target
-        self.copy_back = out is not None
-        return np.empty(self.shape, self.x.dtype)
+                return target, False
+        return np.empty(self.shape, dtype), out is not None
 
-    def finish(self, buffer, out):
+    def result(self, buffer, out, copy_back):
         """The result in the caller's layout: out (copied into if need be) or the buffer."""
         if out is None:
             return buffer.T if self.transposed else buffer
-        if self.copy_back:
+        if copy_back:
             out[...] = buffer.T if self.transposed else buffer
         return out
 
-    def view(self, a):
-        """a as the kernels take it: (P, C, Q) for rows, flat for columns."""
-        return a.reshape(self.pcq) if self.rows else a.reshape(-1)
 
-    def columns_args(self):
-        return self.pcq[1], self.pcq[2], self.width
+_PLANS = {}
+
+
+def _planned(x, axis, training):
+    """x checked as data (`_checks.data`) and its `_Plan` for axis and training.
+
+    Raises the errors of x, the axis and the counts of values. ``training``
+    is part of the key because M == 1 is an error there only.
+    """
+    key = None
+    # The common case, an ndarray and an int axis, looks its plan up before
+    # any check: a key is stored only once its checks have passed.
+    if isinstance(x, np.ndarray) and type(axis) is int:
+        key = (x.dtype, x.shape, x.strides, axis, training)
+        plan = _PLANS.get(key)
+        if plan is not None:
+            return x, plan
+    x = _checks.data("x", x)
+    plan = _Plan(x, axis, training)
+    if key is not None:
+        if len(_PLANS) >= MAX_PLANS:
+            _PLANS.clear()
+        _PLANS[key] = plan
+    return x, plan
 
 
 def batch_norm_train(x, gamma=None, beta=None, *, axis=0, eps=1e-5, out=None):
@@ -98,31 +176,21 @@ def batch_norm_train(x, gamma=None, beta=None, *, axis=0, eps=1e-5, out=None):
     mean, invstd : ndarray of shape (C,), float64
         The batch mean and ``1 / sqrt(var + eps)`` with the biased variance.
     """
-    x = _checks.data("x", x)
-    axis = _checks.feature_axis(axis, x)
-    n_features, _ = _checks.counts(x, axis, training=True)
-    gamma64 = _checks.per_feature("gamma", gamma, n_features, x, axis, default=1.0)
-    beta64 = _checks.per_feature("beta", beta, n_features, x, axis, default=0.0)
+    x, plan = _planned(x, axis, training=True)
+    gamma64 = _checks.per_feature("gamma", gamma, plan.n_features, x, plan.axis, default=1.0)
+    beta64 = _checks.per_feature("beta", beta, plan.n_features, x, plan.axis, default=0.0)
     eps = _checks.positive_eps(eps)
     if out is not None:
         _checks.output(out, x, (("x", x), ("gamma", gamma), ("beta", beta)))
-    layout = _Layout(x, axis)
-    buffer = layout.output(out)
-    if layout.rows:
-        mean, invstd = rows.train_forward(
-            layout.view(layout.x), gamma64, beta64, eps, layout.view(buffer), layout.serial
-        )
+    buffer, copy_back = plan.output(out, x.dtype)
+    x_k, y_k = plan.kernel_x(x), plan.view(buffer)
+    if plan.rows:
+        mean, invstd = rows.train_forward(x_k, gamma64, beta64, eps, y_k, plan.serial)
     else:
         mean, invstd = columns.train_forward(
-            layout.view(layout.x),
-            *layout.columns_args(),
-            gamma64,
-            beta64,
-            eps,
-            layout.view(buffer),
-            layout.serial,
+            x_k, *plan.columns_args, gamma64, beta64, eps, y_k, plan.serial
         )
-    return layout.finish(buffer, out), mean, invstd
+    return plan.result(buffer, out, copy_back), mean, invstd
 
 
 def batch_norm_eval(
@@ -150,9 +218,8 @@ def batch_norm_eval(
     y : ndarray
         ``gamma * (x - running_mean) / sqrt(running_var + eps) + beta`` in x's dtype.
     """
-    x = _checks.data("x", x)
-    axis = _checks.feature_axis(axis, x)
-    n_features, _ = _checks.counts(x, axis, training=False)
+    x, plan = _planned(x, axis, training=False)
+    n_features, axis = plan.n_features, plan.axis
     mean64 = _checks.per_feature("running_mean", running_mean, n_features, x, axis)
     var64 = _checks.per_feature("running_var", running_var, n_features, x, axis)
     gamma64 = _checks.per_feature("gamma", gamma, n_features, x, axis, default=1.0)
@@ -167,32 +234,15 @@ def batch_norm_eval(
             ("beta", beta),
         )
         _checks.output(out, x, inputs, may_be=("x", x))
-    layout = _Layout(x, axis)
-    buffer = layout.output(out)
-    if layout.rows:
-        rows.eval_forward(
-            layout.view(layout.x),
-            mean64,
-            var64,
-            gamma64,
-            beta64,
-            eps,
-            layout.view(buffer),
-            layout.serial,
-        )
+    buffer, copy_back = plan.output(out, x.dtype)
+    x_k, y_k = plan.kernel_x(x), plan.view(buffer)
+    if plan.rows:
+        rows.eval_forward(x_k, mean64, var64, gamma64, beta64, eps, y_k, plan.serial)
     else:
         columns.eval_forward(
-            layout.view(layout.x),
-            *layout.columns_args(),
-            mean64,
-            var64,
-            gamma64,
-            beta64,
-            eps,
-            layout.view(buffer),
-            layout.serial,
+            x_k, *plan.columns_args, mean64, var64, gamma64, beta64, eps, y_k, plan.serial
         )
-    return layout.finish(buffer, out)
+    return plan.result(buffer, out, copy_back)
 
 
 def batch_norm_backward(dy, x, mean, invstd, gamma=None, *, axis=0, training=True, out=None):
@@ -224,44 +274,43 @@ def batch_norm_backward(dy, x, mean, invstd, gamma=None, *, axis=0, training=Tru
     dgamma, dbeta : ndarray of shape (C,)
         ``sum(dy * x_hat)`` and ``sum(dy)`` over each feature, in x's dtype.
     """
+    dx, dgamma, dbeta = _backward(dy, x, mean, invstd, gamma, axis, training, out)
+    return dx, dgamma.astype(dx.dtype, copy=False), dbeta.astype(dx.dtype, copy=False)
+
+
+def _backward(dy, x, mean, invstd, gamma, axis, training, out, stats_checked=False):
+    """`batch_norm_backward` with dgamma and dbeta in float64, as the kernels return them.
+
+    The layer rounds them into its own arrays, with no conversion in between.
+    ``stats_checked`` says that mean and invstd are writable C-contiguous
+    float64 vectors of length C (the layer's forward cache for this x), so
+    they need no check and no conversion.
+    """
     x = _checks.data("x", x)
     dy = _checks.float_array("dy", dy)
     _checks.same_shape("dy", dy, x)
     if dy.dtype != x.dtype:
         raise TypeError(f"dy has dtype {dy.dtype}, but x has dtype {x.dtype}: they must match")
-    axis = _checks.feature_axis(axis, x)
-    n_features, _ = _checks.counts(x, axis, training=False)
-    mean64 = _checks.per_feature("mean", mean, n_features, x, axis)
-    invstd64 = _checks.per_feature("invstd", invstd, n_features, x, axis)
+    x, plan = _planned(x, axis, training=False)
+    n_features, axis = plan.n_features, plan.axis
+    if stats_checked:
+        mean64, invstd64 = mean, invstd
+    else:
+        mean64 = _checks.per_feature("mean", mean, n_features, x, axis)
+        invstd64 = _checks.per_feature("invstd", invstd, n_features, x, axis)
     gamma64 = _checks.per_feature("gamma", gamma, n_features, x, axis, default=1.0)
     if out is not None:
         inputs = (("dy", dy), ("x", x), ("mean", mean), ("invstd", invstd), ("gamma", gamma))
         _checks.output(out, x, inputs, may_be=("dy", dy))
-    layout = _Layout(x, axis)
-    dy_c = layout.contiguous(dy)
-    buffer = layout.output(out)
-    if layout.rows:
+    buffer, copy_back = plan.output(out, x.dtype)
+    dy_k, x_k, dx_k = plan.kernel_input(dy), plan.kernel_x(x), plan.view(buffer)
+    training = bool(training)
+    if plan.rows:
         dgamma, dbeta = rows.backward(
-            layout.view(dy_c),
-            layout.view(layout.x),
-            mean64,
-            invstd64,
-            gamma64,
-            bool(training),
-            layout.view(buffer),
-            layout.serial,
+            dy_k, x_k, mean64, invstd64, gamma64, training, dx_k, plan.serial
         )
     else:
         dgamma, dbeta = columns.backward(
-            layout.view(dy_c),
-            layout.view(layout.x),
-            *layout.columns_args(),
-            mean64,
-            invstd64,
-            gamma64,
-            bool(training),
-            layout.view(buffer),
-            layout.serial,
+            dy_k, x_k, *plan.columns_args, mean64, invstd64, gamma64, training, dx_k, plan.serial
         )
-    dx = layout.finish(buffer, out)
-    return dx, dgamma.astype(x.dtype, copy=False), dbeta.astype(x.dtype, copy=False)
+    return plan.result(buffer, out, copy_back), dgamma, dbeta

@@ -12,8 +12,8 @@ import numbers
 import numpy as np
 from numba import njit
 
-from fastbn import _checks
-from fastbn.functional import batch_norm_backward, batch_norm_eval, batch_norm_train
+from fastbn import _checks, functional
+from fastbn.functional import batch_norm_eval, batch_norm_train
 
 __all__ = ["BatchNorm"]
 
@@ -360,8 +360,11 @@ class BatchNorm:
             raise RuntimeError("backward() needs a forward() first: nothing to backpropagate")
         x, mean, invstd, batch_stats = self._cache
         dy = self._checked_dtype(dy, "dy")
-        dx, dgamma, dbeta = batch_norm_backward(
-            dy, x, mean, invstd, self.gamma, axis=self.axis, training=batch_stats, out=out
+        # The functional backward less its conversions: mean and invstd are
+        # the forward's float64 vectors, and dgamma and dbeta come back in
+        # float64, which the assignments below round to the layer's dtype.
+        dx, dgamma, dbeta = functional._backward(
+            dy, x, mean, invstd, self.gamma, self.axis, batch_stats, out, stats_checked=True
         )
         if self.affine:
             self.dgamma[...] = dgamma
