@@ -1,0 +1,132 @@
+"""SPEC sections 8 and 9: no leak over 10,000 calls, no input-sized temporaries.
+
+Peak RSS (VmHWM) is measured in a fresh interpreter so that nothing else the
+test session allocated counts. The figures are printed (``pytest -s``).
+"""
+
+import json
+
+from conftest import python_env, run_python
+
+MiB = 1 << 20
+
+PRELUDE = r"""
+import json, sys
+import numpy as np
+import fastbn
+
+
+def status(key):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    raise KeyError(key)
+"""
+
+LEAK = (
+    PRELUDE
+    + r"""
+N = int(sys.argv[1])
+rng = np.random.default_rng(0)
+x = rng.standard_normal((64, 128)).astype(np.float32)
+dy = rng.standard_normal((64, 128)).astype(np.float32)
+xb = rng.standard_normal((40, 1024)).astype(np.float32)  # a parallel-sized batch-first input
+dyb = rng.standard_normal((40, 1024)).astype(np.float32)
+bn = fastbn.BatchNorm(64)
+bnb = fastbn.BatchNorm(1024, axis=1)
+
+
+def layer_calls(n):
+    for i in range(n):
+        bn.train(i % 5 != 0)
+        bn(x)
+        bn.backward(dy)
+        bn.step(1e-4)
+        if i % 10 == 0:
+            bnb(xb)
+            bnb.backward(dyb)
+
+
+def functional_calls(n):
+    for _ in range(n):
+        y, mean, invstd = fastbn.batch_norm_train(x, bn.gamma, bn.beta)
+        fastbn.batch_norm_backward(dy, x, mean, invstd, bn.gamma)
+        fastbn.batch_norm_eval(x, bn.running_mean, bn.running_var, out=y)
+
+
+layer_calls(300)  # warm: compile, caches, allocator pools
+functional_calls(300)
+base = status("VmHWM")
+layer_calls(N)
+after_layer = status("VmHWM")
+functional_calls(N)
+after_functional = status("VmHWM")
+print(json.dumps({"base": base, "after_layer": after_layer, "after_functional": after_functional,
+                  "rss": status("VmRSS")}))
+"""
+)
+
+
+def test_ten_thousand_calls_do_not_grow_peak_rss(subprocess_cache):
+    proc = run_python(LEAK, python_env(subprocess_cache), 10_000, timeout=300)
+    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    print(
+        f"\npeak RSS: base {r['base'] / MiB:.1f} MiB, after 10,000 layer calls "
+        f"+{(r['after_layer'] - r['base']) / MiB:.2f} MiB, after 10,000 functional calls "
+        f"+{(r['after_functional'] - r['base']) / MiB:.2f} MiB"
+    )
+    # A leak of even one 32 KiB input per call would be 300 MiB; allocator
+    # noise is well under the 4 MiB allowed.
+    assert r["after_layer"] - r["base"] <= 4 * MiB
+    assert r["after_functional"] - r["base"] <= 4 * MiB
+
+
+LARGE = (
+    PRELUDE
+    + r"""
+C, M = int(sys.argv[1]), int(sys.argv[2])
+small = np.random.default_rng(0).standard_normal((C, 64)).astype(np.float32)
+warm = fastbn.BatchNorm(C)
+warm(small); warm.backward(small)  # compile / load the kernels before the baseline
+del warm, small
+base = status("VmHWM")
+x = np.empty((C, M), np.float32)
+dy = np.empty((C, M), np.float32)
+for a, seed in ((x, 1), (dy, 2)):  # filled in slices: no temporary of x's size
+    rng = np.random.default_rng(seed)
+    for c in range(C):
+        a[c] = rng.standard_normal(M, dtype=np.float32)
+inputs = status("VmHWM")
+bn = fastbn.BatchNorm(C)
+y = bn(x)
+dx = bn.backward(dy)
+peak = status("VmHWM")
+# Spot-check correctness on two features against float64.
+ok = True
+for c in (0, C - 1):
+    x64 = x[c].astype(np.float64)
+    ref = (x64 - x64.mean()) / np.sqrt(x64.var() + 1e-5)
+    ok &= bool(np.max(np.abs(y[c] - ref)) < 1e-4)
+print(json.dumps({"base": base, "inputs": inputs, "peak": peak, "ok": ok,
+                  "bytes": x.nbytes}))
+"""
+)
+
+
+def test_peak_memory_of_a_large_forward_backward(subprocess_cache):
+    """256 MiB float32: peak <= baseline + 1.15 x (x + dy + y + dx) (SPEC section 8's row)."""
+    c, m = 64, 1 << 20  # 64 Mi values, 256 MiB
+    proc = run_python(LARGE, python_env(subprocess_cache), c, m, timeout=300)
+    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    nbytes = r["bytes"]
+    assert nbytes == 256 * MiB
+    print(
+        f"\n256 MiB float32 forward+backward: base {r['base'] / MiB:.0f} MiB, "
+        f"with x and dy +{(r['inputs'] - r['base']) / MiB:.0f} MiB, "
+        f"peak +{(r['peak'] - r['base']) / MiB:.0f} MiB "
+        f"(x + dy + y + dx = {4 * nbytes / MiB:.0f} MiB)"
+    )
+    assert r["ok"]
+    # y and dx are unavoidable; an input-sized temporary would add 256 MiB (+25%).
+    assert r["peak"] - r["base"] <= 1.15 * 4 * nbytes
