@@ -9,6 +9,7 @@ layout. Long runs (Q >= ROWS_MIN_RUN) go to the rows family, the rest
 (batch-first, channels-last) to the columns family.
 """
 
+import dataclasses
 import math
 
 import numpy as np
@@ -23,13 +24,15 @@ ROWS_MIN_RUN = 16  # shorter runs are folded into the columns family's groups
 MAX_PLANS = 256  # plans kept; past that the cache starts over
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
 class _Plan:
     """How arrays of one dtype, shape, strides and feature axis go to the kernels.
 
-    Building a plan checks x and the axis (`_checks.data`, `feature_axis`,
+    Making a plan (`of`) checks x and the axis (`_checks.data`, `feature_axis`,
     `counts`), which depend on nothing but that key, nor does the layout; so
-    a plan is built once per key and reused (see `_planned`), which spares
-    small calls most of their Python overhead.
+    a plan is made once per key and reused (see `_planned`), which spares
+    small calls most of their Python overhead. A plan is a value: copies
+    compare equal.
 
     Attributes
     ----------
@@ -43,47 +46,52 @@ class _Plan:
         The shape of the C-contiguous form.
     pcq : tuple of int
         (P, C, Q) of the C-contiguous form.
-    rows, serial : bool
-        The kernel family (rows or columns) and one thread or many.
     lead_axis : bool
         Whether (P, C, Q) is the C-contiguous shape with a leading axis of 1,
         as for features-first (n, m) data.
+    rows, serial : bool
+        The kernel family (rows or columns) and one thread or many.
     columns_args : tuple of int
         (C, Q, W), the arguments the columns family takes after the data.
     """
 
-    __slots__ = (
-        "axis",
-        "columns_args",
-        "copied",
-        "lead_axis",
-        "n_features",
-        "pcq",
-        "rows",
-        "serial",
-        "shape",
-        "transposed",
-    )
+    axis: int
+    n_features: int
+    transposed: bool
+    copied: bool
+    shape: tuple
+    pcq: tuple
+    lead_axis: bool
+    rows: bool
+    serial: bool
+    columns_args: tuple
 
-    def __init__(self, x, axis, training):
-        self.axis = axis = _checks.feature_axis(axis, x)
-        self.n_features, _ = _checks.counts(x, axis, training)
+    @classmethod
+    def of(cls, x, axis, training):
+        """The plan of x (checked by `_checks.data`) and axis, checking them."""
+        axis = _checks.feature_axis(axis, x)
+        n_features, _ = _checks.counts(x, axis, training)
         flags = x.flags
-        self.transposed = not flags.c_contiguous and flags.f_contiguous
-        self.copied = not (flags.c_contiguous or flags.f_contiguous)
-        if self.transposed:
-            x = x.T
-            axis = x.ndim - 1 - axis
-        shape = self.shape = x.shape
+        transposed = not flags.c_contiguous and flags.f_contiguous
+        copied = not (flags.c_contiguous or flags.f_contiguous)
+        shape, c_axis = (x.shape[::-1], x.ndim - 1 - axis) if transposed else (x.shape, axis)
         if len(shape) == 2:  # the common case, without slicing and multiplying tuples
-            self.pcq = (1, *shape) if axis == 0 else (*shape, 1)
+            pcq = (1, *shape) if c_axis == 0 else (*shape, 1)
         else:
-            self.pcq = (math.prod(shape[:axis]), shape[axis], math.prod(shape[axis + 1 :]))
-        _, n_features, run = self.pcq
-        self.lead_axis = self.pcq == (1, *shape)
-        self.rows = run >= ROWS_MIN_RUN
-        self.serial = x.size < PARALLEL_MIN
-        self.columns_args = (n_features, run, columns.group_width(n_features, run))
+            pcq = (math.prod(shape[:c_axis]), shape[c_axis], math.prod(shape[c_axis + 1 :]))
+        run = pcq[2]
+        return cls(
+            axis=axis,
+            n_features=n_features,
+            transposed=transposed,
+            copied=copied,
+            shape=shape,
+            pcq=pcq,
+            lead_axis=pcq == (1, *shape),
+            rows=run >= ROWS_MIN_RUN,
+            serial=x.size < PARALLEL_MIN,
+            columns_args=(n_features, run, columns.group_width(n_features, run)),
+        )
 
     def kernel_x(self, x):
         """x (an array of the plan's key) as the kernels take it."""
@@ -144,12 +152,19 @@ def _planned(x, axis, training):
         if plan is not None:
             return x, plan
     x = _checks.data("x", x)
-    plan = _Plan(x, axis, training)
+    plan = _Plan.of(x, axis, training)
     if key is not None:
         if len(_PLANS) >= MAX_PLANS:
             _PLANS.clear()
         _PLANS[key] = plan
     return x, plan
+
+
+def _cached_plan(x, axis, training):
+    """The `_Plan` stored for x and axis (so they passed `_planned`'s checks), or None."""
+    if isinstance(x, np.ndarray) and type(axis) is int:
+        return _PLANS.get((x.dtype, x.shape, x.strides, axis, training))
+    return None
 
 
 def batch_norm_train(x, gamma=None, beta=None, *, axis=0, eps=1e-5, out=None):
@@ -177,6 +192,11 @@ def batch_norm_train(x, gamma=None, beta=None, *, axis=0, eps=1e-5, out=None):
         The batch mean and ``1 / sqrt(var + eps)`` with the biased variance.
     """
     x, plan = _planned(x, axis, training=True)
+    return _train(x, plan, gamma, beta, eps, out)
+
+
+def _train(x, plan, gamma, beta, eps, out):
+    """`batch_norm_train` once x and the axis are checked and planned (`_planned`)."""
     gamma64 = _checks.per_feature("gamma", gamma, plan.n_features, x, plan.axis, default=1.0)
     beta64 = _checks.per_feature("beta", beta, plan.n_features, x, plan.axis, default=0.0)
     eps = _checks.positive_eps(eps)
@@ -219,6 +239,11 @@ def batch_norm_eval(
         ``gamma * (x - running_mean) / sqrt(running_var + eps) + beta`` in x's dtype.
     """
     x, plan = _planned(x, axis, training=False)
+    return _eval(x, plan, running_mean, running_var, gamma, beta, eps, out)
+
+
+def _eval(x, plan, running_mean, running_var, gamma, beta, eps, out):
+    """`batch_norm_eval` once x and the axis are checked and planned (`_planned`)."""
     n_features, axis = plan.n_features, plan.axis
     mean64 = _checks.per_feature("running_mean", running_mean, n_features, x, axis)
     var64 = _checks.per_feature("running_var", running_var, n_features, x, axis)
@@ -278,27 +303,28 @@ def batch_norm_backward(dy, x, mean, invstd, gamma=None, *, axis=0, training=Tru
     return dx, dgamma.astype(dx.dtype, copy=False), dbeta.astype(dx.dtype, copy=False)
 
 
-def _backward(dy, x, mean, invstd, gamma, axis, training, out, stats_checked=False):
+def _backward(dy, x, mean, invstd, gamma, axis, training, out, forward_plan=None):
     """`batch_norm_backward` with dgamma and dbeta in float64, as the kernels return them.
 
     The layer rounds them into its own arrays, with no conversion in between.
-    ``stats_checked`` says that mean and invstd are writable C-contiguous
-    float64 vectors of length C (the layer's forward cache for this x), so
-    they need no check and no conversion.
+    It also passes ``forward_plan``, the plan of the forward that made mean
+    and invstd from this x: then x is checked and planned already, and mean
+    and invstd are writable C-contiguous float64 vectors of length C, so
+    none of them is checked again.
     """
-    x = _checks.data("x", x)
+    if forward_plan is None:
+        x = _checks.data("x", x)
     dy = _checks.float_array("dy", dy)
     _checks.same_shape("dy", dy, x)
     if dy.dtype != x.dtype:
         raise TypeError(f"dy has dtype {dy.dtype}, but x has dtype {x.dtype}: they must match")
-    x, plan = _planned(x, axis, training=False)
-    n_features, axis = plan.n_features, plan.axis
-    if stats_checked:
-        mean64, invstd64 = mean, invstd
+    if forward_plan is None:
+        x, plan = _planned(x, axis, training=False)
+        mean64 = _checks.per_feature("mean", mean, plan.n_features, x, plan.axis)
+        invstd64 = _checks.per_feature("invstd", invstd, plan.n_features, x, plan.axis)
     else:
-        mean64 = _checks.per_feature("mean", mean, n_features, x, axis)
-        invstd64 = _checks.per_feature("invstd", invstd, n_features, x, axis)
-    gamma64 = _checks.per_feature("gamma", gamma, n_features, x, axis, default=1.0)
+        plan, mean64, invstd64 = forward_plan, mean, invstd
+    gamma64 = _checks.per_feature("gamma", gamma, plan.n_features, x, plan.axis, default=1.0)
     if out is not None:
         inputs = (("dy", dy), ("x", x), ("mean", mean), ("invstd", invstd), ("gamma", gamma))
         _checks.output(out, x, inputs, may_be=("dy", dy))

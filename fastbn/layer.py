@@ -13,7 +13,6 @@ import numpy as np
 from numba import njit
 
 from fastbn import _checks, functional
-from fastbn.functional import batch_norm_eval, batch_norm_train
 
 __all__ = ["BatchNorm"]
 
@@ -195,9 +194,10 @@ class BatchNorm:
         else:
             self.running_mean = self.running_var = None
         self.num_batches_tracked = 0
-        # (x, mean, invstd, batch_stats) of the last successful forward: x by
-        # reference, mean and invstd float64, batch_stats whether the forward
-        # normalized with batch statistics (the training formula of backward).
+        # (x, mean, invstd, batch_stats, plan) of the last successful forward:
+        # x by reference, mean and invstd float64, batch_stats whether the
+        # forward normalized with batch statistics (the training formula of
+        # backward), plan the functional plan of x.
         self._cache = None
 
     # ------------------------------------------------------------------ modes
@@ -266,7 +266,8 @@ class BatchNorm:
             Batch statistics that are not finite, or running statistics that
             would overflow the layer's dtype.
         """
-        x = self._checked(x, "x")
+        batch_stats = self.training or not self.track_running_stats
+        x, plan = self._checked_input(x, batch_stats)
         if out is not None:
             kept = None if self._cache is None else self._cache[0]
             for held, what in ((x, "x"), (kept, "the x kept from the previous forward")):
@@ -275,27 +276,28 @@ class BatchNorm:
                         f"out overlaps {what}: the layer keeps x for backward(), "
                         "so write y into a separate array"
                     )
+        if plan is None:
+            x, plan = functional._planned(x, self.axis, training=batch_stats)
 
-        if not self.training and self.track_running_stats:
-            y = batch_norm_eval(
+        # From here on, the functional passes' own work, on a plan that backward() reuses.
+        if not batch_stats:
+            y = functional._eval(
                 x,
+                plan,
                 self.running_mean,
                 self.running_var,
                 self.gamma,
                 self.beta,
-                axis=self.axis,
-                eps=self.eps,
-                out=out,
+                self.eps,
+                out,
             )
             # Snapshots: the running statistics may change before backward().
             mean = self.running_mean.astype(np.float64)
             invstd = 1.0 / np.sqrt(self.running_var.astype(np.float64) + self.eps)
-            self._cache = (x, mean, invstd, False)
+            self._cache = (x, mean, invstd, False, plan)
             return y
 
-        y, mean, invstd = batch_norm_train(
-            x, self.gamma, self.beta, axis=self.axis, eps=self.eps, out=out
-        )
+        y, mean, invstd = functional._train(x, plan, self.gamma, self.beta, self.eps, out)
         if self.training and self.track_running_stats:
             self._update_running_stats(mean, invstd, x.size // self.num_features)
         else:
@@ -305,7 +307,7 @@ class BatchNorm:
                     f"the batch statistics of features {_feature_list(bad)} are not finite "
                     "(NaN or inf in x, or a variance that overflows); the layer is unchanged"
                 )
-        self._cache = (x, mean, invstd, True)
+        self._cache = (x, mean, invstd, True, plan)
         return y
 
     def __call__(self, x, out=None):
@@ -358,13 +360,14 @@ class BatchNorm:
         """
         if self._cache is None:
             raise RuntimeError("backward() needs a forward() first: nothing to backpropagate")
-        x, mean, invstd, batch_stats = self._cache
+        x, mean, invstd, batch_stats, plan = self._cache
         dy = self._checked_dtype(dy, "dy")
-        # The functional backward less its conversions: mean and invstd are
-        # the forward's float64 vectors, and dgamma and dbeta come back in
-        # float64, which the assignments below round to the layer's dtype.
+        # The functional backward less what the forward settled: x, mean and
+        # invstd are checked and planned already, and dgamma and dbeta come
+        # back in float64, which the assignments below round to the layer's
+        # dtype as astype would.
         dx, dgamma, dbeta = functional._backward(
-            dy, x, mean, invstd, self.gamma, self.axis, batch_stats, out, stats_checked=True
+            dy, x, mean, invstd, self.gamma, self.axis, batch_stats, out, forward_plan=plan
         )
         if self.affine:
             self.dgamma[...] = dgamma
@@ -535,16 +538,27 @@ class BatchNorm:
             )
         return array
 
-    def _checked(self, x, name):
-        """Return x as an array of the layer's dtype with num_features along axis."""
-        x = _checks.data(name, self._checked_dtype(x, name))
-        axis = _checks.feature_axis(self.axis, x)
-        if x.shape[axis] != self.num_features:
+    def _checked_input(self, x, batch_stats):
+        """Return x as an array of the layer's dtype with num_features along axis, and its plan.
+
+        The plan is the functional one of x for the layer's axis and
+        ``batch_stats`` (the key's training), or None when no call has
+        planned such an x yet.
+        """
+        x = self._checked_dtype(x, "x")
+        plan = functional._cached_plan(x, self.axis, batch_stats)
+        if plan is None:
+            x = _checks.data("x", x)
+            axis = _checks.feature_axis(self.axis, x)
+            n_features = x.shape[axis]
+        else:  # x passed these checks when the plan was made
+            n_features = plan.n_features
+        if n_features != self.num_features:
             raise ValueError(
-                f"{name} of shape {x.shape} has {x.shape[axis]} features along axis "
+                f"x of shape {x.shape} has {n_features} features along axis "
                 f"{self.axis}, but the layer has num_features={self.num_features}"
             )
-        return x
+        return x, plan
 
     def __repr__(self):
         return (
