@@ -50,19 +50,20 @@ def test_float32_near_overflow_functional(rng, shape, axis, scale):
     np.testing.assert_allclose(y_eval, y_ref, rtol=0, atol=1e-3)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="float32 backward loses the x_hat * dgamma term for |x| > ~1e19 "
-    "(invstd**2 underflows in float32): dx off by ~2% at 1e25 and 1e30; reported",
-)
-@pytest.mark.parametrize("scale", [1e25, 1e30])
-def test_float32_near_overflow_backward_dx(rng, scale):
-    x = _huge(rng, (4, 1000), 0, scale)
+@pytest.mark.parametrize("axis", [0, 1])
+@pytest.mark.parametrize("scale", [1e25, 1e30, 1e37])
+def test_float32_near_overflow_backward_dx(rng, scale, axis):
+    """dx stays within float32 rounding of the reference however large x is.
+
+    Products like invstd**2 underflow in float32 at this scale; the kernels
+    keep every intermediate of order one (x_hat and the bracket) instead.
+    """
+    x = _huge(rng, (4, 1000) if axis == 0 else (1000, 4), axis, scale)
     dy = rng.standard_normal(x.shape).astype(np.float32)
-    _, mean, invstd = fastbn.batch_norm_train(x)
-    dx = fastbn.batch_norm_backward(dy, x, mean, invstd)[0]
-    _, mean_ref, invstd_ref = ref_train(x)
-    dx_ref = ref_backward(dy, x, mean_ref, invstd_ref)[0]
+    _, mean, invstd = fastbn.batch_norm_train(x, axis=axis)
+    dx = fastbn.batch_norm_backward(dy, x, mean, invstd, axis=axis)[0]
+    _, mean_ref, invstd_ref = ref_train(x, axis=axis)
+    dx_ref = ref_backward(dy, x, mean_ref, invstd_ref, axis=axis)[0]
     assert np.all(np.isfinite(dx))
     np.testing.assert_allclose(dx, dx_ref, rtol=0, atol=1e-4 * np.max(np.abs(dx_ref)))
 

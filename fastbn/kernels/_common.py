@@ -66,11 +66,18 @@ def scale_centered(x, out, start, n, mean_hi, mean_lo, scale, shift):
 
 
 @njit(fastmath=EXACT_MATH)
-def input_gradient(dy, x, out, start, n, a, b, mean_hi, mean_lo, c):
-    """dx = a * dy + b * (x - mean) + c over [start, start + n): the training backward."""
+def input_gradient(dy, x, out, start, n, scale, invstd, mean_hi, mean_lo, k_xhat, k0):
+    """dx = scale * (dy + x_hat * k_xhat + k0) over [start, start + n): the training backward.
+
+    With scale = gamma * invstd, k_xhat = -dgamma / M and k0 = -dbeta / M this
+    is the notes' formula. x_hat and the bracket are of order one whatever
+    the data's scale, so float32 neither overflows nor underflows before the
+    last product.
+    """
     o = np.uint64(start)
     for i in range(np.uint64(n)):
-        out[o + i] = a * dy[o + i] + b * ((x[o + i] - mean_hi) - mean_lo) + c
+        x_hat = ((x[o + i] - mean_hi) - mean_lo) * invstd
+        out[o + i] = scale * (dy[o + i] + x_hat * k_xhat + k0)
 
 
 @njit
@@ -134,8 +141,5 @@ def forward_stats(s1, s2, shift, count, eps):
 
 @njit
 def train_coefficients(dbeta, dgamma, invstd, gamma, count):
-    """dx = a * dy + b * (x - mean) + c: a, b, c per feature (arrays or scalars)."""
-    a = gamma * invstd
-    b = -a * invstd * dgamma / count
-    c = -a * dbeta / count
-    return a, b, c
+    """(scale, k_xhat, k0) of input_gradient, per feature (arrays or scalars)."""
+    return gamma * invstd, -dgamma / count, -dbeta / count

@@ -161,14 +161,16 @@ def _scale_block(x, out, width, g0, g1, j0, n, mean_hi, mean_lo, scale, shift):
 
 
 @njit(fastmath=EXACT_MATH)
-def _input_gradient_block(dy, x, out, width, g0, g1, j0, n, a, b, mean_hi, mean_lo, c):
-    """dx = a * dy + b * (x - mean) + c, per position, over groups g0..g1."""
+def _input_gradient_block(dy, x, out, width, g0, g1, j0, n, coefficients):
+    """dx = scale * (dy + x_hat * k_xhat + k0) per position, over groups g0..g1."""
+    scale, invstd, mean_hi, mean_lo, k_xhat, k0 = coefficients
     oj = np.uint64(j0)
     for g in range(g0, g1):
         o = np.uint64(g) * np.uint64(width) + oj
         for i in range(np.uint64(n)):
             p = oj + i
-            out[o + i] = a[p] * dy[o + i] + b[p] * ((x[o + i] - mean_hi[p]) - mean_lo[p]) + c[p]
+            x_hat = ((x[o + i] - mean_hi[p]) - mean_lo[p]) * invstd[p]
+            out[o + i] = scale[p] * (dy[o + i] + x_hat * k_xhat[p] + k0[p])
 
 
 @njit(parallel=True, cache=True)
@@ -230,26 +232,21 @@ def _apply(x, out, mean_hi, mean_lo, scale, shift, serial):
 
 
 @njit(parallel=True, cache=True)
-def _input_gradient(dy, x, out, a, b, mean_hi, mean_lo, c, serial):
-    width = a.size
+def _input_gradient(dy, x, out, coefficients, serial):
+    """dx from per-position (scale, invstd, mean_hi, mean_lo, k_xhat, k0) of length W."""
+    width = coefficients[0].size
     grid = _grid(x.size, width)
     groups, _, blocks, position_blocks = grid
     if serial:
         for u in range(blocks * position_blocks):
             _, g0, g1, j0, j1 = _unit(u, width, grid)
-            _input_gradient_block(
-                dy, x, out, width, g0, g1, j0, j1 - j0, a, b, mean_hi, mean_lo, c
-            )
+            _input_gradient_block(dy, x, out, width, g0, g1, j0, j1 - j0, coefficients)
     else:
         for u in prange(blocks * position_blocks):
             _, g0, g1, j0, j1 = _unit(u, width, grid)
-            _input_gradient_block(
-                dy, x, out, width, g0, g1, j0, j1 - j0, a, b, mean_hi, mean_lo, c
-            )
+            _input_gradient_block(dy, x, out, width, g0, g1, j0, j1 - j0, coefficients)
     tail = x.size - groups * width
-    _input_gradient_block(
-        dy, x, out, width, groups, groups + 1, 0, tail, a, b, mean_hi, mean_lo, c
-    )
+    _input_gradient_block(dy, x, out, width, groups, groups + 1, 0, tail, coefficients)
 
 
 @njit
@@ -296,12 +293,17 @@ def backward(dy, x, n_features, run, width, mean, invstd, gamma, training, out, 
     dbeta = fold(s1, n_features, run)
     dgamma = fold(s2, n_features, run) * invstd
     if training:
-        a, b, c = train_coefficients(dbeta, dgamma, invstd, gamma, x.size // n_features)
+        scale, k_xhat, k0 = train_coefficients(dbeta, dgamma, invstd, gamma, x.size // n_features)
         mean_hi, mean_lo = split_mean(tile(mean, n_features, run, width), x)
-        a_t = in_dtype(tile(a, n_features, run, width), x)
-        b_t = in_dtype(tile(b, n_features, run, width), x)
-        c_t = in_dtype(tile(c, n_features, run, width), x)
-        _input_gradient(dy, x, out, a_t, b_t, mean_hi, mean_lo, c_t, serial)
+        coefficients = (
+            in_dtype(tile(scale, n_features, run, width), x),
+            in_dtype(tile(invstd, n_features, run, width), x),
+            mean_hi,
+            mean_lo,
+            in_dtype(tile(k_xhat, n_features, run, width), x),
+            in_dtype(tile(k0, n_features, run, width), x),
+        )
+        _input_gradient(dy, x, out, coefficients, serial)
     else:
         zero = np.zeros(n_features)
         _apply_per_feature(dy, out, n_features, run, width, zero, gamma * invstd, zero, serial)

@@ -107,12 +107,25 @@ def _scale_unit(x, out, shape, u, grid, mean_hi, mean_lo, scale, shift):
 
 
 @njit(inline="always")
-def _input_gradient_unit(dy, x, out, shape, u, grid, a, b, mean_hi, mean_lo, c0):
+def _input_gradient_unit(dy, x, out, shape, u, grid, coefficients):
+    scale, invstd, mean_hi, mean_lo, k_xhat, k0 = coefficients
     C, Q = shape[1], shape[2]
     c, p0, p1, q0, q1, _ = _unit(u, shape, grid)
     for p in range(p0, p1):
         start = (p * C + c) * Q + q0
-        input_gradient(dy, x, out, start, q1 - q0, a[c], b[c], mean_hi[c], mean_lo[c], c0[c])
+        input_gradient(
+            dy,
+            x,
+            out,
+            start,
+            q1 - q0,
+            scale[c],
+            invstd[c],
+            mean_hi[c],
+            mean_lo[c],
+            k_xhat[c],
+            k0[c],
+        )
 
 
 @njit(parallel=True, cache=True)
@@ -160,14 +173,15 @@ def _grad_sums(dy, x, shape, mean, serial):
 
 
 @njit(parallel=True, cache=True)
-def _input_gradient(dy, x, out, shape, a, b, mean_hi, mean_lo, c0, serial):
+def _input_gradient(dy, x, out, shape, coefficients, serial):
+    """dx from per-feature (scale, invstd, mean_hi, mean_lo, k_xhat, k0), in x's dtype."""
     grid = _grid(shape)
     if serial:
         for u in range(grid[2]):
-            _input_gradient_unit(dy, x, out, shape, u, grid, a, b, mean_hi, mean_lo, c0)
+            _input_gradient_unit(dy, x, out, shape, u, grid, coefficients)
     else:
         for u in prange(grid[2]):
-            _input_gradient_unit(dy, x, out, shape, u, grid, a, b, mean_hi, mean_lo, c0)
+            _input_gradient_unit(dy, x, out, shape, u, grid, coefficients)
 
 
 @njit(inline="always")
@@ -204,12 +218,13 @@ def _backward_feature(dy, x, shape, c, mean, invstd, gamma, training, out, dgamm
     dgamma[c] = s2 * invstd[c]
     t = x.dtype.type
     if training:
-        a, b, c0 = train_coefficients(s1, dgamma[c], invstd[c], gamma[c], P * Q)
+        scale, k_xhat, k0 = train_coefficients(s1, dgamma[c], invstd[c], gamma[c], P * Q)
         mean_hi = t(mean[c])
         mean_lo = t(mean[c] - np.float64(mean_hi))
+        inv = t(invstd[c])
         for p in range(P):
             start = (p * C + c) * Q
-            input_gradient(dy, x, out, start, Q, t(a), t(b), mean_hi, mean_lo, t(c0))
+            input_gradient(dy, x, out, start, Q, t(scale), inv, mean_hi, mean_lo, t(k_xhat), t(k0))
     else:
         scale = t(gamma[c] * invstd[c])
         for p in range(P):
@@ -287,10 +302,17 @@ def backward(dy, x, mean, invstd, gamma, training, out, serial):
     dbeta = row_sums(s1)
     dgamma = row_sums(s2) * invstd
     if training:
-        a, b, c0 = train_coefficients(dbeta, dgamma, invstd, gamma, shape[0] * shape[2])
+        scale, k_xhat, k0 = train_coefficients(dbeta, dgamma, invstd, gamma, shape[0] * shape[2])
         mean_hi, mean_lo = split_mean(mean, x)
-        a_t, b_t, c_t = in_dtype(a, x), in_dtype(b, x), in_dtype(c0, x)
-        _input_gradient(flat_dy, flat, flat_out, shape, a_t, b_t, mean_hi, mean_lo, c_t, serial)
+        coefficients = (
+            in_dtype(scale, x),
+            in_dtype(invstd, x),
+            mean_hi,
+            mean_lo,
+            in_dtype(k_xhat, x),
+            in_dtype(k0, x),
+        )
+        _input_gradient(flat_dy, flat, flat_out, shape, coefficients, serial)
     else:
         zero = np.zeros_like(in_dtype(mean, x))
         scale = in_dtype(gamma * invstd, x)
