@@ -15,6 +15,7 @@ import math
 import numpy as np
 
 from fastbn import _checks
+from fastbn._threading import kernel_guard
 from fastbn.kernels import columns, rows
 
 __all__ = ["batch_norm_backward", "batch_norm_eval", "batch_norm_train"]
@@ -160,6 +161,14 @@ def _planned(x, axis, training):
     return x, plan
 
 
+def _launch(serial, kernel, *args):
+    """kernel(*args, serial), under the lock a parallel launch may need (`kernel_guard`)."""
+    if serial:  # one thread, no parallel region: the guard would do nothing but cost
+        return kernel(*args, serial)
+    with kernel_guard(serial):
+        return kernel(*args, serial)
+
+
 def _cached_plan(x, axis, training):
     """The `_Plan` stored for x and axis (so they passed `_planned`'s checks), or None."""
     if isinstance(x, np.ndarray) and type(axis) is int:
@@ -205,10 +214,10 @@ def _train(x, plan, gamma, beta, eps, out):
     buffer, copy_back = plan.output(out, x.dtype)
     x_k, y_k = plan.kernel_x(x), plan.view(buffer)
     if plan.rows:
-        mean, invstd = rows.train_forward(x_k, gamma64, beta64, eps, y_k, plan.serial)
+        mean, invstd = _launch(plan.serial, rows.train_forward, x_k, gamma64, beta64, eps, y_k)
     else:
-        mean, invstd = columns.train_forward(
-            x_k, *plan.columns_args, gamma64, beta64, eps, y_k, plan.serial
+        mean, invstd = _launch(
+            plan.serial, columns.train_forward, x_k, *plan.columns_args, gamma64, beta64, eps, y_k
         )
     return plan.result(buffer, out, copy_back), mean, invstd
 
@@ -262,10 +271,19 @@ def _eval(x, plan, running_mean, running_var, gamma, beta, eps, out):
     buffer, copy_back = plan.output(out, x.dtype)
     x_k, y_k = plan.kernel_x(x), plan.view(buffer)
     if plan.rows:
-        rows.eval_forward(x_k, mean64, var64, gamma64, beta64, eps, y_k, plan.serial)
+        _launch(plan.serial, rows.eval_forward, x_k, mean64, var64, gamma64, beta64, eps, y_k)
     else:
-        columns.eval_forward(
-            x_k, *plan.columns_args, mean64, var64, gamma64, beta64, eps, y_k, plan.serial
+        _launch(
+            plan.serial,
+            columns.eval_forward,
+            x_k,
+            *plan.columns_args,
+            mean64,
+            var64,
+            gamma64,
+            beta64,
+            eps,
+            y_k,
         )
     return plan.result(buffer, out, copy_back)
 
@@ -332,11 +350,20 @@ def _backward(dy, x, mean, invstd, gamma, axis, training, out, forward_plan=None
     dy_k, x_k, dx_k = plan.kernel_input(dy), plan.kernel_x(x), plan.view(buffer)
     training = bool(training)
     if plan.rows:
-        dgamma, dbeta = rows.backward(
-            dy_k, x_k, mean64, invstd64, gamma64, training, dx_k, plan.serial
+        dgamma, dbeta = _launch(
+            plan.serial, rows.backward, dy_k, x_k, mean64, invstd64, gamma64, training, dx_k
         )
     else:
-        dgamma, dbeta = columns.backward(
-            dy_k, x_k, *plan.columns_args, mean64, invstd64, gamma64, training, dx_k, plan.serial
+        dgamma, dbeta = _launch(
+            plan.serial,
+            columns.backward,
+            dy_k,
+            x_k,
+            *plan.columns_args,
+            mean64,
+            invstd64,
+            gamma64,
+            training,
+            dx_k,
         )
     return plan.result(buffer, out, copy_back), dgamma, dbeta
