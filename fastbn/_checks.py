@@ -11,8 +11,9 @@ import operator
 
 import numpy as np
 
+FLOAT32 = np.dtype(np.float32)
 FLOAT64 = np.dtype(np.float64)
-FLOAT_DTYPES = (np.dtype(np.float32), FLOAT64)
+FLOAT_DTYPES = (FLOAT32, FLOAT64)
 
 
 def float_array(name, a):
@@ -110,13 +111,17 @@ def per_feature(name, v, n_features, x, axis, default=None):
     """A length-C float vector as contiguous float64 for the kernels (``default`` if None)."""
     if v is None:
         return None if default is None else _constant(float(default), n_features)
-    v = float_array(name, v)
+    # float_array's checks, inline for an ndarray: the call would cost more than they do.
+    if not (isinstance(v, np.ndarray) and v.dtype in FLOAT_DTYPES):
+        v = float_array(name, v)
     if v.shape != (n_features,):
         raise ValueError(
             f"{name} has shape {v.shape}, expected ({n_features},): one value per feature "
             f"of x with shape {x.shape} and axis={axis}"
         )
-    if v.dtype != FLOAT64:
+    dtype = v.dtype
+    # The identity test first: comparing unequal dtypes costs more.
+    if dtype is FLOAT32 or dtype != FLOAT64:
         return v.astype(FLOAT64)  # a new array: contiguous and writable
     return kernel_input(np.ascontiguousarray(v))
 

@@ -100,7 +100,8 @@ class _Plan:
             x = x.T
         elif self.copied:
             x = np.ascontiguousarray(x)
-        return _checks.kernel_input(self.view(x))
+        x = self.view(x)
+        return x if x.flags.writeable else _checks.kernel_input(x)
 
     def kernel_input(self, a):
         """Another array of the caller's shape, in any memory order, as the kernels take it."""
