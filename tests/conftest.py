@@ -265,3 +265,17 @@ def run_python(code, env, *args, timeout=300, cwd=None, check=True):
             f"\n--- stderr\n{proc.stderr[-5000:]}"
         )
     return proc
+
+
+def central_difference(loss, array, h=1e-6):
+    """d loss / d array by central differences, perturbing ``array`` in place and restoring it."""
+    grad = np.empty(array.shape)
+    for index in np.ndindex(array.shape):
+        saved = array[index]
+        array[index] = saved + h
+        up = loss()
+        array[index] = saved - h
+        down = loss()
+        array[index] = saved
+        grad[index] = (up - down) / (2 * h)
+    return grad

@@ -14,6 +14,7 @@ import pytest
 from conftest import (
     LAYOUTS,
     assert_close,
+    central_difference,
     f64,
     raises,
     reduced_axes,
@@ -371,20 +372,6 @@ def test_eval_backward_uses_statistics_of_its_forward(rng):
 
 
 # ------------------------------------------------------------ finite differences
-
-
-def central_difference(loss, array, h=1e-6):
-    """d loss / d array by central differences, perturbing ``array`` in place."""
-    grad = np.empty(array.shape)
-    for index in np.ndindex(array.shape):
-        saved = array[index]
-        array[index] = saved + h
-        up = loss()
-        array[index] = saved - h
-        down = loss()
-        array[index] = saved
-        grad[index] = (up - down) / (2 * h)
-    return grad
 
 
 @pytest.mark.parametrize("training", [True, False])

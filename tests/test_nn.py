@@ -4,6 +4,7 @@ import copy
 
 import numpy as np
 import pytest
+from conftest import central_difference
 
 import fastbn
 import fastbn.nn as nn
@@ -12,20 +13,6 @@ import fastbn.nn as nn
 @pytest.fixture
 def rng():
     return np.random.default_rng(20240611)
-
-
-def numerical_gradient(loss, array, step=1e-6):
-    """Central differences of the scalar loss() with respect to every entry of array, in place."""
-    grad = np.zeros_like(array)
-    for index in np.ndindex(array.shape):
-        saved = array[index]
-        array[index] = saved + step
-        plus = loss()
-        array[index] = saved - step
-        minus = loss()
-        array[index] = saved
-        grad[index] = (plus - minus) / (2 * step)
-    return grad
 
 
 def check_gradients(layer, A, rng, loss_fn=None, labels=None):
@@ -52,10 +39,10 @@ def check_gradients(layer, A, rng, loss_fn=None, labels=None):
     def loss():
         return loss_and_grad(layer(A))[0]
 
-    np.testing.assert_allclose(dA, numerical_gradient(loss, A), rtol=1e-6, atol=1e-8)
+    np.testing.assert_allclose(dA, central_difference(loss, A), rtol=1e-6, atol=1e-8)
     for name, param, _ in layer.parameters():
         np.testing.assert_allclose(
-            analytic[name], numerical_gradient(loss, param), rtol=1e-6, atol=1e-8, err_msg=name
+            analytic[name], central_difference(loss, param), rtol=1e-6, atol=1e-8, err_msg=name
         )
 
 
@@ -84,7 +71,7 @@ def test_softmax_cross_entropy_gradient_and_value(rng):
     # By hand: -log of the softmax probability of each true class, averaged.
     probabilities = np.exp(logits) / np.exp(logits).sum(axis=0)
     assert loss == pytest.approx(-np.mean(np.log(probabilities[labels, np.arange(6)])), rel=1e-12)
-    numeric = numerical_gradient(lambda: nn.SoftmaxCrossEntropy()(logits, labels)[0], logits)
+    numeric = central_difference(lambda: nn.SoftmaxCrossEntropy()(logits, labels)[0], logits)
     np.testing.assert_allclose(dlogits, numeric, rtol=1e-6, atol=1e-9)
 
 
