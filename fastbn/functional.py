@@ -14,7 +14,7 @@ import math
 
 import numpy as np
 
-from fastbn import _checks
+from fastbn import _checks, _compile
 from fastbn._threading import kernel_guard
 from fastbn.kernels import columns, rows
 
@@ -163,11 +163,17 @@ def _planned(x, axis, training):
 
 
 def _launch(serial, kernel, *args):
-    """kernel(*args, serial), under the lock a parallel launch may need (`kernel_guard`)."""
+    """kernel(*args, serial), under the lock a parallel launch may need (`kernel_guard`).
+
+    The last argument is the output, of x's dtype: a kernel's first call for a
+    dtype goes through `_compile.call`, which keeps processes from compiling
+    into one cache at once.
+    """
+    dtype = args[-1].dtype
     if serial:  # one thread, no parallel region: the guard would do nothing but cost
-        return kernel(*args, serial)
+        return _compile.call(kernel, dtype, *args, serial)
     with kernel_guard(serial):
-        return kernel(*args, serial)
+        return _compile.call(kernel, dtype, *args, serial)
 
 
 def _cached_plan(x, axis, training):

@@ -2,16 +2,19 @@
 and filled by several processes at once. Every case runs in fresh interpreters.
 """
 
+import fcntl
 import json
 import os
 import shutil
 import subprocess
 import sys
+import time
 
 import pytest
 from conftest import python_env, run_python
 
 import fastbn
+from fastbn import _compile
 
 # Train forward and backward on one features-first input (the rows family),
 # checked against the float64 reference; reports the kernels' cache hits and misses.
@@ -166,3 +169,33 @@ def test_cold_cache_filled_by_four_processes_at_once(tmp_path):
                     "a signature compiled in the cold round is missing from the cache "
                     f"(index race?): {r['stats']}"
                 )
+
+
+def test_first_calls_wait_for_the_compile_lock(subprocess_cache):
+    """A process's first kernel call waits while another process holds the compile lock.
+
+    Numba's cache index has no lock of its own: two processes compiling into
+    one cache at once can leave a signature pointing at another's code.
+    """
+    child = (
+        "import numpy as np, fastbn\n"
+        "x = np.arange(64 * 128, dtype=np.float32).reshape(64, 128)\n"
+        "y, mean, invstd = fastbn.batch_norm_train(x)\n"
+        "print('done', float(mean[0]))\n"
+    )
+    with open(_compile.LOCK_PATH, "a") as lock_file:
+        fcntl.flock(lock_file, fcntl.LOCK_EX)
+        proc = subprocess.Popen(
+            [sys.executable, "-c", child],
+            env=python_env(subprocess_cache),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        time.sleep(3.0)  # long enough for import and the call to reach the lock
+        waiting = proc.poll() is None
+        fcntl.flock(lock_file, fcntl.LOCK_UN)
+    out, err = proc.communicate(timeout=300)
+    assert waiting, f"the child did not wait for the lock: {out} {err}"
+    assert proc.returncode == 0, err
+    assert out.startswith("done 63.5")
