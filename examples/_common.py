@@ -5,6 +5,7 @@ Not an example itself; each example imports it from its own folder.
 
 import argparse
 import os
+import time
 
 import matplotlib
 
@@ -100,3 +101,11 @@ def accuracy(model, X, y):
     predicted = model(X).argmax(axis=0)
     model.train()
     return float(np.mean(predicted == y))
+
+
+def save_figure(fig, out_dir, name, start):
+    """Write fig as out_dir/name and say where, with the seconds since ``start``."""
+    fig.tight_layout()
+    path = os.path.join(out_dir, name)
+    fig.savefig(path, dpi=80)
+    print(f"\nwrote {path} ({time.perf_counter() - start:.1f} s)")

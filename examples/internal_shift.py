@@ -21,12 +21,11 @@ Run ``python examples/internal_shift.py [--out DIR]``; ``--quick`` trains a
 small network for one epoch (the smoke test).
 """
 
-import os
 import time
 
 import matplotlib.pyplot as plt
 import numpy as np
-from _common import digits, mlp, parse_args
+from _common import digits, mlp, parse_args, save_figure
 
 import fastbn.nn as nn
 
@@ -102,10 +101,7 @@ def main():
     axes[0, 0].set_ylabel("mean over the batch")
     axes[1, 0].set_ylabel("std over the batch")
     fig.suptitle(f"Third hidden layer's pre-activations, units 0-{UNITS - 1}")
-    fig.tight_layout()
-    path = os.path.join(args.out, "internal_shift.png")
-    fig.savefig(path, dpi=80)
-    print(f"\nwrote {path} ({time.perf_counter() - start:.1f} s)")
+    save_figure(fig, args.out, "internal_shift.png", start)
 
 
 if __name__ == "__main__":

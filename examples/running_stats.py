@@ -32,12 +32,11 @@ small network for one epoch (the smoke test).
 """
 
 import copy
-import os
 import time
 
 import matplotlib.pyplot as plt
 import numpy as np
-from _common import accuracy, digits, mlp, parse_args
+from _common import accuracy, digits, mlp, parse_args, save_figure
 
 import fastbn.nn as nn
 
@@ -129,10 +128,7 @@ def main():
     ax_acc.axhline(eval_accuracy, color="tab:green", label="eval mode (running statistics)")
     ax_acc.set(xlabel="test batch size", ylabel="test accuracy", title="Test-time statistics")
     ax_acc.legend(loc="lower right")
-    fig.tight_layout()
-    path = os.path.join(args.out, "running_stats.png")
-    fig.savefig(path, dpi=80)
-    print(f"\nwrote {path} ({time.perf_counter() - start:.1f} s)")
+    save_figure(fig, args.out, "running_stats.png", start)
 
 
 if __name__ == "__main__":

@@ -32,12 +32,11 @@ small network for two epochs (the smoke test).
 """
 
 import math
-import os
 import time
 
 import matplotlib.pyplot as plt
 import numpy as np
-from _common import accuracy, digits, mlp, parse_args, train_epoch
+from _common import accuracy, digits, mlp, parse_args, save_figure, train_epoch
 
 import fastbn.nn as nn
 
@@ -120,10 +119,7 @@ def main():
     ax_acc.axhline(0.95, color="gray", linewidth=0.5)
     ax_acc.legend(loc="lower right")
     fig.suptitle("Digits, 3-hidden-layer MLP, mini-batch SGD")
-    fig.tight_layout()
-    path = os.path.join(args.out, "train_digits.png")
-    fig.savefig(path, dpi=80)
-    print(f"\nwrote {path} ({time.perf_counter() - start:.1f} s)")
+    save_figure(fig, args.out, "train_digits.png", start)
 
 
 if __name__ == "__main__":
