@@ -10,15 +10,12 @@ import math
 import numbers
 
 import numpy as np
-from numba import njit
 
-from fastbn import _checks, functional
+from fastbn import _checks, _running, functional
 
 __all__ = ["BatchNorm"]
 
 _LAYER_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
-# How many offending features an error message lists before it stops.
-_SHOWN_FEATURES = 8
 
 
 def _is_real(value):
@@ -27,51 +24,6 @@ def _is_real(value):
 
 def _is_int(value):
     return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
-
-
-# The per-feature work of a small batch is a few microseconds of NumPy calls
-# (about 1 us each); these loops do it in one call.
-
-
-@njit(cache=True)
-def _nonfinite_batch_stats(mean, invstd):
-    """Return the features whose batch mean is not finite or whose variance overflowed."""
-    bad = []
-    for c in range(mean.size):
-        # invstd > 0 is False for NaN and for 1 / sqrt(inf).
-        if not (np.isfinite(mean[c]) and invstd[c] > 0.0):
-            bad.append(c)
-    return bad
-
-
-@njit(cache=True, error_model="numpy")
-def _fold_batch_stats(running_mean, running_var, mean, invstd, eps, f, bessel):
-    """Apply PyTorch's running-statistics update in place, all features or none.
-
-    running = (1 - f) * running + f * batch, in float64 and rounded once to
-    the running statistics' dtype, with the unbiased variance var * bessel.
-    If a result is not finite in that dtype, nothing is written and the
-    offending features are returned (else an empty list).
-    """
-    new_mean = np.empty_like(running_mean)
-    new_var = np.empty_like(running_var)
-    bad = []
-    for c in range(mean.size):
-        # invstd = 1 / sqrt(var + eps) in float64, so 1 / invstd**2 gives
-        # var + eps to a few ulp: var to ~1e-15 relative, or to ~1e-15 * eps
-        # absolute where var << eps (clipped at 0: only rounding goes below).
-        var = 1.0 / (invstd[c] * invstd[c]) - eps
-        if var < 0.0:  # NaN fails the test and propagates
-            var = 0.0
-        new_mean[c] = (1.0 - f) * np.float64(running_mean[c]) + f * mean[c]
-        new_var[c] = (1.0 - f) * np.float64(running_var[c]) + f * (var * bessel)
-        # A NaN or inf batch statistic survives even f = 0: 0 * inf is NaN.
-        if not (np.isfinite(new_mean[c]) and np.isfinite(new_var[c])):
-            bad.append(c)
-    if not bad:
-        running_mean[:] = new_mean
-        running_var[:] = new_var
-    return bad
 
 
 def _layer_dtype(dtype):
@@ -84,13 +36,6 @@ def _layer_dtype(dtype):
     if resolved is None or resolved not in _LAYER_DTYPES:
         raise TypeError(f"dtype must be np.float32 or np.float64, got {dtype!r}")
     return resolved
-
-
-def _feature_list(bad):
-    """Name the features of the list ``bad`` in a message."""
-    shown = ", ".join(str(c) for c in bad[:_SHOWN_FEATURES])
-    more = f" and {len(bad) - _SHOWN_FEATURES} more" if len(bad) > _SHOWN_FEATURES else ""
-    return f"[{shown}{more}]"
 
 
 class BatchNorm:
@@ -301,11 +246,12 @@ class BatchNorm:
         if self.training and self.track_running_stats:
             self._update_running_stats(mean, invstd, x.size // self.num_features)
         else:
-            bad = _nonfinite_batch_stats(mean, invstd)
+            bad = _running.nonfinite_batch_stats(mean, invstd)
             if bad:
+                features = _running.feature_list(bad)
                 raise FloatingPointError(
-                    f"the batch statistics of features {_feature_list(bad)} are not finite "
-                    "(NaN or inf in x, or a variance that overflows); the layer is unchanged"
+                    f"the batch statistics of features {features} are not finite (NaN or inf "
+                    "in x, or a variance that overflows); the layer is unchanged"
                 )
         self._cache = (x, mean, invstd, True, plan)
         return y
@@ -318,13 +264,13 @@ class BatchNorm:
         """Fold a batch's statistics into the running ones, or raise and change nothing."""
         count = self.num_batches_tracked + 1
         f = 1.0 / count if self.momentum is None else self.momentum
-        bad = _fold_batch_stats(
+        bad = _running.fold_batch_stats(
             self.running_mean, self.running_var, mean, invstd, self.eps, f, m / (m - 1)
         )
         if bad:
             raise FloatingPointError(
-                f"the batch statistics of features {_feature_list(bad)} are not finite, or "
-                f"overflow {self.dtype} in the running statistics (NaN or inf in x, or "
+                f"the batch statistics of features {_running.feature_list(bad)} are not "
+                f"finite, or overflow {self.dtype} in the running statistics (NaN or inf in x, or "
                 "values too large); the layer is unchanged"
             )
         self.num_batches_tracked = count
