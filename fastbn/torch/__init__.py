@@ -1,0 +1,13 @@
+"""fastbn for PyTorch: drop-in BatchNorm modules and batch_norm on fastbn's kernels.
+
+    import fastbn.torch as fbt
+    model = fbt.convert(model)      # every torch BatchNorm1d/2d/3d becomes fastbn's
+    y = fbt.batch_norm(x, running_mean, running_var, weight, bias, training=True)
+
+`import fastbn` never imports torch; this subpackage needs torch >= 2.4.
+"""
+
+from fastbn.torch.functional import batch_norm
+from fastbn.torch.modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, convert, revert
+
+__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "batch_norm", "convert", "revert"]

@@ -1,0 +1,285 @@
+"""The op: fastbn's kernels on the memory of CPU tensors, for autograd and torch.library.
+
+A tensor is handed to the functional API as a NumPy view of its own memory:
+contiguous (N, C, ...) data with axis=1, channels_last (N, C, H, W) and
+channels_last_3d (N, C, D, H, W) data as the C-contiguous (N, H, W, C) or
+(N, D, H, W, C) permutation with axis=-1. Results come back as tensors over
+the kernels' output buffers, permuted back, so the output has the input's
+memory format. Any other strides are copied once by the functional API.
+
+Two mechanisms carry the same arithmetic:
+
+- eager calls go through `BatchNormFunction`, a `torch.autograd.Function`
+  (the cheapest correct one: a `torch.library.custom_op` costs more per call);
+- `torch.compile` graphs take the `fastbn::batch_norm_train`,
+  `fastbn::batch_norm_eval` and `fastbn::batch_norm_backward` ops, which are
+  functional (nothing mutated) so that their autograd formula and fake
+  implementations can be registered.
+
+Double backward: inside a backward, grad mode is on exactly when the caller
+asked for ``create_graph=True``; then the gradient is recomputed with
+differentiable torch ops (`_torch_batch_norm`), else the kernels compute it.
+"""
+
+import numpy as np
+import torch
+
+from fastbn import functional
+
+__all__ = ["BatchNormFunction", "eval_arrays", "fast_path", "train_arrays"]
+
+FAST_DTYPES = (torch.float32, torch.float64)
+_CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
+# Permutations between (N, C, *spatial) and channels-last memory order, and back.
+_TO_LAST = {4: (0, 2, 3, 1), 5: (0, 2, 3, 4, 1)}
+_FROM_LAST = {4: (0, 3, 1, 2), 5: (0, 4, 1, 2, 3)}
+
+
+def fast_path(input, *tensors):
+    """Whether fastbn's kernels take this call: CPU float32/float64, parameters alike.
+
+    Everything else (other devices and dtypes, tracing for torch.jit or
+    ONNX) goes to torch's own op.
+    """
+    if input.device.type != "cpu" or input.dtype not in FAST_DTYPES:
+        return False
+    for t in tensors:
+        if t is not None and (t.dtype != input.dtype or t.device.type != "cpu"):
+            return False
+    return not torch.jit.is_tracing()
+
+
+def _channels_last(input):
+    """Whether input's memory is channels-last (and not also plain contiguous)."""
+    fmt = _CHANNELS_LAST.get(input.dim())
+    return fmt is not None and not input.is_contiguous() and input.is_contiguous(memory_format=fmt)
+
+
+def _as_array(input):
+    """(array over input's memory, feature axis, whether it is the channels-last permutation)."""
+    x = input.detach()
+    if _channels_last(x):
+        return x.permute(_TO_LAST[x.dim()]).numpy(), -1, True
+    return x.numpy(), 1, False
+
+
+def _as_tensor(array, last):
+    """A tensor over array, permuted back to (N, C, ...) if it is channels-last."""
+    t = torch.from_numpy(array)
+    return t.permute(_FROM_LAST[t.dim()]) if last else t
+
+
+def _grad_array(grad, last):
+    """The upstream gradient in the same arrangement as the input's array."""
+    g = grad.detach()
+    return g.permute(_TO_LAST[g.dim()]).numpy() if last else g.numpy()
+
+
+def _vector(t):
+    return None if t is None else t.detach().numpy()
+
+
+def train_arrays(input, weight, bias, eps):
+    """Batch-statistics forward: (y tensor, mean, invstd float64 arrays, plan, x array, last)."""
+    x, axis, last = _as_array(input)
+    x, plan = functional._planned(x, axis, training=True)
+    y, mean, invstd = functional._train(x, plan, _vector(weight), _vector(bias), eps, None)
+    return _as_tensor(y, last), mean, invstd, plan, x, last
+
+
+def eval_arrays(input, running_mean, running_var, weight, bias, eps):
+    """Running-statistics forward: (y tensor, plan, x array, last)."""
+    x, axis, last = _as_array(input)
+    x, plan = functional._planned(x, axis, training=False)
+    y = functional._eval(
+        x, plan, _vector(running_mean), _vector(running_var), _vector(weight), _vector(bias),
+        eps, None,
+    )  # fmt: skip
+    return _as_tensor(y, last), plan, x, last
+
+
+def backward_arrays(grad, x, plan, last, mean, invstd, weight, training):
+    """(dx tensor, dgamma, dbeta float64 arrays) from the kernels."""
+    dx, dgamma, dbeta = functional._backward(
+        _grad_array(grad, last), x, mean, invstd, _vector(weight), plan.axis, training, None,
+        forward_plan=plan,
+    )  # fmt: skip
+    return _as_tensor(dx, last), dgamma, dbeta
+
+
+def _param_grad(values, like):
+    return torch.from_numpy(values).to(like.dtype)
+
+
+def _torch_batch_norm(input, weight, bias, running_mean, running_var, eps):
+    """y with differentiable torch ops: batch statistics if running_mean is None."""
+    reduce = [0, *range(2, input.dim())]
+    shape = [1, -1] + [1] * (input.dim() - 2)
+    if running_mean is None:
+        mean = input.mean(reduce, keepdim=True)
+        var = (input - mean).square().mean(reduce, keepdim=True)
+    else:
+        mean, var = running_mean.view(shape), running_var.view(shape)
+    y = (input - mean) * torch.rsqrt(var + eps)
+    if weight is not None:
+        y = y * weight.view(shape)
+    if bias is not None:
+        y = y + bias.view(shape)
+    return y
+
+
+def _double_backward_grads(ctx, grad):
+    """Differentiable gradients (create_graph=True): torch's ops on the saved inputs."""
+    input, weight, bias, running_mean, running_var = ctx.saved_tensors
+    wanted = [
+        t for t, need in zip((input, weight, bias), ctx.needs_input_grad[:3], strict=True) if need
+    ]
+    y = _torch_batch_norm(input, weight, bias, running_mean, running_var, ctx.eps)
+    found = iter(torch.autograd.grad(y, wanted, grad, create_graph=True, allow_unused=True))
+    return tuple(next(found) if need else None for need in ctx.needs_input_grad[:3])
+
+
+class BatchNormFunction(torch.autograd.Function):
+    """y = weight * (input - mean) * invstd + bias, with batch or running statistics.
+
+    ``apply(input, weight, bias, running_mean, running_var, eps, stats)``:
+    batch statistics when running_mean is None, and then the float64 mean
+    and invstd are appended to the list ``stats`` for the caller's
+    running-statistics update; running statistics otherwise (constants).
+    """
+
+    @staticmethod
+    def forward(ctx, input, weight, bias, running_mean, running_var, eps, stats):
+        if running_mean is None:
+            y, mean, invstd, plan, x, last = train_arrays(input, weight, bias, eps)
+            stats.append((mean, invstd))
+        else:
+            y, plan, x, last = eval_arrays(input, running_mean, running_var, weight, bias, eps)
+            mean = running_mean.detach().numpy().astype(np.float64)
+            invstd = 1.0 / np.sqrt(running_var.detach().numpy().astype(np.float64) + eps)
+        ctx.save_for_backward(input, weight, bias, running_mean, running_var)
+        ctx.eps = eps
+        ctx.arrays = (x, plan, last, mean, invstd)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        if torch.is_grad_enabled():
+            return (*_double_backward_grads(ctx, grad), None, None, None, None)
+        _, weight, bias, running_mean, _ = ctx.saved_tensors
+        x, plan, last, mean, invstd = ctx.arrays
+        dx, dgamma, dbeta = backward_arrays(
+            grad, x, plan, last, mean, invstd, weight, running_mean is None
+        )
+        need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
+        return (
+            dx if need_input else None,
+            _param_grad(dgamma, weight) if need_weight else None,
+            _param_grad(dbeta, bias) if need_bias else None,
+            None,
+            None,
+            None,
+            None,
+        )
+
+
+# ----------------------------------------------------------- torch.library ops
+# Functional ops for torch.compile and torch.export: nothing is mutated, so
+# autograd and fake (meta) implementations can be registered.
+
+
+@torch.library.custom_op("fastbn::batch_norm_train", mutates_args=(), device_types="cpu")
+def batch_norm_train(
+    input: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(y, mean, invstd) with batch statistics; mean and invstd float64, shape (C,)."""
+    y, mean, invstd, _, _, _ = train_arrays(input, weight, bias, eps)
+    return y, torch.from_numpy(mean), torch.from_numpy(invstd)
+
+
+@torch.library.custom_op("fastbn::batch_norm_eval", mutates_args=(), device_types="cpu")
+def batch_norm_eval(
+    input: torch.Tensor,
+    running_mean: torch.Tensor,
+    running_var: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float,
+) -> torch.Tensor:
+    """y with running statistics."""
+    return eval_arrays(input, running_mean, running_var, weight, bias, eps)[0]
+
+
+@torch.library.custom_op("fastbn::batch_norm_backward", mutates_args=(), device_types="cpu")
+def batch_norm_backward(
+    grad: torch.Tensor,
+    input: torch.Tensor,
+    mean: torch.Tensor,
+    invstd: torch.Tensor,
+    weight: torch.Tensor | None,
+    training: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx, dweight, dbias); mean and invstd float64, the batch's or the running ones."""
+    x, axis, last = _as_array(input)
+    x, plan = functional._planned(x, axis, training=False)
+    mean64 = mean.detach().numpy()
+    invstd64 = invstd.detach().numpy()
+    dx, dgamma, dbeta = backward_arrays(grad, x, plan, last, mean64, invstd64, weight, training)
+    return dx, _param_grad(dgamma, input), _param_grad(dbeta, input)
+
+
+def _stat_like(input):
+    return input.new_empty((input.shape[1],), dtype=torch.float64)
+
+
+@batch_norm_train.register_fake
+def _(input, weight, bias, eps):
+    return torch.empty_like(input), _stat_like(input), _stat_like(input)
+
+
+@batch_norm_eval.register_fake
+def _(input, running_mean, running_var, weight, bias, eps):
+    return torch.empty_like(input)
+
+
+@batch_norm_backward.register_fake
+def _(grad, input, mean, invstd, weight, training):
+    c = input.shape[1]
+    return torch.empty_like(input), input.new_empty((c,)), input.new_empty((c,))
+
+
+def _setup_train(ctx, inputs, output):
+    input, weight, _, _ = inputs
+    _, mean, invstd = output
+    ctx.save_for_backward(input, weight, mean, invstd)
+
+
+def _backward_train(ctx, grad, _grad_mean, _grad_invstd):
+    input, weight, mean, invstd = ctx.saved_tensors
+    dx, dweight, dbias = batch_norm_backward(grad, input, mean, invstd, weight, True)
+    return (*_needed(ctx, dx, dweight, dbias), None)
+
+
+def _setup_eval(ctx, inputs, output):
+    input, running_mean, running_var, weight, _, eps = inputs
+    ctx.save_for_backward(input, running_mean, running_var, weight)
+    ctx.eps = eps
+
+
+def _backward_eval(ctx, grad):
+    input, running_mean, running_var, weight = ctx.saved_tensors
+    mean = running_mean.to(torch.float64)
+    invstd = torch.rsqrt(running_var.to(torch.float64) + ctx.eps)
+    dx, dweight, dbias = batch_norm_backward(grad, input, mean, invstd, weight, False)
+    dx, dweight, dbias = _needed(ctx, dx, dweight, dbias, first=(0, 3, 4))
+    return dx, None, None, dweight, dbias, None
+
+
+def _needed(ctx, dx, dweight, dbias, first=(0, 1, 2)):
+    """The gradients of the inputs at positions ``first`` that need one, else None."""
+    needs = ctx.needs_input_grad
+    return tuple(g if needs[i] else None for g, i in zip((dx, dweight, dbias), first, strict=True))
+
+
+batch_norm_train.register_autograd(_backward_train, setup_context=_setup_train)
+batch_norm_eval.register_autograd(_backward_eval, setup_context=_setup_eval)

@@ -1,0 +1,205 @@
+"""`batch_norm`: torch.nn.functional.batch_norm on fastbn's kernels.
+
+The running statistics follow torch's rule, with one deliberate difference:
+a training batch whose statistics are not finite (or would overflow the
+buffers' dtype) leaves running_mean, running_var and the modules'
+num_batches_tracked unchanged, with a RuntimeWarning naming the features.
+Under torch.compile the same rule is computed without branching on data
+(`torch.where`), and the warning is left out.
+"""
+
+import math
+import warnings
+
+import torch
+
+from fastbn import _running
+from fastbn.torch import _ops
+
+__all__ = ["batch_norm"]
+
+
+def batch_norm(
+    input,
+    running_mean,
+    running_var,
+    weight=None,
+    bias=None,
+    training=False,
+    momentum=0.1,
+    eps=1e-5,
+):
+    """Batch normalization over channel axis 1, as `torch.nn.functional.batch_norm`.
+
+    Parameters
+    ----------
+    input : Tensor
+        (N, C, *) data.
+    running_mean, running_var : Tensor of shape (C,) or None
+        Running statistics: used in eval, updated in place in training.
+    weight, bias : Tensor of shape (C,), optional
+        Scale and shift.
+    training : bool
+        Whether to normalize with the batch's statistics.
+    momentum : float
+        Weight of the batch statistics in the running ones.
+    eps : float
+        Added to the variance.
+
+    Returns
+    -------
+    Tensor
+        The output, of input's shape, dtype and memory format.
+    """
+    if training:
+        verify_batch_size(input.size())
+    return forward(input, running_mean, running_var, weight, bias, training, momentum, eps)[0]
+
+
+def verify_batch_size(size):
+    """torch's check: training needs more than one value per channel."""
+    if math.prod(size[:1] + size[2:]) == 1:
+        raise ValueError(
+            f"Expected more than 1 value per channel when training, got input size {size}"
+        )
+
+
+def _needs_grad(input, weight, bias):
+    return torch.is_grad_enabled() and (
+        input.requires_grad
+        or (weight is not None and weight.requires_grad)
+        or (bias is not None and bias.requires_grad)
+    )
+
+
+def forward(
+    input,
+    running_mean,
+    running_var,
+    weight,
+    bias,
+    training,
+    momentum,
+    eps,
+    num_batches_tracked=None,
+):
+    """(y, whether the running statistics took the batch) for `batch_norm` and the modules.
+
+    With ``num_batches_tracked`` (a module's counter) it is incremented when
+    the batch is taken, and momentum None means the cumulative average. The
+    second result is a bool, or a bool tensor under torch.compile.
+    """
+    if torch.compiler.is_compiling() and _ops.fast_path(
+        input, weight, bias, running_mean, running_var
+    ):
+        return _compiled(
+            input, running_mean, running_var, weight, bias, training, momentum, eps,
+            num_batches_tracked,
+        )  # fmt: skip
+    if (
+        input.numel() == 0
+        or not (training or running_mean is not None)
+        or torch.onnx.is_in_onnx_export()
+        or not _ops.fast_path(input, weight, bias, running_mean, running_var)
+    ):
+        return _torch_forward(
+            input, running_mean, running_var, weight, bias, training, momentum, eps,
+            num_batches_tracked,
+        )  # fmt: skip
+    grad = _needs_grad(input, weight, bias)
+    if not training:
+        if grad:
+            y = _ops.BatchNormFunction.apply(
+                input, weight, bias, running_mean, running_var, eps, None
+            )
+        else:
+            y = _ops.eval_arrays(input, running_mean, running_var, weight, bias, eps)[0]
+        return y, False
+    if grad:
+        stats = []
+        y = _ops.BatchNormFunction.apply(input, weight, bias, None, None, eps, stats)
+        mean, invstd = stats[0]
+    else:
+        y, mean, invstd, _, _, _ = _ops.train_arrays(input, weight, bias, eps)
+    if running_mean is None:
+        return y, False
+    taken = _fold(
+        running_mean, running_var, mean, invstd, eps, momentum, num_batches_tracked,
+        input.numel() // input.shape[1],
+    )  # fmt: skip
+    return y, taken
+
+
+def _fold(running_mean, running_var, mean, invstd, eps, momentum, counter, count):
+    """Eager running-statistics update in place: all features and the counter, or nothing."""
+    counter_array = None if counter is None else counter.detach().numpy()
+    if momentum is None:
+        factor = 1.0 / (int(counter_array) + 1) if counter is not None else 0.0
+    else:
+        factor = momentum
+    bad = _running.fold_batch_stats(
+        running_mean.detach().numpy(),
+        running_var.detach().numpy(),
+        mean,
+        invstd,
+        eps,
+        factor,
+        count / (count - 1),
+    )
+    if bad:
+        warnings.warn(
+            f"the batch statistics of features {_running.feature_list(bad)} are not finite "
+            f"(or overflow {running_mean.dtype}): running_mean, running_var and "
+            "num_batches_tracked were left unchanged",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+        return False
+    if counter_array is not None:
+        counter_array += 1
+    return True
+
+
+def _torch_forward(
+    input, running_mean, running_var, weight, bias, training, momentum, eps, counter
+):
+    """torch's own op, with torch's rule for the running statistics (the fallback)."""
+    if counter is not None:
+        counter.add_(1)
+        if momentum is None:
+            momentum = 1.0 / float(counter)
+    y = torch.batch_norm(
+        input, weight, bias, running_mean, running_var, training, momentum or 0.0, eps, False
+    )
+    return y, True
+
+
+def _compiled(
+    input, running_mean, running_var, weight, bias, training, momentum, eps, counter
+):
+    """The torch.library ops, and the running-statistics rule without data-dependent branches."""
+    if not training:
+        y = torch.ops.fastbn.batch_norm_eval(input, running_mean, running_var, weight, bias, eps)
+        return y, False
+    y, mean, invstd = torch.ops.fastbn.batch_norm_train(input, weight, bias, eps)
+    if running_mean is None:
+        return y, False
+    count = input.numel() // input.shape[1]
+    with torch.no_grad():
+        var = (invstd.reciprocal().square() - eps).clamp_min(0.0) * (count / (count - 1))
+        if momentum is None:
+            factor = 0.0 if counter is None else 1.0 / (counter + 1).to(torch.float64)
+        else:
+            factor = momentum
+        new_mean = ((1.0 - factor) * running_mean.to(torch.float64) + factor * mean).to(
+            running_mean.dtype
+        )
+        new_var = ((1.0 - factor) * running_var.to(torch.float64) + factor * var).to(
+            running_var.dtype
+        )
+        taken = torch.isfinite(new_mean).all() & torch.isfinite(new_var).all()
+        running_mean.copy_(torch.where(taken, new_mean, running_mean))
+        running_var.copy_(torch.where(taken, new_var, running_var))
+        if counter is not None:
+            counter.add_(taken.to(counter.dtype))
+    return y, taken
