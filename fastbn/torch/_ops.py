@@ -28,7 +28,6 @@ from fastbn import functional
 
 __all__ = ["BatchNormFunction", "eval_arrays", "fast_path", "train_arrays"]
 
-FAST_DTYPES = (torch.float32, torch.float64)
 _CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
 # Permutations between (N, C, *spatial) and channels-last memory order, and back.
 _TO_LAST = {4: (0, 2, 3, 1), 5: (0, 2, 3, 4, 1)}
@@ -39,12 +38,13 @@ def fast_path(input, *tensors):
     """Whether fastbn's kernels take this call: CPU float32/float64, parameters alike.
 
     Everything else (other devices and dtypes, tracing for torch.jit or
-    ONNX) goes to torch's own op.
+    ONNX export) goes to torch's own op.
     """
-    if input.device.type != "cpu" or input.dtype not in FAST_DTYPES:
+    dtype = input.dtype
+    if not (input.is_cpu and (dtype is torch.float32 or dtype is torch.float64)):
         return False
     for t in tensors:
-        if t is not None and (t.dtype != input.dtype or t.device.type != "cpu"):
+        if t is not None and (t.dtype is not dtype or not t.is_cpu):
             return False
     return not torch.jit.is_tracing()
 
@@ -71,19 +71,26 @@ def _as_tensor(array, last):
 
 def _grad_array(grad, last):
     """The upstream gradient in the same arrangement as the input's array."""
-    g = grad.detach()
-    return g.permute(_TO_LAST[g.dim()]).numpy() if last else g.numpy()
+    if grad.requires_grad:
+        grad = grad.detach()
+    return grad.permute(_TO_LAST[grad.dim()]).numpy() if last else grad.numpy()
 
 
-def _vector(t):
-    return None if t is None else t.detach().numpy()
+def vector(t):
+    """A (C,) tensor's memory as an array (None stays None)."""
+    if t is None:
+        return None
+    return t.detach().numpy() if t.requires_grad else t.numpy()
 
 
-def train_arrays(input, weight, bias, eps):
-    """Batch-statistics forward: (y tensor, mean, invstd float64 arrays, plan, x array, last)."""
+def train_arrays(input, gamma, beta, eps):
+    """Batch-statistics forward: (y tensor, mean, invstd float64 arrays, plan, x array, last).
+
+    gamma and beta are the weight's and bias's arrays (`vector`).
+    """
     x, axis, last = _as_array(input)
     x, plan = functional._planned(x, axis, training=True)
-    y, mean, invstd = functional._train(x, plan, _vector(weight), _vector(bias), eps, None)
+    y, mean, invstd = functional._train(x, plan, gamma, beta, eps, None)
     return _as_tensor(y, last), mean, invstd, plan, x, last
 
 
@@ -92,23 +99,24 @@ def eval_arrays(input, running_mean, running_var, weight, bias, eps):
     x, axis, last = _as_array(input)
     x, plan = functional._planned(x, axis, training=False)
     y = functional._eval(
-        x, plan, _vector(running_mean), _vector(running_var), _vector(weight), _vector(bias),
+        x, plan, vector(running_mean), vector(running_var), vector(weight), vector(bias),
         eps, None,
     )  # fmt: skip
     return _as_tensor(y, last), plan, x, last
 
 
-def backward_arrays(grad, x, plan, last, mean, invstd, weight, training):
-    """(dx tensor, dgamma, dbeta float64 arrays) from the kernels."""
+def backward_arrays(grad, x, plan, last, mean, invstd, gamma, training):
+    """(dx tensor, dgamma, dbeta float64 arrays) from the kernels; gamma an array or None."""
     dx, dgamma, dbeta = functional._backward(
-        _grad_array(grad, last), x, mean, invstd, _vector(weight), plan.axis, training, None,
+        _grad_array(grad, last), x, mean, invstd, gamma, plan.axis, training, None,
         forward_plan=plan,
     )  # fmt: skip
     return _as_tensor(dx, last), dgamma, dbeta
 
 
-def _param_grad(values, like):
-    return torch.from_numpy(values).to(like.dtype)
+def _param_grad(values, dtype):
+    """A float64 per-feature array as a tensor of dtype (a NumPy dtype)."""
+    return torch.from_numpy(values.astype(dtype, copy=False))
 
 
 def _torch_batch_norm(input, weight, bias, running_mean, running_var, eps):
@@ -140,6 +148,9 @@ def _double_backward_grads(ctx, grad):
 
 
 class BatchNormFunction(torch.autograd.Function):
+    # apply() itself, less the Python wrapper's per-argument work for functorch
+    # transforms (see `apply`), which costs microseconds per call.
+
     """y = weight * (input - mean) * invstd + bias, with batch or running statistics.
 
     ``apply(input, weight, bias, running_mean, running_var, eps, stats)``:
@@ -150,32 +161,30 @@ class BatchNormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, input, weight, bias, running_mean, running_var, eps, stats):
+        gamma = vector(weight)
         if running_mean is None:
-            y, mean, invstd, plan, x, last = train_arrays(input, weight, bias, eps)
+            y, mean, invstd, plan, x, last = train_arrays(input, gamma, vector(bias), eps)
             stats.append((mean, invstd))
         else:
             y, plan, x, last = eval_arrays(input, running_mean, running_var, weight, bias, eps)
-            mean = running_mean.detach().numpy().astype(np.float64)
-            invstd = 1.0 / np.sqrt(running_var.detach().numpy().astype(np.float64) + eps)
+            mean = running_mean.numpy().astype(np.float64)
+            invstd = 1.0 / np.sqrt(running_var.numpy().astype(np.float64) + eps)
         ctx.save_for_backward(input, weight, bias, running_mean, running_var)
         ctx.eps = eps
-        ctx.arrays = (x, plan, last, mean, invstd)
+        ctx.arrays = (x, plan, last, mean, invstd, gamma, running_mean is None)
         return y
 
     @staticmethod
     def backward(ctx, grad):
         if torch.is_grad_enabled():
             return (*_double_backward_grads(ctx, grad), None, None, None, None)
-        _, weight, bias, running_mean, _ = ctx.saved_tensors
-        x, plan, last, mean, invstd = ctx.arrays
-        dx, dgamma, dbeta = backward_arrays(
-            grad, x, plan, last, mean, invstd, weight, running_mean is None
-        )
+        x, plan, last, mean, invstd, gamma, training = ctx.arrays
+        dx, dgamma, dbeta = backward_arrays(grad, x, plan, last, mean, invstd, gamma, training)
         need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
         return (
             dx if need_input else None,
-            _param_grad(dgamma, weight) if need_weight else None,
-            _param_grad(dbeta, bias) if need_bias else None,
+            _param_grad(dgamma, x.dtype) if need_weight else None,
+            _param_grad(dbeta, x.dtype) if need_bias else None,
             None,
             None,
             None,
@@ -193,7 +202,7 @@ def batch_norm_train(
     input: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(y, mean, invstd) with batch statistics; mean and invstd float64, shape (C,)."""
-    y, mean, invstd, _, _, _ = train_arrays(input, weight, bias, eps)
+    y, mean, invstd, _, _, _ = train_arrays(input, vector(weight), vector(bias), eps)
     return y, torch.from_numpy(mean), torch.from_numpy(invstd)
 
 
@@ -224,8 +233,10 @@ def batch_norm_backward(
     x, plan = functional._planned(x, axis, training=False)
     mean64 = mean.detach().numpy()
     invstd64 = invstd.detach().numpy()
-    dx, dgamma, dbeta = backward_arrays(grad, x, plan, last, mean64, invstd64, weight, training)
-    return dx, _param_grad(dgamma, input), _param_grad(dbeta, input)
+    dx, dgamma, dbeta = backward_arrays(
+        grad, x, plan, last, mean64, invstd64, vector(weight), training
+    )
+    return dx, _param_grad(dgamma, x.dtype), _param_grad(dbeta, x.dtype)
 
 
 def _stat_like(input):
@@ -283,3 +294,13 @@ def _needed(ctx, dx, dweight, dbias, first=(0, 1, 2)):
 
 batch_norm_train.register_autograd(_backward_train, setup_context=_setup_train)
 batch_norm_eval.register_autograd(_backward_eval, setup_context=_setup_eval)
+
+
+_apply_function = torch._C._FunctionBase.__dict__["apply"].__get__(None, BatchNormFunction)
+
+
+def apply(input, weight, bias, running_mean, running_var, eps, stats):
+    """`BatchNormFunction.apply`, straight to the C entry when no functorch transform runs."""
+    if torch._C._are_functorch_transforms_active():
+        return BatchNormFunction.apply(input, weight, bias, running_mean, running_var, eps, stats)
+    return _apply_function(input, weight, bias, running_mean, running_var, eps, stats)

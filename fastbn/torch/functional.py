@@ -99,7 +99,6 @@ def forward(
     if (
         input.numel() == 0
         or not (training or running_mean is not None)
-        or torch.onnx.is_in_onnx_export()
         or not _ops.fast_path(input, weight, bias, running_mean, running_var)
     ):
         return _torch_forward(
@@ -109,18 +108,18 @@ def forward(
     grad = _needs_grad(input, weight, bias)
     if not training:
         if grad:
-            y = _ops.BatchNormFunction.apply(
-                input, weight, bias, running_mean, running_var, eps, None
-            )
+            y = _ops.apply(input, weight, bias, running_mean, running_var, eps, None)
         else:
             y = _ops.eval_arrays(input, running_mean, running_var, weight, bias, eps)[0]
         return y, False
     if grad:
         stats = []
-        y = _ops.BatchNormFunction.apply(input, weight, bias, None, None, eps, stats)
+        y = _ops.apply(input, weight, bias, None, None, eps, stats)
         mean, invstd = stats[0]
     else:
-        y, mean, invstd, _, _, _ = _ops.train_arrays(input, weight, bias, eps)
+        y, mean, invstd, _, _, _ = _ops.train_arrays(
+            input, _ops.vector(weight), _ops.vector(bias), eps
+        )
     if running_mean is None:
         return y, False
     taken = _fold(
@@ -132,19 +131,11 @@ def forward(
 
 def _fold(running_mean, running_var, mean, invstd, eps, momentum, counter, count):
     """Eager running-statistics update in place: all features and the counter, or nothing."""
-    counter_array = None if counter is None else counter.detach().numpy()
+    counter_array = None if counter is None else counter.numpy()
     if momentum is None:
-        factor = 1.0 / (int(counter_array) + 1) if counter is not None else 0.0
-    else:
-        factor = momentum
+        momentum = 0.0 if counter is None else 1.0 / (int(counter_array) + 1)
     bad = _running.fold_batch_stats(
-        running_mean.detach().numpy(),
-        running_var.detach().numpy(),
-        mean,
-        invstd,
-        eps,
-        factor,
-        count / (count - 1),
+        running_mean.numpy(), running_var.numpy(), mean, invstd, eps, momentum, count / (count - 1)
     )
     if bad:
         warnings.warn(
@@ -174,9 +165,7 @@ def _torch_forward(
     return y, True
 
 
-def _compiled(
-    input, running_mean, running_var, weight, bias, training, momentum, eps, counter
-):
+def _compiled(input, running_mean, running_var, weight, bias, training, momentum, eps, counter):
     """The torch.library ops, and the running-statistics rule without data-dependent branches."""
     if not training:
         y = torch.ops.fastbn.batch_norm_eval(input, running_mean, running_var, weight, bias, eps)
