@@ -89,19 +89,19 @@ def forward(
     the batch is taken, and momentum None means the cumulative average. The
     second result is a bool, or a bool tensor under torch.compile.
     """
-    if torch.compiler.is_compiling() and _ops.fast_path(
-        input, weight, bias, running_mean, running_var
-    ):
-        return _compiled(
-            input, running_mean, running_var, weight, bias, training, momentum, eps,
-            num_batches_tracked,
-        )  # fmt: skip
+    compiling = torch.compiler.is_compiling()
     if (
         input.numel() == 0
         or not (training or running_mean is not None)
         or not _ops.fast_path(input, weight, bias, running_mean, running_var)
+        or (compiling and torch.onnx.is_in_onnx_export())
     ):
         return _torch_forward(
+            input, running_mean, running_var, weight, bias, training, momentum, eps,
+            num_batches_tracked,
+        )  # fmt: skip
+    if compiling:
+        return _compiled(
             input, running_mean, running_var, weight, bias, training, momentum, eps,
             num_batches_tracked,
         )  # fmt: skip

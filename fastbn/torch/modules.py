@@ -3,9 +3,8 @@
 Each is a subclass of torch's module of the same name, with the same
 constructor, parameters, buffers, state_dict, repr and input checks: only
 `forward` differs, and only where fastbn's kernels take the call (CPU
-float32/float64 tensors, not traced by torch.jit or ONNX export). Scripting
-with torch.jit scripts torch's own module over the same parameters and
-buffers (`__prepare_scriptable__`).
+float32/float64 tensors, not traced by torch.jit or ONNX export). Scripted
+with torch.jit, a module runs torch's own forward.
 """
 
 import torch
@@ -18,7 +17,34 @@ __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "convert", "revert"]
 class _FastBatchNorm:
     """The forward shared by the three modules: torch's module logic on `functional.forward`."""
 
-    def forward(self, input):
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting():
+            return self._scripted_forward(input)
+        return self._fast_forward(input)
+
+    def _scripted_forward(self, input: torch.Tensor) -> torch.Tensor:
+        """torch's module forward, which torch.jit.script compiles in place of fastbn's."""
+        self._check_input_dim(input)
+        factor = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            momentum = self.momentum
+            factor = 1.0 / float(self.num_batches_tracked) if momentum is None else momentum
+        batch_stats = self.training or (self.running_mean is None and self.running_var is None)
+        tracked = not self.training or self.track_running_stats
+        return torch.nn.functional.batch_norm(
+            input,
+            self.running_mean if tracked else None,
+            self.running_var if tracked else None,
+            self.weight,
+            self.bias,
+            batch_stats,
+            factor,
+            self.eps,
+        )
+
+    @torch.jit.unused
+    def _fast_forward(self, input):
         self._check_input_dim(input)
         # The dicts, not attributes: Module.__getattr__ costs ~0.5 us a tensor.
         parameters, buffers = self._parameters, self._buffers
@@ -46,11 +72,6 @@ class _FastBatchNorm:
             counter,
         )[0]
 
-    def __prepare_scriptable__(self):
-        # torch.jit.script compiles torch's module, sharing this one's tensors.
-        scripted = _swapped(self, _TORCH[type(self)], copy=True)
-        return scripted
-
 
 class BatchNorm1d(_FastBatchNorm, torch.nn.BatchNorm1d):
     """torch.nn.BatchNorm1d on fastbn's kernels: (N, C) and (N, C, L) input."""
@@ -72,20 +93,11 @@ _FAST = {
 _TORCH = {fast: theirs for theirs, fast in _FAST.items()}
 
 
-def _swapped(module, cls, copy=False):
-    """module as an instance of cls: in place, or a new module sharing its tensors and hooks."""
-    if not copy:
-        module.__class__ = cls
-        return module
-    other = cls.__new__(cls)
-    other.__dict__.update(module.__dict__)
-    return other
-
-
 def _replace(module, table):
     swapped = table.get(type(module))
     if swapped is not None:
-        return _swapped(module, swapped)
+        module.__class__ = swapped
+        return module
     for child in module.children():
         _replace(child, table)
     return module
