@@ -165,11 +165,11 @@ def _planned(x, axis, training):
 def _launch(serial, kernel, *args):
     """kernel(*args, serial), under the lock a parallel launch may need (`kernel_guard`).
 
-    The last argument is the output, of x's dtype: a kernel's first call for a
+    The first argument is the data (x or dy): a kernel's first call for its
     dtype goes through `_compile.call`, which keeps processes from compiling
     into one cache at once.
     """
-    dtype = args[-1].dtype
+    dtype = args[0].dtype
     if serial:  # one thread, no parallel region: the guard would do nothing but cost
         return _compile.call(kernel, dtype, *args, serial)
     with kernel_guard(serial):
@@ -328,14 +328,15 @@ def batch_norm_backward(dy, x, mean, invstd, gamma=None, *, axis=0, training=Tru
     return dx, dgamma.astype(dx.dtype, copy=False), dbeta.astype(dx.dtype, copy=False)
 
 
-def _backward(dy, x, mean, invstd, gamma, axis, training, out, forward_plan=None):
+def _backward(dy, x, mean, invstd, gamma, axis, training, out, forward_plan=None, input_grad=True):
     """`batch_norm_backward` with dgamma and dbeta in float64, as the kernels return them.
 
     The layer rounds them into its own arrays, with no conversion in between.
     It also passes ``forward_plan``, the plan of the forward that made mean
     and invstd from this x: then x is checked and planned already, and mean
     and invstd are writable C-contiguous float64 vectors of length C, so
-    none of them is checked again.
+    none of them is checked again. With ``input_grad=False`` dx is not
+    computed (None is returned in its place): one pass over dy and x less.
     """
     if forward_plan is None:
         x = _checks.data("x", x)
@@ -353,8 +354,17 @@ def _backward(dy, x, mean, invstd, gamma, axis, training, out, forward_plan=None
     if out is not None:
         inputs = (("dy", dy), ("x", x), ("mean", mean), ("invstd", invstd), ("gamma", gamma))
         _checks.output(out, x, inputs, may_be=("dy", dy))
+    dy_k, x_k = plan.kernel_input(dy), plan.kernel_x(x)
+    if not input_grad:
+        if plan.rows:
+            dgamma, dbeta = _launch(plan.serial, rows.param_grads, dy_k, x_k, mean64, invstd64)
+        else:
+            dgamma, dbeta = _launch(
+                plan.serial, columns.param_grads, dy_k, x_k, *plan.columns_args, mean64, invstd64
+            )
+        return None, dgamma, dbeta
     buffer, copy_back = plan.output(out, x.dtype)
-    dy_k, x_k, dx_k = plan.kernel_input(dy), plan.kernel_x(x), plan.view(buffer)
+    dx_k = plan.view(buffer)
     training = bool(training)
     if plan.rows:
         dgamma, dbeta = _launch(

@@ -287,11 +287,16 @@ def eval_forward(
 
 
 @njit(cache=True)
+def param_grads(dy, x, n_features, run, width, mean, invstd, serial):
+    """float64 dgamma = sum(dy * x_hat) and dbeta = sum(dy) per feature, without dx."""
+    s1, s2 = _grad_sums(dy, x, tile(mean, n_features, run, width), width, serial)
+    return fold(s2, n_features, run) * invstd, fold(s1, n_features, run)
+
+
+@njit(cache=True)
 def backward(dy, x, n_features, run, width, mean, invstd, gamma, training, out, serial):
     """dx into out; returns float64 dgamma and dbeta, x_hat recomputed from x."""
-    s1, s2 = _grad_sums(dy, x, tile(mean, n_features, run, width), width, serial)
-    dbeta = fold(s1, n_features, run)
-    dgamma = fold(s2, n_features, run) * invstd
+    dgamma, dbeta = param_grads(dy, x, n_features, run, width, mean, invstd, serial)
     if training:
         scale, k_xhat, k0 = train_coefficients(dbeta, dgamma, invstd, gamma, x.size // n_features)
         mean_hi, mean_lo = split_mean(tile(mean, n_features, run, width), x)

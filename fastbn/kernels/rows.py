@@ -290,6 +290,13 @@ def eval_forward(x, running_mean, running_var, gamma, beta, eps, out, serial):
 
 
 @njit(cache=True)
+def param_grads(dy, x, mean, invstd, serial):
+    """float64 dgamma = sum(dy * x_hat) and dbeta = sum(dy) per feature, without dx."""
+    s1, s2 = _grad_sums(dy.reshape(-1), x.reshape(-1), x.shape, mean, serial)
+    return row_sums(s2) * invstd, row_sums(s1)
+
+
+@njit(cache=True)
 def backward(dy, x, mean, invstd, gamma, training, out, serial):
     """dx into out; returns float64 dgamma and dbeta, x_hat recomputed from x."""
     shape = x.shape
@@ -298,9 +305,7 @@ def backward(dy, x, mean, invstd, gamma, training, out, serial):
         return _backward_per_feature(
             flat_dy, flat, shape, mean, invstd, gamma, training, flat_out, serial
         )
-    s1, s2 = _grad_sums(flat_dy, flat, shape, mean, serial)
-    dbeta = row_sums(s1)
-    dgamma = row_sums(s2) * invstd
+    dgamma, dbeta = param_grads(dy, x, mean, invstd, serial)
     if training:
         scale, k_xhat, k0 = train_coefficients(dbeta, dgamma, invstd, gamma, shape[0] * shape[2])
         mean_hi, mean_lo = split_mean(mean, x)

@@ -105,13 +105,16 @@ def eval_arrays(input, running_mean, running_var, weight, bias, eps):
     return _as_tensor(y, last), plan, x, last
 
 
-def backward_arrays(grad, x, plan, last, mean, invstd, gamma, training):
-    """(dx tensor, dgamma, dbeta float64 arrays) from the kernels; gamma an array or None."""
+def backward_arrays(grad, x, plan, last, mean, invstd, gamma, training, input_grad=True):
+    """(dx tensor or None, dgamma, dbeta float64 arrays) from the kernels; gamma an array or None.
+
+    Without ``input_grad`` dx is not computed (None).
+    """
     dx, dgamma, dbeta = functional._backward(
         _grad_array(grad, last), x, mean, invstd, gamma, plan.axis, training, None,
-        forward_plan=plan,
+        forward_plan=plan, input_grad=input_grad,
     )  # fmt: skip
-    return _as_tensor(dx, last), dgamma, dbeta
+    return (None if dx is None else _as_tensor(dx, last)), dgamma, dbeta
 
 
 def _param_grad(values, dtype):
@@ -179,10 +182,12 @@ class BatchNormFunction(torch.autograd.Function):
         if torch.is_grad_enabled():
             return (*_double_backward_grads(ctx, grad), None, None, None, None)
         x, plan, last, mean, invstd, gamma, training = ctx.arrays
-        dx, dgamma, dbeta = backward_arrays(grad, x, plan, last, mean, invstd, gamma, training)
         need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
+        dx, dgamma, dbeta = backward_arrays(
+            grad, x, plan, last, mean, invstd, gamma, training, need_input
+        )
         return (
-            dx if need_input else None,
+            dx,
             _param_grad(dgamma, x.dtype) if need_weight else None,
             _param_grad(dbeta, x.dtype) if need_bias else None,
             None,
