@@ -58,7 +58,7 @@ def batch_norm(
 
 def verify_batch_size(size):
     """torch's check: training needs more than one value per channel."""
-    if math.prod(size[:1] + size[2:]) == 1:
+    if size[0] == 1 and (len(size) == 2 or math.prod(size[2:]) == 1):
         raise ValueError(
             f"Expected more than 1 value per channel when training, got input size {size}"
         )
