@@ -384,3 +384,37 @@ def _backward(dy, x, mean, invstd, gamma, axis, training, out, forward_plan=None
             dx_k,
         )
     return plan.result(buffer, out, copy_back), dgamma, dbeta
+
+
+# For a batch norm synchronized across processes (fastbn.torch.SyncBatchNorm),
+# which normalizes with statistics and gradient sums of every process's batch.
+
+
+def _moments(x, plan):
+    """float64 mean and biased variance per feature of x, checked and planned (`_planned`)."""
+    x_k = plan.kernel_x(x)
+    if plan.rows:
+        return _launch(plan.serial, rows.moments, x_k)
+    return _launch(plan.serial, columns.moments, x_k, *plan.columns_args)
+
+
+def _train_input_gradient(dy, x, plan, mean, invstd, gamma, dgamma, dbeta, count):
+    """dx of the training formula from given float64 sums over count values per feature.
+
+    x is checked and planned (`_planned`); mean, invstd, dgamma and dbeta are
+    C-contiguous float64 vectors of length C; gamma is checked here.
+    """
+    gamma64 = _checks.per_feature("gamma", gamma, plan.n_features, x, plan.axis, default=1.0)
+    buffer, _ = plan.output(None, x.dtype)
+    dy_k, x_k, dx_k = plan.kernel_input(dy), plan.kernel_x(x), plan.view(buffer)
+    if plan.rows:
+        _launch(
+            plan.serial, rows.train_input_gradient, dy_k, x_k, mean, invstd, gamma64, dgamma,
+            dbeta, count, dx_k,
+        )  # fmt: skip
+    else:
+        _launch(
+            plan.serial, columns.train_input_gradient, dy_k, x_k, *plan.columns_args, mean,
+            invstd, gamma64, dgamma, dbeta, count, dx_k,
+        )  # fmt: skip
+    return plan.result(buffer, None, False)

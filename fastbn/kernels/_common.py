@@ -116,8 +116,8 @@ def split_mean(mean, like):
 
 
 @njit
-def feature_stats(s1, s2, shift, count, eps):
-    """Mean and invstd (float64) of one feature from sums of x - shift and its square.
+def feature_moments(s1, s2, shift, count):
+    """Mean and biased variance (float64) of one feature from sums of x - shift and its square.
 
     Shifting by a value of the feature itself keeps the one-pass variance
     free of the cancellation that E[x^2] - E[x]^2 suffers at large means.
@@ -126,17 +126,24 @@ def feature_stats(s1, s2, shift, count, eps):
     var = s2 / count - d * d
     if var < 0.0:  # rounding only; NaN fails the test and propagates
         var = 0.0
-    return shift + d, 1.0 / np.sqrt(var + eps)
+    return shift + d, var
 
 
 @njit
-def forward_stats(s1, s2, shift, count, eps):
-    """feature_stats for every feature."""
+def feature_stats(s1, s2, shift, count, eps):
+    """Mean and invstd (float64) of one feature (see feature_moments)."""
+    mean, var = feature_moments(s1, s2, shift, count)
+    return mean, 1.0 / np.sqrt(var + eps)
+
+
+@njit
+def forward_moments(s1, s2, shift, count):
+    """feature_moments for every feature: (mean, var) arrays."""
     mean = np.empty(s1.size)
-    invstd = np.empty(s1.size)
+    var = np.empty(s1.size)
     for c in range(s1.size):
-        mean[c], invstd[c] = feature_stats(s1[c], s2[c], shift[c], count, eps)
-    return mean, invstd
+        mean[c], var[c] = feature_moments(s1[c], s2[c], shift[c], count)
+    return mean, var
 
 
 @njit

@@ -17,7 +17,7 @@ from numba import njit, prange
 from fastbn.kernels._common import (
     EXACT_MATH,
     REDUCE_MATH,
-    forward_stats,
+    forward_moments,
     in_dtype,
     split_mean,
     train_coefficients,
@@ -259,20 +259,25 @@ def _apply_per_feature(x, out, n_features, run, width, mean, scale, beta, serial
 
 
 @njit(cache=True)
+def moments(x, n_features, run, width, serial):
+    """float64 mean and biased variance of each feature (x as in train_forward)."""
+    first = np.empty(n_features)
+    for c in range(n_features):
+        first[c] = x[c * run]
+    s1, s2 = _moments(x, tile(first, n_features, run, width), width, serial)
+    s1, s2 = fold(s1, n_features, run), fold(s2, n_features, run)
+    return forward_moments(s1, s2, first, x.size // n_features)
+
+
+@njit(cache=True)
 def train_forward(x, n_features, run, width, gamma, beta, eps, out, serial):
     """Batch statistics, then out = gamma * (x - mean) * invstd + beta.
 
     x and out are 1-D C-contiguous, rows of n_features * run values; width
     is a multiple of that. Returns float64 mean and invstd.
     """
-    first = np.empty(n_features)
-    for c in range(n_features):
-        first[c] = x[c * run]
-    s1, s2 = _moments(x, tile(first, n_features, run, width), width, serial)
-    count = x.size // n_features
-    mean, invstd = forward_stats(
-        fold(s1, n_features, run), fold(s2, n_features, run), first, count, eps
-    )
+    mean, var = moments(x, n_features, run, width, serial)
+    invstd = 1.0 / np.sqrt(var + eps)
     _apply_per_feature(x, out, n_features, run, width, mean, gamma * invstd, beta, serial)
     return mean, invstd
 
@@ -294,21 +299,36 @@ def param_grads(dy, x, n_features, run, width, mean, invstd, serial):
 
 
 @njit(cache=True)
+def train_input_gradient(
+    dy, x, n_features, run, width, mean, invstd, gamma, dgamma, dbeta, count, out, serial
+):
+    """dx of the training formula from given sums dgamma, dbeta over count values per feature.
+
+    backward() passes this batch's sums; a synchronized batch norm passes
+    the sums and count of every process's batch.
+    """
+    scale, k_xhat, k0 = train_coefficients(dbeta, dgamma, invstd, gamma, count)
+    mean_hi, mean_lo = split_mean(tile(mean, n_features, run, width), x)
+    coefficients = (
+        in_dtype(tile(scale, n_features, run, width), x),
+        in_dtype(tile(invstd, n_features, run, width), x),
+        mean_hi,
+        mean_lo,
+        in_dtype(tile(k_xhat, n_features, run, width), x),
+        in_dtype(tile(k0, n_features, run, width), x),
+    )
+    _input_gradient(dy, x, out, coefficients, serial)
+
+
+@njit(cache=True)
 def backward(dy, x, n_features, run, width, mean, invstd, gamma, training, out, serial):
     """dx into out; returns float64 dgamma and dbeta, x_hat recomputed from x."""
     dgamma, dbeta = param_grads(dy, x, n_features, run, width, mean, invstd, serial)
     if training:
-        scale, k_xhat, k0 = train_coefficients(dbeta, dgamma, invstd, gamma, x.size // n_features)
-        mean_hi, mean_lo = split_mean(tile(mean, n_features, run, width), x)
-        coefficients = (
-            in_dtype(tile(scale, n_features, run, width), x),
-            in_dtype(tile(invstd, n_features, run, width), x),
-            mean_hi,
-            mean_lo,
-            in_dtype(tile(k_xhat, n_features, run, width), x),
-            in_dtype(tile(k0, n_features, run, width), x),
-        )
-        _input_gradient(dy, x, out, coefficients, serial)
+        train_input_gradient(
+            dy, x, n_features, run, width, mean, invstd, gamma, dgamma, dbeta,
+            x.size // n_features, out, serial,
+        )  # fmt: skip
     else:
         zero = np.zeros(n_features)
         _apply_per_feature(dy, out, n_features, run, width, zero, gamma * invstd, zero, serial)

@@ -19,7 +19,7 @@ from numba import njit, prange
 from fastbn.kernels._common import (
     centered_dot,
     feature_stats,
-    forward_stats,
+    forward_moments,
     in_dtype,
     input_gradient,
     row_sums,
@@ -258,6 +258,18 @@ def _backward_per_feature(dy, x, shape, mean, invstd, gamma, training, out, seri
 
 
 @njit(cache=True)
+def moments(x, serial):
+    """float64 mean and biased variance of each feature of the (P, C, Q) array x."""
+    shape = x.shape
+    flat = x.reshape(-1)
+    shift = np.empty(shape[1])
+    for c in range(shape[1]):
+        shift[c] = flat[c * shape[2]]
+    s1, s2 = _moments(flat, shape, shift, serial)
+    return forward_moments(row_sums(s1), row_sums(s2), shift, shape[0] * shape[2])
+
+
+@njit(cache=True)
 def train_forward(x, gamma, beta, eps, out, serial):
     """Batch statistics, then out = gamma * (x - mean) * invstd + beta.
 
@@ -268,12 +280,8 @@ def train_forward(x, gamma, beta, eps, out, serial):
     flat_out = out.reshape(-1)
     if _per_feature(x):
         return _train_per_feature(flat, shape, gamma, beta, eps, flat_out, serial)
-    shift = np.empty(shape[1])
-    for c in range(shape[1]):
-        shift[c] = flat[c * shape[2]]
-    s1, s2 = _moments(flat, shape, shift, serial)
-    count = shape[0] * shape[2]
-    mean, invstd = forward_stats(row_sums(s1), row_sums(s2), shift, count, eps)
+    mean, var = moments(x, serial)
+    invstd = 1.0 / np.sqrt(var + eps)
     mean_hi, mean_lo = split_mean(mean, x)
     scale = in_dtype(gamma * invstd, x)
     _apply(flat, flat_out, shape, mean_hi, mean_lo, scale, in_dtype(beta, x), serial)
@@ -297,6 +305,26 @@ def param_grads(dy, x, mean, invstd, serial):
 
 
 @njit(cache=True)
+def train_input_gradient(dy, x, mean, invstd, gamma, dgamma, dbeta, count, out, serial):
+    """dx of the training formula from given sums dgamma, dbeta over count values per feature.
+
+    backward() passes this batch's sums; a synchronized batch norm passes
+    the sums and count of every process's batch.
+    """
+    scale, k_xhat, k0 = train_coefficients(dbeta, dgamma, invstd, gamma, count)
+    mean_hi, mean_lo = split_mean(mean, x)
+    coefficients = (
+        in_dtype(scale, x),
+        in_dtype(invstd, x),
+        mean_hi,
+        mean_lo,
+        in_dtype(k_xhat, x),
+        in_dtype(k0, x),
+    )
+    _input_gradient(dy.reshape(-1), x.reshape(-1), out.reshape(-1), x.shape, coefficients, serial)
+
+
+@njit(cache=True)
 def backward(dy, x, mean, invstd, gamma, training, out, serial):
     """dx into out; returns float64 dgamma and dbeta, x_hat recomputed from x."""
     shape = x.shape
@@ -307,17 +335,8 @@ def backward(dy, x, mean, invstd, gamma, training, out, serial):
         )
     dgamma, dbeta = param_grads(dy, x, mean, invstd, serial)
     if training:
-        scale, k_xhat, k0 = train_coefficients(dbeta, dgamma, invstd, gamma, shape[0] * shape[2])
-        mean_hi, mean_lo = split_mean(mean, x)
-        coefficients = (
-            in_dtype(scale, x),
-            in_dtype(invstd, x),
-            mean_hi,
-            mean_lo,
-            in_dtype(k_xhat, x),
-            in_dtype(k0, x),
-        )
-        _input_gradient(flat_dy, flat, flat_out, shape, coefficients, serial)
+        count = shape[0] * shape[2]
+        train_input_gradient(dy, x, mean, invstd, gamma, dgamma, dbeta, count, out, serial)
     else:
         zero = np.zeros_like(in_dtype(mean, x))
         scale = in_dtype(gamma * invstd, x)

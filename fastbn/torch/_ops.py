@@ -117,6 +117,27 @@ def backward_arrays(grad, x, plan, last, mean, invstd, gamma, training, input_gr
     return (None if dx is None else _as_tensor(dx, last)), dgamma, dbeta
 
 
+def moments_arrays(input):
+    """(mean, biased var float64 arrays, values per channel, plan, x array, last) of input."""
+    x, axis, last = _as_array(input)
+    x, plan = functional._planned(x, axis, training=True)
+    mean, var = functional._moments(x, plan)
+    return mean, var, x.size // plan.n_features, plan, x, last
+
+
+def input_gradient_arrays(grad, x, plan, last, mean, invstd, gamma, dgamma, dbeta, count):
+    """dx tensor of the training formula from given float64 sums over count values per channel.
+
+    With the sums and count of every process's batch, this is a synchronized
+    batch norm's input gradient; mean and invstd are the statistics used in
+    the forward, gamma the weight's array (`vector`) or None.
+    """
+    dx = functional._train_input_gradient(
+        _grad_array(grad, last), x, plan, mean, invstd, gamma, dgamma, dbeta, count
+    )
+    return _as_tensor(dx, last)
+
+
 def _param_grad(values, dtype):
     """A float64 per-feature array as a tensor of dtype (a NumPy dtype)."""
     return torch.from_numpy(values.astype(dtype, copy=False))
