@@ -53,7 +53,9 @@ def batch_norm(
     """
     if training:
         verify_batch_size(input.size())
-    return forward(input, running_mean, running_var, weight, bias, training, momentum, eps)[0]
+    return forward(
+        input, running_mean, running_var, weight, bias, training, momentum, eps, stacklevel=4
+    )[0]
 
 
 def verify_batch_size(size):
@@ -62,6 +64,18 @@ def verify_batch_size(size):
         raise ValueError(
             f"Expected more than 1 value per channel when training, got input size {size}"
         )
+
+
+def _check_sizes(n_channels, weight, bias, running_mean, running_var):
+    """torch's check of the per-channel tensors, with its RuntimeError."""
+    for name, t in (
+        ("weight", weight),
+        ("bias", bias),
+        ("running_mean", running_mean),
+        ("running_var", running_var),
+    ):
+        if t is not None and t.numel() != n_channels:
+            raise RuntimeError(f"{name} should contain {n_channels} elements not {t.numel()}")
 
 
 def _needs_grad(input, weight, bias):
@@ -82,12 +96,15 @@ def forward(
     momentum,
     eps,
     num_batches_tracked=None,
+    stacklevel=2,
 ):
     """(y, whether the running statistics took the batch) for `batch_norm` and the modules.
 
     With ``num_batches_tracked`` (a module's counter) it is incremented when
     the batch is taken, and momentum None means the cumulative average. The
     second result is a bool, or a bool tensor under torch.compile.
+    ``stacklevel`` is the warning's, counted from the function that warns
+    (two levels below this one), so that it names the user's line.
     """
     compiling = torch.compiler.is_compiling()
     if (
@@ -100,6 +117,7 @@ def forward(
             input, running_mean, running_var, weight, bias, training, momentum, eps,
             num_batches_tracked,
         )  # fmt: skip
+    _check_sizes(input.shape[1], weight, bias, running_mean, running_var)
     if compiling:
         return _compiled(
             input, running_mean, running_var, weight, bias, training, momentum, eps,
@@ -124,12 +142,12 @@ def forward(
         return y, False
     taken = _fold(
         running_mean, running_var, mean, invstd, eps, momentum, num_batches_tracked,
-        input.numel() // input.shape[1],
+        input.numel() // input.shape[1], stacklevel,
     )  # fmt: skip
     return y, taken
 
 
-def _fold(running_mean, running_var, mean, invstd, eps, momentum, counter, count):
+def _fold(running_mean, running_var, mean, invstd, eps, momentum, counter, count, stacklevel):
     """Eager running-statistics update in place: all features and the counter, or nothing."""
     counter_array = None if counter is None else counter.numpy()
     if momentum is None:
@@ -143,7 +161,7 @@ def _fold(running_mean, running_var, mean, invstd, eps, momentum, counter, count
             f"(or overflow {running_mean.dtype}): running_mean, running_var and "
             "num_batches_tracked were left unchanged",
             RuntimeWarning,
-            stacklevel=4,
+            stacklevel=stacklevel,
         )
         return False
     if counter_array is not None:

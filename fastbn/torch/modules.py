@@ -70,6 +70,7 @@ class _FastBatchNorm:
             momentum,
             self.eps,
             counter,
+            stacklevel=7,  # the caller of the module, through torch's Module.__call__
         )[0]
 
 
