@@ -815,6 +815,17 @@ def test_functional_nonfinite_batch_leaves_running_stats(gen):
     torch.testing.assert_close(y, expected, equal_nan=True, rtol=1e-10, atol=1e-10)
 
 
+def test_nonfinite_warning_names_the_callers_line(gen):
+    x = poison(make_input(gen, (8, 5)))
+    module = fbt.BatchNorm1d(5, dtype=torch.float64)
+    with pytest.warns(RuntimeWarning) as through_module:
+        module(x)
+    with pytest.warns(RuntimeWarning) as through_function:
+        fbt.batch_norm(x, torch.zeros(5, dtype=x.dtype), torch.ones(5, dtype=x.dtype), True)
+    for record in (through_module, through_function):
+        assert [w.filename for w in record] == [__file__]
+
+
 # ---------------------------------------------------------------- float32 accuracy
 
 
