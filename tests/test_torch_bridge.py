@@ -821,7 +821,8 @@ def test_nonfinite_warning_names_the_callers_line(gen):
     with pytest.warns(RuntimeWarning) as through_module:
         module(x)
     with pytest.warns(RuntimeWarning) as through_function:
-        fbt.batch_norm(x, torch.zeros(5, dtype=x.dtype), torch.ones(5, dtype=x.dtype), True)
+        stats = torch.zeros(5, dtype=x.dtype), torch.ones(5, dtype=x.dtype)
+        fbt.batch_norm(x, *stats, training=True)
     for record in (through_module, through_function):
         assert [w.filename for w in record] == [__file__]
 
