@@ -18,8 +18,6 @@ from fastbn.kernels._common import (
     EXACT_MATH,
     REDUCE_MATH,
     forward_moments,
-    in_dtype,
-    split_mean,
     train_coefficients,
     zeros,
 )
@@ -58,29 +56,54 @@ def _unit(u, width, grid):
 
 
 @njit
-def tile(values, n_features, run, width):
-    """values per feature -> values per group position (feature (j // run) % n_features)."""
-    out = np.empty(width, values.dtype)
-    j = 0
-    for _ in range(width // (n_features * run)):  # counters, not a division per position
+def tile_rows(params, n_features, run, width):
+    """(K, C) values per feature -> (K, W) values per group position.
+
+    Position j belongs to feature (j // run) % n_features: the first row of
+    C * run positions is filled per feature, the others repeat it.
+    """
+    row = n_features * run
+    out = np.empty((params.shape[0], width), params.dtype)
+    for k in range(params.shape[0]):
+        j = 0
         for c in range(n_features):
+            v = params[k, c]
             for _ in range(run):
-                out[j] = values[c]
+                out[k, j] = v
                 j += 1
+        for j in range(row, width):
+            out[k, j] = out[k, j - row]
     return out
 
 
 @njit
+def tile(values, n_features, run, width):
+    """values per feature -> values per group position (see tile_rows)."""
+    return tile_rows(values.reshape((1, values.size)), n_features, run, width)[0]
+
+
+@njit
 def fold(partials, n_features, run):
-    """Sum (blocks, W) partial rows to per-feature totals in a fixed order."""
-    total = np.zeros(n_features)
+    """Sum (blocks, W) partial rows to per-feature totals in a fixed order.
+
+    The rows are summed position by position first (a vectorized loop), then
+    each position's total goes to its feature.
+    """
+    width = partials.shape[1]
+    flat = partials.reshape(-1)
+    w = np.uint64(width)
+    by_position = np.zeros(width)
     for b in range(partials.shape[0]):
-        j = 0
-        for _ in range(partials.shape[1] // (n_features * run)):
-            for c in range(n_features):
-                for _ in range(run):
-                    total[c] += partials[b, j]
-                    j += 1
+        o = np.uint64(b) * w
+        for j in range(w):
+            by_position[j] += flat[o + j]
+    total = np.zeros(n_features)
+    j = 0
+    for _ in range(width // (n_features * run)):  # counters, not a division per position
+        for c in range(n_features):
+            for _ in range(run):
+                total[c] += by_position[j]
+                j += 1
     return total
 
 
@@ -252,10 +275,16 @@ def _input_gradient(dy, x, out, coefficients, serial):
 @njit
 def _apply_per_feature(x, out, n_features, run, width, mean, scale, beta, serial):
     """The normalize + affine pass from per-feature float64 parameters."""
-    mean_hi, mean_lo = split_mean(tile(mean, n_features, run, width), x)
-    scale_t = in_dtype(tile(scale, n_features, run, width), x)
-    shift_t = in_dtype(tile(beta, n_features, run, width), x)
-    _apply(x, out, mean_hi, mean_lo, scale_t, shift_t, serial)
+    t = x.dtype.type
+    params = np.empty((4, n_features), x.dtype)  # mean as hi + lo, scale, shift
+    for c in range(n_features):
+        hi = t(mean[c])
+        params[0, c] = hi
+        params[1, c] = mean[c] - np.float64(hi)
+        params[2, c] = scale[c]
+        params[3, c] = beta[c]
+    p = tile_rows(params, n_features, run, width)
+    _apply(x, out, p[0], p[1], p[2], p[3], serial)
 
 
 @njit(cache=True)
@@ -308,16 +337,18 @@ def train_input_gradient(
     the sums and count of every process's batch.
     """
     scale, k_xhat, k0 = train_coefficients(dbeta, dgamma, invstd, gamma, count)
-    mean_hi, mean_lo = split_mean(tile(mean, n_features, run, width), x)
-    coefficients = (
-        in_dtype(tile(scale, n_features, run, width), x),
-        in_dtype(tile(invstd, n_features, run, width), x),
-        mean_hi,
-        mean_lo,
-        in_dtype(tile(k_xhat, n_features, run, width), x),
-        in_dtype(tile(k0, n_features, run, width), x),
-    )
-    _input_gradient(dy, x, out, coefficients, serial)
+    t = x.dtype.type
+    params = np.empty((6, n_features), x.dtype)  # the coefficients of _input_gradient_block
+    for c in range(n_features):
+        hi = t(mean[c])
+        params[0, c] = scale[c]
+        params[1, c] = invstd[c]
+        params[2, c] = hi
+        params[3, c] = mean[c] - np.float64(hi)
+        params[4, c] = k_xhat[c]
+        params[5, c] = k0[c]
+    p = tile_rows(params, n_features, run, width)
+    _input_gradient(dy, x, out, (p[0], p[1], p[2], p[3], p[4], p[5]), serial)
 
 
 @njit(cache=True)
