@@ -1,44 +1,67 @@
-"""First calls of a kernel take turns across processes: Numba's cache has no lock.
+"""Numba's cache made safe for processes that share it: saves and loads hold a lock.
 
 Numba writes a cache index per kernel, listing every signature compiled for
-it. Two processes that compile different signatures of one kernel into the
-same cache at the same moment each rewrite the index from what they read
-before the other wrote, and may both name the same data file: a later load
-can then run one signature's machine code on the other's arguments (seen
-here as a segmentation fault). So the first call of each kernel and dtype in
-a process, which is when Numba compiles or loads and saves, holds an
-exclusive lock on a file shared by every process of the machine; later calls
-take no lock.
+it. Saving a new signature reads the index, picks the first free data file
+name and rewrites the index. Two processes saving into one cache at the same
+moment both read the index before the other wrote it, and may both name the
+same data file: a later load can then run one signature's machine code on
+another's arguments (seen here as a segmentation fault). So fastbn's cached
+kernels read and write their cache holding an exclusive lock on a file in
+the cache directory itself, whichever call compiled them and wherever the
+cache is (next to the package, NUMBA_CACHE_DIR or a user directory): every
+process that shares the directory shares the lock.
+
+Each module with cached kernels ends with ``_compile.guard(globals())``.
 """
 
+import contextlib
 import os
-import tempfile
-import threading
+
+from numba.core.caching import IndexDataCacheFile
 
 try:
     import fcntl
 except ImportError:  # not POSIX: no cross-process lock, as Numba itself has none
     fcntl = None
 
-LOCK_PATH = os.path.join(tempfile.gettempdir(), "fastbn-compile.lock")
+__all__ = ["LOCK_NAME", "guard", "lock_path"]
 
-_called = set()  # (kernel, dtype) pairs called before in this process
-_thread_lock = threading.Lock()
+LOCK_NAME = "fastbn-cache.lock"
 
 
-def call(kernel, dtype, *args):
-    """kernel(*args), holding the machine-wide lock if this is its first call for dtype."""
-    if (kernel, dtype) in _called:
-        return kernel(*args)
-    with _thread_lock:
-        if fcntl is None:
-            result = kernel(*args)
-        else:
-            with open(LOCK_PATH, "a") as lock_file:
-                fcntl.flock(lock_file, fcntl.LOCK_EX)
-                try:
-                    result = kernel(*args)
-                finally:
-                    fcntl.flock(lock_file, fcntl.LOCK_UN)
-        _called.add((kernel, dtype))
-    return result
+def lock_path(kernel):
+    """The lock file of a cached kernel's cache directory."""
+    return os.path.join(kernel._cache._cache_path, LOCK_NAME)
+
+
+@contextlib.contextmanager
+def _locked(cache_path):
+    if fcntl is None:
+        yield
+        return
+    with open(os.path.join(cache_path, LOCK_NAME), "a") as lock_file:
+        fcntl.flock(lock_file, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock_file, fcntl.LOCK_UN)
+
+
+class _LockedCacheFile(IndexDataCacheFile):
+    """Numba's index and data files, read and written under the cache directory's lock."""
+
+    def save(self, key, data):
+        with _locked(self._cache_path):
+            super().save(key, data)
+
+    def load(self, key):
+        with _locked(self._cache_path):
+            return super().load(key)
+
+
+def guard(namespace):
+    """Make the cached Numba kernels in a module's namespace use the lock."""
+    for value in namespace.values():
+        cache_file = getattr(getattr(value, "_cache", None), "_cache_file", None)
+        if type(cache_file) is IndexDataCacheFile:
+            cache_file.__class__ = _LockedCacheFile

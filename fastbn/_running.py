@@ -3,6 +3,8 @@
 import numpy as np
 from numba import njit
 
+from fastbn import _compile
+
 __all__ = ["feature_list", "fold_batch_stats", "nonfinite_batch_stats"]
 
 # How many offending features an error message lists before it stops.
@@ -58,3 +60,6 @@ def feature_list(bad):
     shown = ", ".join(str(c) for c in bad[:SHOWN_FEATURES])
     more = f" and {len(bad) - SHOWN_FEATURES} more" if len(bad) > SHOWN_FEATURES else ""
     return f"[{shown}{more}]"
+
+
+_compile.guard(globals())

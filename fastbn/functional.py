@@ -14,7 +14,7 @@ import math
 
 import numpy as np
 
-from fastbn import _checks, _compile
+from fastbn import _checks
 from fastbn._threading import kernel_guard
 from fastbn.kernels import columns, rows
 
@@ -163,17 +163,11 @@ def _planned(x, axis, training):
 
 
 def _launch(serial, kernel, *args):
-    """kernel(*args, serial), under the lock a parallel launch may need (`kernel_guard`).
-
-    The first argument is the data (x or dy): a kernel's first call for its
-    dtype goes through `_compile.call`, which keeps processes from compiling
-    into one cache at once.
-    """
-    dtype = args[0].dtype
+    """kernel(*args, serial), under the lock a parallel launch may need (`kernel_guard`)."""
     if serial:  # one thread, no parallel region: the guard would do nothing but cost
-        return _compile.call(kernel, dtype, *args, serial)
+        return kernel(*args, serial)
     with kernel_guard(serial):
-        return _compile.call(kernel, dtype, *args, serial)
+        return kernel(*args, serial)
 
 
 def _cached_plan(x, axis, training):

@@ -3,6 +3,7 @@ and filled by several processes at once. Every case runs in fresh interpreters.
 """
 
 import fcntl
+import importlib
 import json
 import os
 import shutil
@@ -12,6 +13,7 @@ import time
 
 import pytest
 from conftest import python_env, run_python
+from numba.core.caching import FunctionCache
 
 import fastbn
 from fastbn import _compile
@@ -171,23 +173,32 @@ def test_cold_cache_filled_by_four_processes_at_once(tmp_path):
                 )
 
 
-def test_first_calls_wait_for_the_compile_lock(subprocess_cache):
-    """A process's first kernel call waits while another process holds the compile lock.
+def test_cache_reads_and_writes_wait_for_the_cache_lock(subprocess_cache):
+    """A process's first kernel call waits while another process holds its cache's lock.
 
-    Numba's cache index has no lock of its own: two processes compiling into
+    Numba's cache index has no lock of its own: two processes saving into
     one cache at once can leave a signature pointing at another's code.
     """
+    env = python_env(subprocess_cache)
+    where = run_python(
+        "from fastbn import _compile\n"
+        "from fastbn.kernels import columns\n"
+        "print(_compile.lock_path(columns.train_forward))\n",
+        env,
+    )
+    lock = where.stdout.strip().splitlines()[-1]
+    assert os.path.dirname(lock).startswith(str(subprocess_cache))
     child = (
         "import numpy as np, fastbn\n"
         "x = np.arange(64 * 128, dtype=np.float32).reshape(64, 128)\n"
-        "y, mean, invstd = fastbn.batch_norm_train(x)\n"
+        "y, mean, invstd = fastbn.batch_norm_train(x, axis=1)\n"
         "print('done', float(mean[0]))\n"
     )
-    with open(_compile.LOCK_PATH, "a") as lock_file:
+    with open(lock, "a") as lock_file:
         fcntl.flock(lock_file, fcntl.LOCK_EX)
         proc = subprocess.Popen(
             [sys.executable, "-c", child],
-            env=python_env(subprocess_cache),
+            env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -198,4 +209,20 @@ def test_first_calls_wait_for_the_compile_lock(subprocess_cache):
     out, err = proc.communicate(timeout=300)
     assert waiting, f"the child did not wait for the lock: {out} {err}"
     assert proc.returncode == 0, err
-    assert out.startswith("done 63.5")
+    assert out.startswith("done 4032.0")
+
+
+@pytest.mark.parametrize(
+    "module", ["fastbn.kernels.rows", "fastbn.kernels.columns", "fastbn.kernels.blocks",
+               "fastbn.kernels.roofline", "fastbn._running"],
+)  # fmt: skip
+def test_every_cached_kernel_saves_under_the_lock(module):
+    namespace = vars(importlib.import_module(module))
+    cached = [
+        name
+        for name, value in namespace.items()
+        if isinstance(getattr(value, "_cache", None), FunctionCache)
+    ]
+    assert cached, f"{module} has no cached kernel"
+    for name in cached:
+        assert isinstance(namespace[name]._cache._cache_file, _compile._LockedCacheFile), name

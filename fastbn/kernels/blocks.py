@@ -7,6 +7,7 @@ x must be a C-contiguous float32 or float64 array of shape (n, m).
 import numpy as np
 from numba import njit, prange
 
+from fastbn import _compile
 from fastbn.kernels._common import REDUCE_MATH, scale_centered, shifted_sums, split_mean
 
 
@@ -59,3 +60,6 @@ def affine(z_norm, gamma, beta):
         for j in range(m):
             out[i, j] = g * z_norm[i, j] + b
     return out
+
+
+_compile.guard(globals())

@@ -14,6 +14,7 @@ another does.
 import numpy as np
 from numba import njit, prange
 
+from fastbn import _compile
 from fastbn.kernels._common import (
     EXACT_MATH,
     REDUCE_MATH,
@@ -364,3 +365,6 @@ def backward(dy, x, n_features, run, width, mean, invstd, gamma, training, out, 
         zero = np.zeros(n_features)
         _apply_per_feature(dy, out, n_features, run, width, zero, gamma * invstd, zero, serial)
     return dgamma, dbeta
+
+
+_compile.guard(globals())

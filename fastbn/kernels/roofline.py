@@ -14,6 +14,7 @@ fastest honest pass over the bytes:
 import numpy as np
 from numba import njit, prange
 
+from fastbn import _compile
 from fastbn.kernels._common import REDUCE_MATH
 
 CHUNK = 16384
@@ -61,3 +62,6 @@ def read2_write(dy, x, a, b, c, out):
     for k in prange(n_chunks):
         for i in range(k * CHUNK, min(x.size, (k + 1) * CHUNK)):
             out[i] = a * dy[i] + b * x[i] + c
+
+
+_compile.guard(globals())

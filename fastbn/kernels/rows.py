@@ -16,6 +16,7 @@ do not depend on the thread count or on which thread ran what:
 import numpy as np
 from numba import njit, prange
 
+from fastbn import _compile
 from fastbn.kernels._common import (
     centered_dot,
     feature_stats,
@@ -342,3 +343,6 @@ def backward(dy, x, mean, invstd, gamma, training, out, serial):
         scale = in_dtype(gamma * invstd, x)
         _apply(flat_dy, flat_out, shape, zero, zero, scale, zero, serial)
     return dgamma, dbeta
+
+
+_compile.guard(globals())
