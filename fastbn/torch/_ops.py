@@ -146,7 +146,7 @@ def _param_grad(values, dtype):
 def _torch_batch_norm(input, weight, bias, running_mean, running_var, eps):
     """y with differentiable torch ops: batch statistics if running_mean is None."""
     reduce = [0, *range(2, input.dim())]
-    shape = [1, -1] + [1] * (input.dim() - 2)
+    shape = _channel_shape(input)
     if running_mean is None:
         mean = input.mean(reduce, keepdim=True)
         var = (input - mean).square().mean(reduce, keepdim=True)
@@ -291,10 +291,73 @@ def _setup_train(ctx, inputs, output):
     ctx.save_for_backward(input, weight, mean, invstd)
 
 
-def _backward_train(ctx, grad, _grad_mean, _grad_invstd):
+def _backward_train(ctx, grad, grad_mean, grad_invstd):
     input, weight, mean, invstd = ctx.saved_tensors
     dx, dweight, dbias = batch_norm_backward(grad, input, mean, invstd, weight, True)
+    if ctx.needs_input_grad[0] and (grad_mean is not None or grad_invstd is not None):
+        dx = dx + _statistics_grad(input, mean, invstd, grad_mean, grad_invstd)
     return (*_needed(ctx, dx, dweight, dbias), None)
+
+
+def _statistics_grad(input, mean, invstd, grad_mean, grad_invstd):
+    """The input gradient through the outputs mean and invstd (a caller that used them).
+
+    d mean / dx = 1 / M and d invstd / dx = -invstd**3 * (x - mean) / M, per channel.
+    """
+    count = input.numel() // input.shape[1]
+    shape = _channel_shape(input)
+    total = torch.zeros((), dtype=torch.float64)
+    if grad_mean is not None:
+        total = total + grad_mean.view(shape) / count
+    if grad_invstd is not None:
+        centered = input.to(torch.float64) - mean.view(shape)
+        total = total - (grad_invstd * invstd.pow(3)).view(shape) * centered / count
+    return total.to(input.dtype)
+
+
+def _channel_shape(input):
+    """The shape that broadcasts a (C,) vector over input's channel axis 1."""
+    return [1, -1] + [1] * (input.dim() - 2)
+
+
+def _torch_backward(grad, input, mean, invstd, weight, training):
+    """`batch_norm_backward` in differentiable torch ops (for its own gradient)."""
+    reduce = [0, *range(2, input.dim())]
+    shape = _channel_shape(input)
+    x_hat = (input - mean.view(shape)) * invstd.view(shape)
+    dbias = grad.sum(reduce, dtype=torch.float64)
+    dweight = (grad * x_hat).sum(reduce)
+    scale = invstd.view(shape) if weight is None else (weight.view(shape) * invstd.view(shape))
+    if training:
+        count = input.numel() // input.shape[1]
+        dx = scale * (grad - dbias.view(shape) / count - x_hat * (dweight.view(shape) / count))
+    else:
+        dx = scale * grad
+    return dx.to(input.dtype), dweight.to(input.dtype), dbias.to(input.dtype)
+
+
+def _setup_backward(ctx, inputs, output):
+    grad, input, mean, invstd, weight, training = inputs
+    ctx.save_for_backward(grad, input, mean, invstd, weight)
+    ctx.training = training
+
+
+def _backward_backward(ctx, grad_dx, grad_dweight, grad_dbias):
+    """The gradient of `batch_norm_backward` (double backward), by torch.func.vjp."""
+    grad, input, mean, invstd, weight = ctx.saved_tensors
+    primals = (grad, input, mean, invstd) + (() if weight is None else (weight,))
+
+    def formula(*tensors):
+        given = (*tensors, None) if weight is None else tensors
+        return _torch_backward(*given, ctx.training)
+
+    outputs, vjp = torch.func.vjp(formula, *primals)
+    cotangents = tuple(
+        torch.zeros_like(o) if g is None else g
+        for o, g in zip(outputs, (grad_dx, grad_dweight, grad_dbias), strict=True)
+    )
+    grads = vjp(cotangents)
+    return (*grads, *((None,) if weight is None else ()), None)
 
 
 def _setup_eval(ctx, inputs, output):
@@ -320,6 +383,7 @@ def _needed(ctx, dx, dweight, dbias, first=(0, 1, 2)):
 
 batch_norm_train.register_autograd(_backward_train, setup_context=_setup_train)
 batch_norm_eval.register_autograd(_backward_eval, setup_context=_setup_eval)
+batch_norm_backward.register_autograd(_backward_backward, setup_context=_setup_backward)
 
 
 _apply_function = torch._C._FunctionBase.__dict__["apply"].__get__(None, BatchNormFunction)

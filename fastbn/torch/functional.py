@@ -107,10 +107,11 @@ def forward(
     (two levels below this one), so that it names the user's line.
     """
     compiling = torch.compiler.is_compiling()
+    # fast_path first: under torch.jit.trace, numel() would warn of a traced value.
     if (
-        input.numel() == 0
+        not _ops.fast_path(input, weight, bias, running_mean, running_var)
+        or input.numel() == 0
         or not (training or running_mean is not None)
-        or not _ops.fast_path(input, weight, bias, running_mean, running_var)
         or (compiling and torch.onnx.is_in_onnx_export())
     ):
         return _torch_forward(
