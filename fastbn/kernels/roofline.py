@@ -19,6 +19,17 @@ from fastbn.kernels._common import REDUCE_MATH
 
 CHUNK = 16384
 
+# Each chunk's loop runs over unsigned offsets from the chunk's start: with a
+# signed index, Numba's negative-index handling can keep LLVM from vectorizing
+# (seen on one machine as R at 494 us over 8 MiB against 92 us unsigned).
+
+
+@njit(inline="always")
+def _chunk(k, size):
+    """Start and length of chunk k of an array of size values, as unsigned ints."""
+    start = k * CHUNK
+    return np.uint64(start), np.uint64(min(CHUNK, size - start))
+
 
 @njit(parallel=True, cache=True, fastmath=REDUCE_MATH)
 def read(x):
@@ -26,9 +37,10 @@ def read(x):
     n_chunks = -(-x.size // CHUNK)
     partial = np.empty(n_chunks, x.dtype)
     for k in prange(n_chunks):
+        o, n = _chunk(k, x.size)
         s = x.dtype.type(0)
-        for i in range(k * CHUNK, min(x.size, (k + 1) * CHUNK)):
-            s += x[i]
+        for i in range(n):
+            s += x[o + i]
         partial[k] = s
     return partial
 
@@ -38,8 +50,9 @@ def read_write(x, a, b, out):
     """out = a * x + b (RW)."""
     n_chunks = -(-x.size // CHUNK)
     for k in prange(n_chunks):
-        for i in range(k * CHUNK, min(x.size, (k + 1) * CHUNK)):
-            out[i] = a * x[i] + b
+        o, n = _chunk(k, x.size)
+        for i in range(n):
+            out[o + i] = a * x[o + i] + b
 
 
 @njit(parallel=True, cache=True, fastmath=REDUCE_MATH)
@@ -48,9 +61,10 @@ def read2(x, dy):
     n_chunks = -(-x.size // CHUNK)
     partial = np.empty(n_chunks, x.dtype)
     for k in prange(n_chunks):
+        o, n = _chunk(k, x.size)
         s = x.dtype.type(0)
-        for i in range(k * CHUNK, min(x.size, (k + 1) * CHUNK)):
-            s += x[i] * dy[i]
+        for i in range(n):
+            s += x[o + i] * dy[o + i]
         partial[k] = s
     return partial
 
@@ -60,8 +74,9 @@ def read2_write(dy, x, a, b, c, out):
     """out = a * dy + b * x + c (R2W)."""
     n_chunks = -(-x.size // CHUNK)
     for k in prange(n_chunks):
-        for i in range(k * CHUNK, min(x.size, (k + 1) * CHUNK)):
-            out[i] = a * dy[i] + b * x[i] + c
+        o, n = _chunk(k, x.size)
+        for i in range(n):
+            out[o + i] = a * dy[o + i] + b * x[o + i] + c
 
 
 _compile.guard(globals())
