@@ -19,6 +19,8 @@ from fastbn.kernels import roofline
 PASSES = ("train", "eval", "backward")
 PEERS = ("fastbn", "fastbn-out", "numpy", "torch", "roofline")
 ROOFLINE_OF_PASS = {"train": ("R", "RW"), "eval": ("RW",), "backward": ("R2", "R2W")}
+# The calls of the roofline peer that are forms of each kernel.
+ROOFLINE_FORMS = {k: (k, f"{k} numpy") for k in ("R", "RW", "R2", "R2W")}
 # Bytes a pass must move: each of x, y, dy, dx read or written once.
 ARRAYS_MOVED = {"train": 2, "eval": 2, "backward": 3}
 MOMENTUM = 0.1
@@ -201,7 +203,12 @@ def torch_calls(d):
 
 
 def roofline_calls(d):
-    """The roofline kernels R, RW, R2, R2W on the flat data, outputs preallocated."""
+    """Every honest form of the roofline kernels on the flat data, outputs preallocated.
+
+    Each kernel (R, RW, R2, R2W) has a Numba form (`fastbn.kernels.roofline`)
+    and a NumPy form that moves the same bytes in one call; the report takes
+    the faster as the floor (`ROOFLINE_FORMS`).
+    """
     x = d.x.reshape(-1)
     dy = d.dy.reshape(-1)
     out = np.empty_like(x)
@@ -211,6 +218,10 @@ def roofline_calls(d):
         "RW": lambda: roofline.read_write(x, a, b, out),
         "R2": lambda: roofline.read2(x, dy),
         "R2W": lambda: roofline.read2_write(dy, x, a, b, c, out),
+        "R numpy": lambda: np.add.reduce(x),
+        "RW numpy": lambda: np.multiply(x, a, out=out),
+        "R2 numpy": lambda: np.dot(x, dy),
+        "R2W numpy": lambda: np.multiply(dy, x, out=out),
     }
 
 

@@ -28,3 +28,40 @@ def test_workers_give_a_row_per_pass():
 
 def test_thread_list_parsing():
     assert bench.parse_threads("1,2") == [1, 2]
+
+
+def test_the_floor_is_the_fastest_form_of_each_kernel():
+    times = {
+        "R": {"seconds": 2.0},
+        "R numpy": {"seconds": 1.0},
+        "RW": {"seconds": 1.0},
+        "RW numpy": {"seconds": 3.0},
+        "R2": {"seconds": 5.0},
+        "R2 numpy": {"seconds": 4.0},
+        "R2W": {"seconds": 1.5},
+        "R2W numpy": {"seconds": 1.5},
+    }
+    floors = report.floors(times)
+    assert {k: (v["seconds"], v["form"]) for k, v in floors.items()} == {
+        "R": (1.0, "R numpy"),
+        "RW": (1.0, "RW"),
+        "R2": (4.0, "R2 numpy"),
+        "R2W": (1.5, "R2W"),
+    }
+
+
+def _row(vs_roofline):
+    return {"case": "4096x512 ff", "dtype": "float32", "pass": "train", "vs_roofline": vs_roofline}
+
+
+def test_a_floor_beaten_by_more_than_ten_percent_is_reported_broken():
+    def value(r):
+        return r["vs_roofline"]
+
+    broken = report.floor_row("train / (R + RW)", [_row(1.05), _row(0.5)], value, 1.15)
+    assert broken["met"] == "broken" and "0.50x" in broken["measured"]
+    met = report.floor_row("train / (R + RW)", [_row(1.05), _row(0.95)], value, 1.15)
+    assert met["met"] is True
+    missed = report.floor_row("train / (R + RW)", [_row(1.3), _row(0.95)], value, 1.15)
+    assert missed["met"] is False
+    assert "BROKEN" in report.format_targets([broken, met])
