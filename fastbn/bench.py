@@ -331,7 +331,8 @@ def parse_args(argv):
     parser.add_argument(
         "--shapes",
         help="comma-separated filter: SPEC names (4096x512), array shapes (512x4096), "
-        "layouts (ff, bf, nchw, nhwc) or name:layout (4096x512:bf)",
+        "layouts (ff, bf, nchw, nhwc) or name:layout (4096x512:bf); with --torch: shapes"
+        " (32x128), layouts (bf, nchw, nhwc), shape:layout, models (resnet, mlp, models)",
     )
     parser.add_argument(
         "--dtype", choices=["float32", "float64", "both"], help="default: both (float32 --quick)"
@@ -343,14 +344,34 @@ def parse_args(argv):
         help=f"comma-separated thread counts each peer runs at (default {default_threads})",
     )
     parser.add_argument(
-        "--budget", type=float, help="seconds per measurement (default 0.2, 0.05 --quick)"
+        "--budget",
+        type=float,
+        help="seconds per measurement (default 0.2, 0.05 --quick; --torch: 0.5, 0.1 --quick,"
+        " 4x for the models)",
     )
     parser.add_argument("--json", metavar="PATH", help="write the results as JSON")
     parser.add_argument(
         "--plot", metavar="PATH", help="plot GB/s against size per pass (needs matplotlib)"
     )
+    parser.add_argument(
+        "--torch",
+        action="store_true",
+        help="PyTorch mode, a table of its own: fastbn.torch's modules vs torch.nn's BatchNorm"
+        " (autograd train forward + backward, no_grad eval) and whole training steps of two"
+        " models, each library at its default thread count (--threads and --plot do not apply)",
+    )
+    parser.add_argument(
+        "--numba-layer",
+        choices=["omp", "tbb", "workqueue"],
+        help="with --torch: NUMBA_THREADING_LAYER of the fastbn worker (default: numba's"
+        " choice); tbb needs libtbb.so.12 of the tbb wheel on the loader's path:"
+        f" LD_LIBRARY_PATH must contain {sys.prefix}/lib",
+    )
     parser.add_argument("--worker", choices=PEERS, help=argparse.SUPPRESS)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.numba_layer and not args.torch:
+        parser.error("--numba-layer applies to --torch only")
+    return args
 
 
 def settings_from(args):
@@ -373,6 +394,11 @@ def main(argv=None):
     args = parse_args(argv)
     if args.worker:
         serve(args.worker)
+        return
+    if args.torch:
+        from fastbn import _bench_torch
+
+        _bench_torch.run(args)
         return
     settings = settings_from(args)
     started = time.perf_counter()
