@@ -173,28 +173,75 @@ def _grad_sums_block(dy, x, width, g0, g1, j0, n, mean, s1, s2, row):
         g += 1
 
 
+@njit(fastmath=EXACT_MATH, inline="always")
+def _normalized(v, mean_hi, mean_lo, scale, shift):
+    return ((v - mean_hi) - mean_lo) * scale + shift
+
+
+@njit(fastmath=EXACT_MATH, inline="always")
+def _input_grad(dy, v, scale, invstd, mean_hi, mean_lo, k_xhat, k0):
+    x_hat = ((v - mean_hi) - mean_lo) * invstd
+    return scale * (dy + x_hat * k_xhat + k0)
+
+
+# The element-wise blocks also take four groups a step: each load of a
+# position's parameters then serves four values, where one a value would
+# leave the loop bound by loads from L1 (5 per value for _scale_block).
+
+
 @njit(fastmath=EXACT_MATH)
 def _scale_block(x, out, width, g0, g1, j0, n, mean_hi, mean_lo, scale, shift):
     """out = ((x - mean_hi) - mean_lo) * scale + shift, per position, over groups g0..g1."""
+    w = np.uint64(width)
+    w2 = w + w
+    w3 = w2 + w
     oj = np.uint64(j0)
-    for g in range(g0, g1):
-        o = np.uint64(g) * np.uint64(width) + oj
+    g = g0
+    while g + 4 <= g1:
+        o = np.uint64(g) * w + oj
         for i in range(np.uint64(n)):
             p = oj + i
-            out[o + i] = ((x[o + i] - mean_hi[p]) - mean_lo[p]) * scale[p] + shift[p]
+            h, lo, sc, sh = mean_hi[p], mean_lo[p], scale[p], shift[p]
+            out[o + i] = _normalized(x[o + i], h, lo, sc, sh)
+            out[o + w + i] = _normalized(x[o + w + i], h, lo, sc, sh)
+            out[o + w2 + i] = _normalized(x[o + w2 + i], h, lo, sc, sh)
+            out[o + w3 + i] = _normalized(x[o + w3 + i], h, lo, sc, sh)
+        g += 4
+    while g < g1:
+        o = np.uint64(g) * w + oj
+        for i in range(np.uint64(n)):
+            p = oj + i
+            out[o + i] = _normalized(x[o + i], mean_hi[p], mean_lo[p], scale[p], shift[p])
+        g += 1
 
 
 @njit(fastmath=EXACT_MATH)
 def _input_gradient_block(dy, x, out, width, g0, g1, j0, n, coefficients):
     """dx = scale * (dy + x_hat * k_xhat + k0) per position, over groups g0..g1."""
     scale, invstd, mean_hi, mean_lo, k_xhat, k0 = coefficients
+    w = np.uint64(width)
+    w2 = w + w
+    w3 = w2 + w
     oj = np.uint64(j0)
-    for g in range(g0, g1):
-        o = np.uint64(g) * np.uint64(width) + oj
+    g = g0
+    while g + 4 <= g1:
+        o = np.uint64(g) * w + oj
         for i in range(np.uint64(n)):
             p = oj + i
-            x_hat = ((x[o + i] - mean_hi[p]) - mean_lo[p]) * invstd[p]
-            out[o + i] = scale[p] * (dy[o + i] + x_hat * k_xhat[p] + k0[p])
+            s, v, h, lo, kx, kc = scale[p], invstd[p], mean_hi[p], mean_lo[p], k_xhat[p], k0[p]
+            out[o + i] = _input_grad(dy[o + i], x[o + i], s, v, h, lo, kx, kc)
+            out[o + w + i] = _input_grad(dy[o + w + i], x[o + w + i], s, v, h, lo, kx, kc)
+            out[o + w2 + i] = _input_grad(dy[o + w2 + i], x[o + w2 + i], s, v, h, lo, kx, kc)
+            out[o + w3 + i] = _input_grad(dy[o + w3 + i], x[o + w3 + i], s, v, h, lo, kx, kc)
+        g += 4
+    while g < g1:
+        o = np.uint64(g) * w + oj
+        for i in range(np.uint64(n)):
+            p = oj + i
+            out[o + i] = _input_grad(
+                dy[o + i], x[o + i], scale[p], invstd[p], mean_hi[p], mean_lo[p], k_xhat[p], k0[p]
+            )
+        g += 1
 
 
 @njit(parallel=True, cache=True)
