@@ -1,5 +1,6 @@
 """Smoke tests: each example runs in its --quick configuration and writes its plots."""
 
+import importlib.util
 import pathlib
 import subprocess
 import sys
@@ -18,6 +19,14 @@ EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / "examples"
         ("train_digits.py", ["train_digits.png"]),
         ("running_stats.py", ["running_stats.png"]),
         ("internal_shift.py", ["internal_shift.png"]),
+        # Starts 2 gloo processes itself (no torchrun).
+        pytest.param(
+            "ddp_syncbn.py",
+            ["ddp_syncbn.png"],
+            marks=pytest.mark.skipif(
+                importlib.util.find_spec("torch") is None, reason="needs torch"
+            ),
+        ),
     ],
 )
 def test_example_runs_quick_and_writes_its_plots(tmp_path, script, plots):

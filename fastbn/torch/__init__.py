@@ -9,5 +9,14 @@
 
 from fastbn.torch.functional import batch_norm
 from fastbn.torch.modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, convert, revert
+from fastbn.torch.sync import SyncBatchNorm
 
-__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "batch_norm", "convert", "revert"]
+__all__ = [
+    "BatchNorm1d",
+    "BatchNorm2d",
+    "BatchNorm3d",
+    "SyncBatchNorm",
+    "batch_norm",
+    "convert",
+    "revert",
+]

@@ -1,0 +1,433 @@
+"""SyncBatchNorm: batch norm over the union of every process's batch, on the CPU.
+
+PyTorch's own ``torch.nn.SyncBatchNorm`` refuses CPU tensors, and
+``DistributedDataParallel`` refuses any ``torch.nn.SyncBatchNorm`` in a CPU
+module. This one is built on ``torch.distributed`` (gloo, or any backend
+whose collectives take CPU tensors) and fastbn's kernels:
+
+- forward: each rank reduces its batch to (count, mean, M2) per channel in
+  float64 (`_ops.moments_arrays`), the ranks exchange them in one
+  ``all_gather``, and every rank merges them in rank order with the
+  parallel-variance formula (Chan et al.), so every rank holds bit-identical
+  global statistics; the output is normalized with them (`_ops.eval_arrays`);
+- backward: each rank's per-channel sums of dy and dy * x_hat (from the
+  global statistics), one ``all_reduce``, and dx from the global sums and
+  count (`_ops.input_gradient_arrays`). The weight and bias gradients are
+  the rank's own sums, as in torch: DistributedDataParallel averages them.
+
+The module subclasses ``torch.nn.modules.batchnorm._BatchNorm``, not
+``torch.nn.SyncBatchNorm``, so that DistributedDataParallel takes it.
+"""
+
+import warnings
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.autograd.function import once_differentiable
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from fastbn import _checks, _running
+from fastbn.torch import _ops
+from fastbn.torch.modules import _FastBatchNorm
+
+__all__ = ["SyncBatchNorm"]
+
+
+def _exchange(count, mean, var, group, world_size):
+    """All ranks' (count, mean, M2) per channel: a (world_size, 1 + 2C) float64 array, rank order.
+
+    One ``all_gather`` of a flat float64 tensor ``[count, mean..., M2...]``
+    (gloo has no ``all_gather_into_tensor``; the outputs are rows of one buffer).
+    """
+    c = mean.shape[0]
+    local = torch.empty(1 + 2 * c, dtype=torch.float64)
+    values = local.numpy()
+    values[0] = count
+    values[1 : 1 + c] = mean
+    np.multiply(var, count, out=values[1 + c :])
+    gathered = torch.empty(world_size, 1 + 2 * c, dtype=torch.float64)
+    dist.all_gather(list(gathered.unbind(0)), local, group=group)
+    return gathered.numpy()
+
+
+def _merge(gathered):
+    """(count, mean, biased var) of the union, merged in rank order (Chan et al.).
+
+    Every rank runs this on the same gathered values in the same order, with
+    IEEE operations only, so every rank gets the same bits. Ranks with no
+    values contribute nothing.
+    """
+    c = (gathered.shape[1] - 1) // 2
+    n, mean, m2 = 0.0, np.zeros(c), np.zeros(c)
+    for row in gathered:
+        n_b = row[0]
+        if n_b == 0.0:
+            continue
+        mean_b, m2_b = row[1 : 1 + c], row[1 + c :]
+        if n == 0.0:
+            n, mean, m2 = n_b, mean_b.copy(), m2_b.copy()
+            continue
+        total = n + n_b
+        delta = mean_b - mean
+        mean = mean + delta * (n_b / total)
+        m2 = m2 + m2_b + delta * delta * (n * n_b / total)
+        n = total
+    var = m2 / n if n > 0.0 else m2
+    return int(n), mean, var
+
+
+def _reduced_dims(input):
+    return [0, *range(2, input.dim())]
+
+
+def _channel_shape(input):
+    return [1, -1] + [1] * (input.dim() - 2)
+
+
+class _SyncBatchNormFunction(torch.autograd.Function):
+    """y with the global statistics: ``apply(input, weight, bias, eps, group, world_size, fast,
+    stats)``.
+
+    ``fast``: fastbn's kernels (CPU float32/float64, parameters of the input's
+    dtype); else torch ops in float64 (other CPU dtypes, mixed dtypes). The
+    global (mean, invstd, count) are appended to the list ``stats`` for the
+    module's running-statistics update.
+    """
+
+    @staticmethod
+    def forward(ctx, input, weight, bias, eps, group, world_size, fast, stats):
+        c = input.shape[1]
+        local_count = input.numel() // c if c else 0
+        if fast:
+            if local_count > 1:
+                mean, var, _, _, _, _ = _ops.moments_arrays(input)
+            elif local_count == 1:  # the kernels refuse one value per channel in training
+                mean = input.detach().reshape(c).to(torch.float64).numpy()
+                var = np.zeros(c)
+            else:
+                mean, var = np.zeros(c), np.zeros(c)
+        else:
+            x64 = input.detach().to(torch.float64)
+            if local_count:
+                dims, shape = _reduced_dims(input), _channel_shape(input)
+                mean_t = x64.mean(dims)
+                var_t = (x64 - mean_t.view(shape)).square().mean(dims)
+                mean, var = mean_t.numpy(), var_t.numpy()
+            else:
+                mean, var = np.zeros(c), np.zeros(c)
+
+        count, mean, var = _merge(_exchange(local_count, mean, var, group, world_size))
+        ctx.save_for_backward(input, weight)
+        ctx.param_dtypes = tuple(None if p is None else p.dtype for p in (weight, bias))
+        if count == 0:
+            # Every rank's batch is empty: empty outputs, as torch's BatchNorm
+            # gives for an empty batch, and no collective in backward.
+            stats.append(None)
+            ctx.sync = (group, count, fast, True)
+            return torch.empty_like(input)
+        if count == 1:
+            # Every rank sees the same gathered counts: all raise, none waits.
+            raise ValueError(
+                "Expected more than 1 value per channel when training, got "
+                f"{count} over the {world_size} processes of the group "
+                f"(input size {tuple(input.shape)} on this one)"
+            )
+        invstd = 1.0 / np.sqrt(var + eps)
+        stats.append((mean, invstd, count))
+
+        ctx.sync = (group, count, fast, local_count == 0)
+        if local_count == 0:
+            ctx.arrays = (mean, invstd)
+            return torch.empty_like(input)
+        if fast:
+            gamma = _ops.vector(weight)
+            y, plan, x, last = _ops.eval_arrays(
+                input, torch.from_numpy(mean), torch.from_numpy(var), weight, bias, eps
+            )
+            ctx.arrays = (x, plan, last, mean, invstd, gamma)
+            return y
+        shape = _channel_shape(input)
+        mean_t, invstd_t = torch.from_numpy(mean).view(shape), torch.from_numpy(invstd)
+        scale = invstd_t if weight is None else invstd_t * weight.detach().to(torch.float64)
+        y = (x64 - mean_t) * scale.view(shape)
+        if bias is not None:
+            y = y + bias.detach().to(torch.float64).view(shape)
+        ctx.arrays = (mean, invstd)
+        return y.to(input.dtype)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        input, weight = ctx.saved_tensors
+        group, count, fast, empty = ctx.sync
+        need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
+        c = input.shape[1]
+        if empty:
+            dgamma, dbeta = np.zeros(c), np.zeros(c)
+        elif fast:
+            x, plan, last, mean, invstd, gamma = ctx.arrays
+            _, dgamma, dbeta = _ops.backward_arrays(
+                grad, x, plan, last, mean, invstd, gamma, True, input_grad=False
+            )
+        else:
+            mean, invstd = ctx.arrays
+            dims, shape = _reduced_dims(input), _channel_shape(input)
+            dy = grad.to(torch.float64)
+            x_hat = (input.to(torch.float64) - torch.from_numpy(mean).view(shape)) * (
+                torch.from_numpy(invstd).view(shape)
+            )
+            dgamma, dbeta = (dy * x_hat).sum(dims).numpy(), dy.sum(dims).numpy()
+
+        dx = None
+        if need_input and count == 0:
+            dx = torch.empty_like(input)
+        elif need_input:
+            # Every rank whose input needs a gradient joins; like torch's, a rank
+            # whose input needs none skips it, so the ranks must agree on that.
+            sums = torch.from_numpy(np.stack([dgamma, dbeta]))
+            dist.all_reduce(sums, group=group)
+            total_dgamma, total_dbeta = sums.numpy()
+            if empty:
+                dx = torch.empty_like(input)
+            elif fast:
+                dx = _ops.input_gradient_arrays(
+                    grad, x, plan, last, mean, invstd, gamma, total_dgamma, total_dbeta, count
+                )
+            else:
+                # dx = gamma * invstd * (dy - sum(dy) / n - x_hat * sum(dy * x_hat) / n)
+                scale = torch.from_numpy(invstd)
+                if weight is not None:
+                    scale = scale * weight.detach().to(torch.float64)
+                k_mean = torch.from_numpy(total_dbeta / count).view(shape)
+                k_xhat = torch.from_numpy(total_dgamma / count).view(shape)
+                dx = (scale.view(shape) * (dy - k_mean - x_hat * k_xhat)).to(input.dtype)
+
+        weight_dtype, bias_dtype = ctx.param_dtypes
+        dweight = torch.from_numpy(dgamma).to(weight_dtype) if need_weight else None
+        dbias = torch.from_numpy(dbeta).to(bias_dtype) if need_bias else None
+        return dx, dweight, dbias, None, None, None, None, None
+
+
+def _warn_nonfinite(bad, dtype, stacklevel):
+    warnings.warn(
+        f"the global batch statistics of features {_running.feature_list(bad)} are not finite "
+        f"(or overflow {dtype}): running_mean, running_var and num_batches_tracked were left "
+        "unchanged on every process",
+        RuntimeWarning,
+        stacklevel=stacklevel + 1,
+    )
+
+
+def _fold(running_mean, running_var, mean, invstd, eps, momentum, counter, count):
+    """Fold the global statistics into the running ones: all features and the counter, or nothing.
+
+    torch's rule (momentum None: the cumulative average over
+    num_batches_tracked) with the global unbiased variance; non-finite
+    results leave everything unchanged with a RuntimeWarning. The inputs are
+    the same on every rank, so every rank takes the same decision.
+    """
+    if momentum is None:
+        momentum = 0.0 if counter is None else 1.0 / (int(counter) + 1)
+    bessel = count / (count - 1)
+    if running_mean.dtype in (torch.float32, torch.float64) and running_mean.is_cpu:
+        bad = _running.fold_batch_stats(
+            running_mean.numpy(), running_var.numpy(), mean, invstd, eps, momentum, bessel
+        )
+    else:  # float16, bfloat16 buffers: the same rule in torch ops
+        var = np.maximum(1.0 / (invstd * invstd) - eps, 0.0) * bessel
+        new_mean = (1.0 - momentum) * running_mean.to(torch.float64) + momentum * torch.from_numpy(
+            mean
+        )
+        new_var = (1.0 - momentum) * running_var.to(torch.float64) + momentum * torch.from_numpy(
+            var
+        )
+        new_mean, new_var = new_mean.to(running_mean.dtype), new_var.to(running_var.dtype)
+        finite = torch.isfinite(new_mean) & torch.isfinite(new_var)
+        bad = torch.nonzero(~finite).flatten().tolist()
+        if not bad:
+            running_mean.copy_(new_mean)
+            running_var.copy_(new_var)
+    if bad:
+        _warn_nonfinite(bad, running_mean.dtype, stacklevel=6)
+        return
+    if counter is not None:
+        counter.add_(1)
+
+
+class SyncBatchNorm(_FastBatchNorm, _BatchNorm):
+    """Batch norm synchronized across the processes of a torch.distributed group, on CPUs.
+
+    ``torch.nn.SyncBatchNorm``'s constructor and semantics, for CPU tensors:
+
+    - in training (and whenever batch statistics are used: also in eval mode
+      without running statistics) with an initialized process group
+      (``process_group``, else the default one) of more than one rank, the
+      input is normalized with the mean and biased variance of the union of
+      all ranks' batches. That costs one collective per forward (an
+      ``all_gather`` of (count, mean, M2) per channel) and one per backward
+      (an ``all_reduce`` of the sums of dy and dy * x_hat; skipped, as in
+      torch, when the input needs no gradient, so the ranks must agree on
+      that). Ranks may hold different batch sizes, zero included: an empty
+      batch gives an empty output, and its rank still takes part in both
+      collectives. A global count of one value per channel raises
+      ValueError on every rank; if every rank's batch is empty, the outputs
+      are empty and the running statistics are left as torch leaves them
+      for an empty batch (num_batches_tracked counts it).
+    - The running statistics take the global mean and unbiased variance by
+      torch's rule (momentum None: the cumulative average) and are
+      identical on every rank; a batch whose global statistics are not
+      finite leaves them and num_batches_tracked unchanged with a
+      RuntimeWarning, on every rank (SPEC section 10's rule).
+    - The weight and bias gradients are the rank's own sums, as in torch:
+      DistributedDataParallel averages them. Double backward is not
+      supported (the backward is marked once-differentiable).
+    - Otherwise (eval mode with running statistics, a group of one rank, no
+      initialized group) it is fastbn's BatchNorm (`fastbn.torch.BatchNorm2d`
+      and its siblings): no collective.
+
+    Input dimension (ndim >= 2), channel count (must be num_features), dtype
+    (floating), device (CPU) and eps are checked before any collective, and
+    raise on the rank that got the bad input. Its peers cannot know: they
+    wait in the forward's all_gather until the group's timeout
+    (``init_process_group``'s ``timeout``; gloo's default is 30 minutes) and
+    raise there, as with torch's SyncBatchNorm.
+
+    CPU float32/float64 input with parameters of the same dtype takes
+    fastbn's kernels; other CPU floating dtypes (float16, bfloat16) or mixed
+    dtypes fall back to the same computation in torch ops with float64
+    accumulation and the same two collectives. Tensors off the CPU raise
+    RuntimeError (use ``torch.nn.SyncBatchNorm`` on GPUs).
+
+    Parameters
+    ----------
+    num_features : int
+        C, the channels (dimension 1 of the input).
+    eps, momentum, affine, track_running_stats, device, dtype
+        As for ``torch.nn.BatchNorm2d``.
+    process_group : torch.distributed.ProcessGroup, optional
+        The group to synchronize over (default: the default group). Its
+        backend must take CPU tensors (gloo does).
+    """
+
+    def __init__(
+        self,
+        num_features,
+        eps=1e-5,
+        momentum=0.1,
+        affine=True,
+        track_running_stats=True,
+        process_group=None,
+        device=None,
+        dtype=None,
+    ):
+        super().__init__(
+            num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype
+        )
+        self.process_group = process_group
+
+    def _check_input_dim(self, input):
+        if input.dim() < 2:
+            raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
+
+    def forward(self, input):
+        self._check_input_dim(input)
+        buffers = self._buffers
+        batch_stats = self.training or (
+            buffers.get("running_mean") is None and buffers.get("running_var") is None
+        )
+        if batch_stats and dist.is_available() and dist.is_initialized():
+            group = dist.group.WORLD if self.process_group is None else self.process_group
+            world_size = dist.get_world_size(group)
+            if world_size > 1:
+                return self._sync_forward(input, group, world_size)
+        return self._fast_forward(input)
+
+    def _sync_forward(self, input, group, world_size):
+        """The synchronized forward: checks first, then the op, then the running statistics."""
+        parameters, buffers = self._parameters, self._buffers
+        weight, bias = parameters.get("weight"), parameters.get("bias")
+        running_mean, running_var = buffers.get("running_mean"), buffers.get("running_var")
+        counter = None
+        momentum = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats:
+            counter = buffers.get("num_batches_tracked")
+            if counter is not None:
+                momentum = self.momentum
+        if self.training and not self.track_running_stats:
+            running_mean = running_var = None
+
+        # Everything that can fail on one rank only fails here, before the collective.
+        if input.shape[1] != self.num_features:
+            raise ValueError(
+                f"expected input with {self.num_features} channels (dimension 1), "
+                f"got input of size {tuple(input.shape)}"
+            )
+        if not input.is_floating_point():
+            raise TypeError(f"expected a floating-point input, got dtype {input.dtype}")
+        if not input.is_cpu:
+            raise RuntimeError(
+                f"fastbn.torch.SyncBatchNorm runs on CPU tensors, got input on {input.device}; "
+                "use torch.nn.SyncBatchNorm on GPUs"
+            )
+        eps = _checks.positive_eps(self.eps)
+        fast = _ops.fast_path(input, weight, bias)
+
+        stats = []
+        y = _SyncBatchNormFunction.apply(input, weight, bias, eps, group, world_size, fast, stats)
+        if running_mean is not None and stats[0] is None:  # no values on any rank: torch's rule
+            if counter is not None:
+                counter.add_(1)
+        elif running_mean is not None:
+            mean, invstd, count = stats[0]
+            _fold(running_mean, running_var, mean, invstd, eps, momentum, counter, count)
+        return y
+
+    @classmethod
+    def convert_sync_batchnorm(cls, module, process_group=None):
+        """Replace every BatchNorm layer in module with a SyncBatchNorm; return the result.
+
+        Converts torch's BatchNorm1d/2d/3d and SyncBatchNorm, fastbn's
+        BatchNorm1d/2d/3d and SyncBatchNorm (any ``_BatchNorm``). The new
+        layers take the old ones' parameters (the same objects, so
+        requires_grad and optimizers holding them are kept), buffers
+        (running statistics, num_batches_tracked), eps, momentum and training
+        mode. As with torch's, a BatchNorm passed as the module itself comes
+        back as a new object: use the return value.
+
+        Parameters
+        ----------
+        module : torch.nn.Module
+        process_group : torch.distributed.ProcessGroup, optional
+            The group the new layers synchronize over (default: the default group).
+
+        Returns
+        -------
+        torch.nn.Module
+        """
+        if isinstance(module, _BatchNorm):
+            converted = cls(
+                module.num_features,
+                module.eps,
+                module.momentum,
+                module.affine,
+                module.track_running_stats,
+                process_group,
+                device="meta",  # placeholders, replaced below: nothing allocated
+            )
+            # Parameters: the same objects (optimizers keep them); buffers likewise.
+            for name, param in module._parameters.items():
+                converted._parameters[name] = param
+            for name, buffer in module._buffers.items():
+                converted._buffers[name] = buffer
+            converted.training = module.training
+            if hasattr(module, "qconfig"):
+                converted.qconfig = module.qconfig
+            for name, child in module.named_children():
+                converted.add_module(name, cls.convert_sync_batchnorm(child, process_group))
+            return converted
+        for name, child in module.named_children():
+            converted = cls.convert_sync_batchnorm(child, process_group)
+            if converted is not child:
+                setattr(module, name, converted)
+        return module
