@@ -530,8 +530,8 @@ def format_header(results):
     return "\n".join(
         [
             f"fastbn {m['fastbn']} benchmark, PyTorch mode: fastbn.torch vs torch.nn;"
-            f" all times are MEDIANS of repeated calls ({s['rounds']} rounds per row and peer,"
-            f" each one warm-up call, then >= {s['budget'] / s['rounds']:.3g} s of calls"
+            " all times are MEDIANS of repeated calls (per row and peer one warm-up call,"
+            f" then {s['rounds']} rounds of >= {s['budget'] / s['rounds']:.3g} s of calls"
             f" ({MODEL_BUDGET_FACTOR}x for models), >= {MIN_RUNS} calls in all)",
             f"machine: {m['cpu_count']} CPUs ({m['cpu_model']}); python {m['python']},"
             f" torch {m['torch']} (torch.get_num_threads() = {m['torch_threads']}),"
@@ -539,7 +539,9 @@ def format_header(results):
             f" {m['numba_threads']} threads)",
             "peers: torch = torch.nn's layers; fastbn = fastbn.torch.convert(copy.deepcopy(...))"
             " of the same; each in a subprocess of its own at its library's default threads,"
-            f" the rounds of a row alternating between them; run took {s['seconds']:.0f} s",
+            f" the rounds of a row alternating between them; run took {s['seconds']:.0f} s,"
+            f" load average {s['load_average'][0]:.2f} before, {s['load_average'][1]:.2f} after"
+            " (the machine's other processes stall 2-thread regions)",
             "passes: train = forward + y.backward(grad) through autograd, training mode, input"
             " requires grad; eval = forward under torch.no_grad(); step = zero_grad, forward,"
             " cross-entropy, backward, SGD step",
@@ -658,6 +660,7 @@ def run(args):
         raise SystemExit("--torch needs torch: pip install -e '.[torch]'")
     settings = settings_from(args)
     started = time.perf_counter()
+    load_before = os.getloadavg()[0]
     results = measure(settings)
     results["machine"] = machine_info(results.pop("workers"))
     results["settings"] = {
@@ -669,6 +672,7 @@ def run(args):
         "min_runs": MIN_RUNS,
         "numba_layer": settings.numba_layer,
         "seconds": time.perf_counter() - started,
+        "load_average": [load_before, os.getloadavg()[0]],
     }
     layer = [r["ratio"] for r in results["rows"] if r["kind"] == "layer"]
     results["geometric_mean"] = geometric_mean(layer)

@@ -109,13 +109,14 @@ def test_report_prints_table_geometric_mean_and_targets():
             "numba_threads": 2,
             "numba_threading_layer_env": "tbb",
         },
-        "settings": {"rounds": 4, "budget": 0.5, "seconds": 3.0},
+        "settings": {"rounds": 4, "budget": 0.5, "seconds": 3.0, "load_average": [0.5, 1.25]},
         "rows": rows,
         "targets": bt.evaluate_targets(rows),
     }
     text = bt.format_report(results)
     assert "numba.threading_layer() = tbb, NUMBA_THREADING_LAYER=tbb" in text
     assert "torch.get_num_threads() = 2" in text
+    assert "load average 0.50 before, 1.25 after" in text
     assert "geometric mean of xTorch over the 2 layer rows: 1.00x" in text
     lines = text.splitlines()
     assert any(line.startswith("0x8 bf") and "2.00x" in line for line in lines)
