@@ -31,31 +31,35 @@ peers, and which peer goes first alternates too, so that both sample the same
 moments of a shared machine.
 
 FAIRNESS: why a process per peer, not one process alternating call by call.
-Measured with torch 2.13.0 and numba 0.68.1 on the 2-core machine while
-other processes kept it busy (load average 2 to 4), each setup repeated
-four times (the scratch scripts are not kept; the numbers are):
+Measured with scratch scripts (not kept), torch 2.13.0 and numba 0.68.1, on
+the 2-core machine shared with other engineers' processes:
 
-- A/A, torch's BatchNorm against itself. In one process, alternating call
-  by call, the two agreed within 1% on rows that run serially and mostly
-  within 10% (worst 1.7x) on rows with 2-thread regions. In two processes
-  alternating 20 or 100 rounds per row, within 2% on serial rows (a steady
-  1-3% offset between two processes of the same code) but up to 3x apart on
-  parallel rows, the same way round for a whole run: under load a 2-thread
-  region either takes its time (130 us for (1024, 256) train) or stalls
-  about 70 ms waiting for a descheduled thread, and the two processes stall
-  at different rates (4% and 8% of calls in one run, 59% and 69% in
-  another). One process shares its stalls between the peers; two don't.
-- But one process is not what either user runs. torch's own (256, 2048)
-  BatchNorm1d train took 1.24x (workqueue), 1.37x (omp), 1.6x (tbb) its
-  time in a torch-only process once a numba parallel region had run in its
-  process; serial rows were unchanged. A torch peer timed beside fastbn pays
-  that, and no torch-only program does.
+- One process is not neutral. Each peer alone in a process of its own, and
+  both alternating call by call in a third, the three sampled in 40
+  alternating rounds per row (load average 0.6 to 1.6): torch's own
+  training step took 1.35x (ResNet) and 1.39x (MLP) its torch-only time
+  when the process also ran the converted model (numba's tbb layer; 1.23x
+  and 1.44x with omp), while fastbn's step was unchanged (0.98x to 1.02x).
+  torch's (1024, 256) BatchNorm1d train took 2.1x under either layer. So
+  one process reported the converted steps 1.31x to 1.40x faster where
+  separate processes, in the same minutes, gave 0.94x to 1.09x. Numba's
+  threads, still spinning after a fastbn call, hold the cores that torch's
+  OpenMP threads then wait for; no torch-only program pays that.
+- Separate processes cost precision. A/A, torch's BatchNorm against itself
+  (load average 2 to 4): in one process the two agreed within 1% on serial
+  rows and mostly within 10% (worst 1.7x) on rows with 2-thread regions; in
+  two processes alternating 20 or 100 rounds per row, within 2% on serial
+  rows but up to 3x apart on parallel rows, the same way round for a whole
+  run. Under load a 2-thread region either takes its time (130 us for
+  (1024, 256) train) or stalls about 70 ms for a descheduled thread, and two
+  processes stall at different rates (4% and 8% of calls in one run, 59%
+  and 69% in another).
 
 So each peer has a process of its own, the program its user runs (the fastbn
-worker's model rows include numba's pool next to torch's, as a converted
-model's do), and short alternating rounds share the machine's moments as far
-as processes can. On a loaded machine the parallel rows are still a lottery
-in either setup: read them from a quiet one.
+worker's model rows have numba's pool beside torch's, as a converted model
+has), and short alternating rounds share the machine's moments as far as
+processes can. On a loaded machine the parallel rows are a lottery either
+way: read them from a quiet one (the header gives the load average).
 """
 
 import argparse
@@ -77,6 +81,7 @@ import numba
 
 import fastbn
 from fastbn import _bench_report as report
+from fastbn import bench
 
 PEERS = ("torch", "fastbn")
 LAYER_PASSES = ("train", "eval")
@@ -357,10 +362,10 @@ def serve(peer):
 # --- driver side ----------------------------------------------------------------------
 
 
-class Worker:
+class Worker(bench.Worker):
     """A peer's subprocess, ``python -m fastbn._bench_torch --worker PEER``, in its environment."""
 
-    def __init__(self, peer, env=None):
+    def __init__(self, peer, env=None):  # ask() and close() are bench.Worker's
         self.peer = peer
         self.process = subprocess.Popen(
             [sys.executable, "-m", "fastbn._bench_torch", "--worker", peer],
@@ -369,22 +374,6 @@ class Worker:
             text=True,
             env=env,
         )
-
-    def ask(self, job):
-        """Send one job and wait for its reply."""
-        self.process.stdin.write(json.dumps(job) + "\n")
-        self.process.stdin.flush()
-        line = self.process.stdout.readline()
-        if not line:
-            raise RuntimeError(f"the {self.peer} worker exited with code {self.process.wait()}")
-        reply = json.loads(line)
-        if "error" in reply:
-            raise RuntimeError(f"the {self.peer} worker failed:\n{reply['error']}")
-        return reply
-
-    def close(self):
-        self.process.stdin.close()
-        self.process.wait()
 
 
 @dataclass
@@ -444,10 +433,8 @@ def make_rows(kind, label, dtype, nbytes, times):
 
 def measure(settings, progress=None):
     """Run every measurement: returns "workers" (each peer's info) and "rows"."""
-    from fastbn.bench import Progress
-
     n_steps = len(settings.cases) * len(settings.dtypes) + len(settings.models)
-    progress = progress or Progress(max(n_steps, 1))
+    progress = progress or bench.Progress(max(n_steps, 1))
     with contextlib.ExitStack() as stack:
         workers = []
         for peer in PEERS:
