@@ -17,6 +17,7 @@ import numpy as np
 from fastbn import _checks
 from fastbn._threading import kernel_guard
 from fastbn.kernels import columns, rows
+from fastbn.kernels._twins import serial_twin
 
 __all__ = ["batch_norm_backward", "batch_norm_eval", "batch_norm_train"]
 
@@ -163,11 +164,11 @@ def _planned(x, axis, training):
 
 
 def _launch(serial, kernel, *args):
-    """kernel(*args, serial), under the lock a parallel launch may need (`kernel_guard`)."""
-    if serial:  # one thread, no parallel region: the guard would do nothing but cost
-        return kernel(*args, serial)
+    """kernel(*args), or its one-thread twin; a parallel launch under `kernel_guard`."""
+    if serial:  # no parallel region: the guard would do nothing but cost
+        return serial_twin(kernel)(*args)
     with kernel_guard(serial):
-        return kernel(*args, serial)
+        return kernel(*args)
 
 
 def _cached_plan(x, axis, training):

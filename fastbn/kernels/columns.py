@@ -22,12 +22,15 @@ from fastbn.kernels._common import (
     train_coefficients,
     zeros,
 )
+from fastbn.kernels._twins import Twins
 
 MIN_WIDTH = 256  # values per group at least, so that each group is a few vectors long
 POSITION_BLOCK = 1024  # positions per unit: its partial rows stay in L1
 UNIT_VALUES = 16384  # values per unit at least: amortizes the unit's set-up
 TARGET_UNITS = 32  # units to share among threads, where the data allows
 PARTIAL_VALUES = 8192  # partial rows hold this many sums at most: they stay in L2
+
+twin = Twins(globals())  # every driver and entry also has a one-thread twin (serial_twin)
 
 
 def group_width(n_features, run):
@@ -244,84 +247,64 @@ def _input_gradient_block(dy, x, out, width, g0, g1, j0, n, coefficients):
         g += 1
 
 
-@njit(parallel=True, cache=True)
-def _moments(x, shift, width, serial):
+@twin(parallel=True)
+def _moments(x, shift, width):
     """Partial rows (blocks + 1, W) of x - shift and its square; the last row is the tail."""
     grid = _grid(x.size, width)
     groups, _, blocks, position_blocks = grid
     s1 = zeros((blocks + 1) * width)
     s2 = zeros((blocks + 1) * width)
-    if serial:
-        for u in range(blocks * position_blocks):
-            b, g0, g1, j0, j1 = _unit(u, width, grid)
-            _moments_block(x, width, g0, g1, j0, j1 - j0, shift, s1, s2, b)
-    else:
-        for u in prange(blocks * position_blocks):
-            b, g0, g1, j0, j1 = _unit(u, width, grid)
-            _moments_block(x, width, g0, g1, j0, j1 - j0, shift, s1, s2, b)
+    for u in prange(blocks * position_blocks):
+        b, g0, g1, j0, j1 = _unit(u, width, grid)
+        _moments_block(x, width, g0, g1, j0, j1 - j0, shift, s1, s2, b)
     tail = x.size - groups * width
     _moments_block(x, width, groups, groups + 1, 0, tail, shift, s1, s2, blocks)
     return s1.reshape((blocks + 1, width)), s2.reshape((blocks + 1, width))
 
 
-@njit(parallel=True, cache=True)
-def _grad_sums(dy, x, mean, width, serial):
+@twin(parallel=True)
+def _grad_sums(dy, x, mean, width):
     """Partial rows (blocks + 1, W) of dy and dy * (x - mean); the last row is the tail."""
     grid = _grid(x.size, width)
     groups, _, blocks, position_blocks = grid
     s1 = zeros((blocks + 1) * width)
     s2 = zeros((blocks + 1) * width)
-    if serial:
-        for u in range(blocks * position_blocks):
-            b, g0, g1, j0, j1 = _unit(u, width, grid)
-            _grad_sums_block(dy, x, width, g0, g1, j0, j1 - j0, mean, s1, s2, b)
-    else:
-        for u in prange(blocks * position_blocks):
-            b, g0, g1, j0, j1 = _unit(u, width, grid)
-            _grad_sums_block(dy, x, width, g0, g1, j0, j1 - j0, mean, s1, s2, b)
+    for u in prange(blocks * position_blocks):
+        b, g0, g1, j0, j1 = _unit(u, width, grid)
+        _grad_sums_block(dy, x, width, g0, g1, j0, j1 - j0, mean, s1, s2, b)
     tail = x.size - groups * width
     _grad_sums_block(dy, x, width, groups, groups + 1, 0, tail, mean, s1, s2, blocks)
     return s1.reshape((blocks + 1, width)), s2.reshape((blocks + 1, width))
 
 
-@njit(parallel=True, cache=True)
-def _apply(x, out, mean_hi, mean_lo, scale, shift, serial):
+@twin(parallel=True)
+def _apply(x, out, mean_hi, mean_lo, scale, shift):
     """out = ((x - mean) * scale + shift) with per-position parameters of length W."""
     width = mean_hi.size
     grid = _grid(x.size, width)
     groups, _, blocks, position_blocks = grid
-    if serial:
-        for u in range(blocks * position_blocks):
-            _, g0, g1, j0, j1 = _unit(u, width, grid)
-            _scale_block(x, out, width, g0, g1, j0, j1 - j0, mean_hi, mean_lo, scale, shift)
-    else:
-        for u in prange(blocks * position_blocks):
-            _, g0, g1, j0, j1 = _unit(u, width, grid)
-            _scale_block(x, out, width, g0, g1, j0, j1 - j0, mean_hi, mean_lo, scale, shift)
+    for u in prange(blocks * position_blocks):
+        _, g0, g1, j0, j1 = _unit(u, width, grid)
+        _scale_block(x, out, width, g0, g1, j0, j1 - j0, mean_hi, mean_lo, scale, shift)
     tail = x.size - groups * width
     _scale_block(x, out, width, groups, groups + 1, 0, tail, mean_hi, mean_lo, scale, shift)
 
 
-@njit(parallel=True, cache=True)
-def _input_gradient(dy, x, out, coefficients, serial):
+@twin(parallel=True)
+def _input_gradient(dy, x, out, coefficients):
     """dx from per-position (scale, invstd, mean_hi, mean_lo, k_xhat, k0) of length W."""
     width = coefficients[0].size
     grid = _grid(x.size, width)
     groups, _, blocks, position_blocks = grid
-    if serial:
-        for u in range(blocks * position_blocks):
-            _, g0, g1, j0, j1 = _unit(u, width, grid)
-            _input_gradient_block(dy, x, out, width, g0, g1, j0, j1 - j0, coefficients)
-    else:
-        for u in prange(blocks * position_blocks):
-            _, g0, g1, j0, j1 = _unit(u, width, grid)
-            _input_gradient_block(dy, x, out, width, g0, g1, j0, j1 - j0, coefficients)
+    for u in prange(blocks * position_blocks):
+        _, g0, g1, j0, j1 = _unit(u, width, grid)
+        _input_gradient_block(dy, x, out, width, g0, g1, j0, j1 - j0, coefficients)
     tail = x.size - groups * width
     _input_gradient_block(dy, x, out, width, groups, groups + 1, 0, tail, coefficients)
 
 
-@njit
-def _apply_per_feature(x, out, n_features, run, width, mean, scale, beta, serial):
+@twin()
+def _apply_per_feature(x, out, n_features, run, width, mean, scale, beta):
     """The normalize + affine pass from per-feature float64 parameters."""
     t = x.dtype.type
     params = np.empty((4, n_features), x.dtype)  # mean as hi + lo, scale, shift
@@ -332,52 +315,50 @@ def _apply_per_feature(x, out, n_features, run, width, mean, scale, beta, serial
         params[2, c] = scale[c]
         params[3, c] = beta[c]
     p = tile_rows(params, n_features, run, width)
-    _apply(x, out, p[0], p[1], p[2], p[3], serial)
+    _apply(x, out, p[0], p[1], p[2], p[3])
 
 
-@njit(cache=True)
-def moments(x, n_features, run, width, serial):
+@twin()
+def moments(x, n_features, run, width):
     """float64 mean and biased variance of each feature (x as in train_forward)."""
     first = np.empty(n_features)
     for c in range(n_features):
         first[c] = x[c * run]
-    s1, s2 = _moments(x, tile(first, n_features, run, width), width, serial)
+    s1, s2 = _moments(x, tile(first, n_features, run, width), width)
     s1, s2 = fold(s1, n_features, run), fold(s2, n_features, run)
     return forward_moments(s1, s2, first, x.size // n_features)
 
 
-@njit(cache=True)
-def train_forward(x, n_features, run, width, gamma, beta, eps, out, serial):
+@twin()
+def train_forward(x, n_features, run, width, gamma, beta, eps, out):
     """Batch statistics, then out = gamma * (x - mean) * invstd + beta.
 
     x and out are 1-D C-contiguous, rows of n_features * run values; width
     is a multiple of that. Returns float64 mean and invstd.
     """
-    mean, var = moments(x, n_features, run, width, serial)
+    mean, var = moments(x, n_features, run, width)
     invstd = 1.0 / np.sqrt(var + eps)
-    _apply_per_feature(x, out, n_features, run, width, mean, gamma * invstd, beta, serial)
+    _apply_per_feature(x, out, n_features, run, width, mean, gamma * invstd, beta)
     return mean, invstd
 
 
-@njit(cache=True)
-def eval_forward(
-    x, n_features, run, width, running_mean, running_var, gamma, beta, eps, out, serial
-):
+@twin()
+def eval_forward(x, n_features, run, width, running_mean, running_var, gamma, beta, eps, out):
     """out = gamma * (x - running_mean) / sqrt(running_var + eps) + beta."""
     scale = gamma / np.sqrt(running_var + eps)
-    _apply_per_feature(x, out, n_features, run, width, running_mean, scale, beta, serial)
+    _apply_per_feature(x, out, n_features, run, width, running_mean, scale, beta)
 
 
-@njit(cache=True)
-def param_grads(dy, x, n_features, run, width, mean, invstd, serial):
+@twin()
+def param_grads(dy, x, n_features, run, width, mean, invstd):
     """float64 dgamma = sum(dy * x_hat) and dbeta = sum(dy) per feature, without dx."""
-    s1, s2 = _grad_sums(dy, x, tile(mean, n_features, run, width), width, serial)
+    s1, s2 = _grad_sums(dy, x, tile(mean, n_features, run, width), width)
     return fold(s2, n_features, run) * invstd, fold(s1, n_features, run)
 
 
-@njit(cache=True)
+@twin()
 def train_input_gradient(
-    dy, x, n_features, run, width, mean, invstd, gamma, dgamma, dbeta, count, out, serial
+    dy, x, n_features, run, width, mean, invstd, gamma, dgamma, dbeta, count, out
 ):
     """dx of the training formula from given sums dgamma, dbeta over count values per feature.
 
@@ -396,22 +377,23 @@ def train_input_gradient(
         params[4, c] = k_xhat[c]
         params[5, c] = k0[c]
     p = tile_rows(params, n_features, run, width)
-    _input_gradient(dy, x, out, (p[0], p[1], p[2], p[3], p[4], p[5]), serial)
+    _input_gradient(dy, x, out, (p[0], p[1], p[2], p[3], p[4], p[5]))
 
 
-@njit(cache=True)
-def backward(dy, x, n_features, run, width, mean, invstd, gamma, training, out, serial):
+@twin()
+def backward(dy, x, n_features, run, width, mean, invstd, gamma, training, out):
     """dx into out; returns float64 dgamma and dbeta, x_hat recomputed from x."""
-    dgamma, dbeta = param_grads(dy, x, n_features, run, width, mean, invstd, serial)
+    dgamma, dbeta = param_grads(dy, x, n_features, run, width, mean, invstd)
     if training:
         train_input_gradient(
             dy, x, n_features, run, width, mean, invstd, gamma, dgamma, dbeta,
-            x.size // n_features, out, serial,
+            x.size // n_features, out,
         )  # fmt: skip
     else:
         zero = np.zeros(n_features)
-        _apply_per_feature(dy, out, n_features, run, width, zero, gamma * invstd, zero, serial)
+        _apply_per_feature(dy, out, n_features, run, width, zero, gamma * invstd, zero)
     return dgamma, dbeta
 
 
+twin.finish()
 _compile.guard(globals())

@@ -29,10 +29,13 @@ from fastbn.kernels._common import (
     split_mean,
     train_coefficients,
 )
+from fastbn.kernels._twins import Twins
 
 RUN_CHUNK = 16384  # values per work unit: long enough to amortize, short enough to balance
 FEATURE_BYTES = 1 << 18  # a feature this small is read once: it stays in L2 between passes
 FEATURE_UNITS = 8  # features needed to share the per-feature schedule among threads
+
+twin = Twins(globals())  # every driver and entry also has a one-thread twin (serial_twin)
 
 # The unit functions are inlined into the parallel loops in Numba's IR: as
 # calls they cost more than a short run. The run kernels they call are not
@@ -129,60 +132,44 @@ def _input_gradient_unit(dy, x, out, shape, u, grid, coefficients):
         )
 
 
-@njit(parallel=True, cache=True)
-def _apply(x, out, shape, mean_hi, mean_lo, scale, shift, serial):
+@twin(parallel=True)
+def _apply(x, out, shape, mean_hi, mean_lo, scale, shift):
     """out = ((x - mean) * scale + shift) per feature, in x's dtype (flat arrays)."""
     grid = _grid(shape)
-    if serial:
-        for u in range(grid[2]):
-            _scale_unit(x, out, shape, u, grid, mean_hi, mean_lo, scale, shift)
-    else:
-        for u in prange(grid[2]):
-            _scale_unit(x, out, shape, u, grid, mean_hi, mean_lo, scale, shift)
+    for u in prange(grid[2]):
+        _scale_unit(x, out, shape, u, grid, mean_hi, mean_lo, scale, shift)
 
 
-@njit(parallel=True, cache=True)
-def _moments(x, shape, shift, serial):
+@twin(parallel=True)
+def _moments(x, shape, shift):
     """Per-unit partial sums of x - shift and its square, shape (C, units per feature)."""
     grid = _grid(shape)
     n_slots = grid[2] // shape[1]
     s1 = np.empty((shape[1], n_slots))
     s2 = np.empty((shape[1], n_slots))
-    if serial:
-        for u in range(grid[2]):
-            _moments_unit(x, shape, shift, u, grid, s1, s2)
-    else:
-        for u in prange(grid[2]):
-            _moments_unit(x, shape, shift, u, grid, s1, s2)
+    for u in prange(grid[2]):
+        _moments_unit(x, shape, shift, u, grid, s1, s2)
     return s1, s2
 
 
-@njit(parallel=True, cache=True)
-def _grad_sums(dy, x, shape, mean, serial):
+@twin(parallel=True)
+def _grad_sums(dy, x, shape, mean):
     """Per-unit partial sums of dy and dy * (x - mean), shape (C, units per feature)."""
     grid = _grid(shape)
     n_slots = grid[2] // shape[1]
     s1 = np.empty((shape[1], n_slots))
     s2 = np.empty((shape[1], n_slots))
-    if serial:
-        for u in range(grid[2]):
-            _grad_sums_unit(dy, x, shape, mean, u, grid, s1, s2)
-    else:
-        for u in prange(grid[2]):
-            _grad_sums_unit(dy, x, shape, mean, u, grid, s1, s2)
+    for u in prange(grid[2]):
+        _grad_sums_unit(dy, x, shape, mean, u, grid, s1, s2)
     return s1, s2
 
 
-@njit(parallel=True, cache=True)
-def _input_gradient(dy, x, out, shape, coefficients, serial):
+@twin(parallel=True)
+def _input_gradient(dy, x, out, shape, coefficients):
     """dx from per-feature (scale, invstd, mean_hi, mean_lo, k_xhat, k0), in x's dtype."""
     grid = _grid(shape)
-    if serial:
-        for u in range(grid[2]):
-            _input_gradient_unit(dy, x, out, shape, u, grid, coefficients)
-    else:
-        for u in prange(grid[2]):
-            _input_gradient_unit(dy, x, out, shape, u, grid, coefficients)
+    for u in prange(grid[2]):
+        _input_gradient_unit(dy, x, out, shape, u, grid, coefficients)
 
 
 @njit(inline="always")
@@ -232,46 +219,38 @@ def _backward_feature(dy, x, shape, c, mean, invstd, gamma, training, out, dgamm
             scale_centered(dy, out, (p * C + c) * Q, Q, t(0), t(0), scale, t(0))
 
 
-@njit(parallel=True, cache=True)
-def _train_per_feature(x, shape, gamma, beta, eps, out, serial):
+@twin(parallel=True)
+def _train_per_feature(x, shape, gamma, beta, eps, out):
     mean = np.empty(shape[1])
     invstd = np.empty(shape[1])
-    if serial:
-        for c in range(shape[1]):
-            _train_feature(x, shape, c, gamma, beta, eps, out, mean, invstd)
-    else:
-        for c in prange(shape[1]):
-            _train_feature(x, shape, c, gamma, beta, eps, out, mean, invstd)
+    for c in prange(shape[1]):
+        _train_feature(x, shape, c, gamma, beta, eps, out, mean, invstd)
     return mean, invstd
 
 
-@njit(parallel=True, cache=True)
-def _backward_per_feature(dy, x, shape, mean, invstd, gamma, training, out, serial):
+@twin(parallel=True)
+def _backward_per_feature(dy, x, shape, mean, invstd, gamma, training, out):
     dgamma = np.empty(shape[1])
     dbeta = np.empty(shape[1])
-    if serial:
-        for c in range(shape[1]):
-            _backward_feature(dy, x, shape, c, mean, invstd, gamma, training, out, dgamma, dbeta)
-    else:
-        for c in prange(shape[1]):
-            _backward_feature(dy, x, shape, c, mean, invstd, gamma, training, out, dgamma, dbeta)
+    for c in prange(shape[1]):
+        _backward_feature(dy, x, shape, c, mean, invstd, gamma, training, out, dgamma, dbeta)
     return dgamma, dbeta
 
 
-@njit(cache=True)
-def moments(x, serial):
+@twin()
+def moments(x):
     """float64 mean and biased variance of each feature of the (P, C, Q) array x."""
     shape = x.shape
     flat = x.reshape(-1)
     shift = np.empty(shape[1])
     for c in range(shape[1]):
         shift[c] = flat[c * shape[2]]
-    s1, s2 = _moments(flat, shape, shift, serial)
+    s1, s2 = _moments(flat, shape, shift)
     return forward_moments(row_sums(s1), row_sums(s2), shift, shape[0] * shape[2])
 
 
-@njit(cache=True)
-def train_forward(x, gamma, beta, eps, out, serial):
+@twin()
+def train_forward(x, gamma, beta, eps, out):
     """Batch statistics, then out = gamma * (x - mean) * invstd + beta.
 
     x and out are (P, C, Q) C-contiguous; returns float64 mean and invstd.
@@ -280,33 +259,33 @@ def train_forward(x, gamma, beta, eps, out, serial):
     flat = x.reshape(-1)
     flat_out = out.reshape(-1)
     if _per_feature(x):
-        return _train_per_feature(flat, shape, gamma, beta, eps, flat_out, serial)
-    mean, var = moments(x, serial)
+        return _train_per_feature(flat, shape, gamma, beta, eps, flat_out)
+    mean, var = moments(x)
     invstd = 1.0 / np.sqrt(var + eps)
     mean_hi, mean_lo = split_mean(mean, x)
     scale = in_dtype(gamma * invstd, x)
-    _apply(flat, flat_out, shape, mean_hi, mean_lo, scale, in_dtype(beta, x), serial)
+    _apply(flat, flat_out, shape, mean_hi, mean_lo, scale, in_dtype(beta, x))
     return mean, invstd
 
 
-@njit(cache=True)
-def eval_forward(x, running_mean, running_var, gamma, beta, eps, out, serial):
+@twin()
+def eval_forward(x, running_mean, running_var, gamma, beta, eps, out):
     """out = gamma * (x - running_mean) / sqrt(running_var + eps) + beta."""
     mean_hi, mean_lo = split_mean(running_mean, x)
     scale = in_dtype(gamma / np.sqrt(running_var + eps), x)
     shift = in_dtype(beta, x)
-    _apply(x.reshape(-1), out.reshape(-1), x.shape, mean_hi, mean_lo, scale, shift, serial)
+    _apply(x.reshape(-1), out.reshape(-1), x.shape, mean_hi, mean_lo, scale, shift)
 
 
-@njit(cache=True)
-def param_grads(dy, x, mean, invstd, serial):
+@twin()
+def param_grads(dy, x, mean, invstd):
     """float64 dgamma = sum(dy * x_hat) and dbeta = sum(dy) per feature, without dx."""
-    s1, s2 = _grad_sums(dy.reshape(-1), x.reshape(-1), x.shape, mean, serial)
+    s1, s2 = _grad_sums(dy.reshape(-1), x.reshape(-1), x.shape, mean)
     return row_sums(s2) * invstd, row_sums(s1)
 
 
-@njit(cache=True)
-def train_input_gradient(dy, x, mean, invstd, gamma, dgamma, dbeta, count, out, serial):
+@twin()
+def train_input_gradient(dy, x, mean, invstd, gamma, dgamma, dbeta, count, out):
     """dx of the training formula from given sums dgamma, dbeta over count values per feature.
 
     backward() passes this batch's sums; a synchronized batch norm passes
@@ -322,27 +301,26 @@ def train_input_gradient(dy, x, mean, invstd, gamma, dgamma, dbeta, count, out, 
         in_dtype(k_xhat, x),
         in_dtype(k0, x),
     )
-    _input_gradient(dy.reshape(-1), x.reshape(-1), out.reshape(-1), x.shape, coefficients, serial)
+    _input_gradient(dy.reshape(-1), x.reshape(-1), out.reshape(-1), x.shape, coefficients)
 
 
-@njit(cache=True)
-def backward(dy, x, mean, invstd, gamma, training, out, serial):
+@twin()
+def backward(dy, x, mean, invstd, gamma, training, out):
     """dx into out; returns float64 dgamma and dbeta, x_hat recomputed from x."""
     shape = x.shape
     flat, flat_dy, flat_out = x.reshape(-1), dy.reshape(-1), out.reshape(-1)
     if _per_feature(x):
-        return _backward_per_feature(
-            flat_dy, flat, shape, mean, invstd, gamma, training, flat_out, serial
-        )
-    dgamma, dbeta = param_grads(dy, x, mean, invstd, serial)
+        return _backward_per_feature(flat_dy, flat, shape, mean, invstd, gamma, training, flat_out)
+    dgamma, dbeta = param_grads(dy, x, mean, invstd)
     if training:
         count = shape[0] * shape[2]
-        train_input_gradient(dy, x, mean, invstd, gamma, dgamma, dbeta, count, out, serial)
+        train_input_gradient(dy, x, mean, invstd, gamma, dgamma, dbeta, count, out)
     else:
         zero = np.zeros_like(in_dtype(mean, x))
         scale = in_dtype(gamma * invstd, x)
-        _apply(flat_dy, flat_out, shape, zero, zero, scale, zero, serial)
+        _apply(flat_dy, flat_out, shape, zero, zero, scale, zero)
     return dgamma, dbeta
 
 
+twin.finish()
 _compile.guard(globals())
