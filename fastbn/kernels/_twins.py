@@ -51,8 +51,8 @@ class Twins:
         @twin(parallel=True)
         def _driver(x, out): ...  # loops with prange
 
-        @twin()
-        def entry(x, out): ...  # calls _driver
+        @twin(entry=True)
+        def kernel(x, out): ...  # calls _driver; Python calls it
 
         twin.finish()  # at the end: serial copies see every module global
     """
@@ -61,9 +61,18 @@ class Twins:
         self._namespace = namespace
         self._serial_globals = {"prange": range}
 
-    def __call__(self, **options):
+    def __call__(self, entry=False, **options):
+        """Decorate a kernel; ``entry=True`` for one that Python calls: only those are cached.
+
+        A cached kernel that calls another cached kernel can be saved, in a
+        process that loaded the callee from the cache, with symbol names of
+        that process, and crash the next process that loads it (Numba issues
+        4807, 8578, 10128; seen here as segmentation faults). So kernels that
+        other kernels call are not cached themselves: each entry carries them.
+        """
+
         def decorate(func):
-            kernel = njit(cache=True, **options)(func)
+            kernel = njit(cache=entry, **options)(func)
             copy = types.FunctionType(
                 func.__code__, self._serial_globals, func.__name__, func.__defaults__,
                 func.__closure__,
@@ -71,7 +80,7 @@ class Twins:
             copy.__qualname__ = f"{func.__qualname__}_serial"
             copy.__module__ = func.__module__
             copy.__doc__ = func.__doc__
-            serial = njit(cache=True, **options)(copy)
+            serial = njit(cache=entry, **options)(copy)
             self._serial_globals[func.__name__] = serial
             self._namespace[f"{func.__name__}_serial"] = serial
             _SERIAL[kernel] = serial

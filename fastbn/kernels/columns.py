@@ -319,7 +319,7 @@ def _apply_per_feature(x, out, n_features, run, width, mean, scale, beta):
 
 
 @twin()
-def moments(x, n_features, run, width):
+def _mean_var(x, n_features, run, width):
     """float64 mean and biased variance of each feature (x as in train_forward)."""
     first = np.empty(n_features)
     for c in range(n_features):
@@ -329,20 +329,20 @@ def moments(x, n_features, run, width):
     return forward_moments(s1, s2, first, x.size // n_features)
 
 
-@twin()
+@twin(entry=True)
 def train_forward(x, n_features, run, width, gamma, beta, eps, out):
     """Batch statistics, then out = gamma * (x - mean) * invstd + beta.
 
     x and out are 1-D C-contiguous, rows of n_features * run values; width
     is a multiple of that. Returns float64 mean and invstd.
     """
-    mean, var = moments(x, n_features, run, width)
+    mean, var = _mean_var(x, n_features, run, width)
     invstd = 1.0 / np.sqrt(var + eps)
     _apply_per_feature(x, out, n_features, run, width, mean, gamma * invstd, beta)
     return mean, invstd
 
 
-@twin()
+@twin(entry=True)
 def eval_forward(x, n_features, run, width, running_mean, running_var, gamma, beta, eps, out):
     """out = gamma * (x - running_mean) / sqrt(running_var + eps) + beta."""
     scale = gamma / np.sqrt(running_var + eps)
@@ -350,16 +350,14 @@ def eval_forward(x, n_features, run, width, running_mean, running_var, gamma, be
 
 
 @twin()
-def param_grads(dy, x, n_features, run, width, mean, invstd):
+def _param_sums(dy, x, n_features, run, width, mean, invstd):
     """float64 dgamma = sum(dy * x_hat) and dbeta = sum(dy) per feature, without dx."""
     s1, s2 = _grad_sums(dy, x, tile(mean, n_features, run, width), width)
     return fold(s2, n_features, run) * invstd, fold(s1, n_features, run)
 
 
 @twin()
-def train_input_gradient(
-    dy, x, n_features, run, width, mean, invstd, gamma, dgamma, dbeta, count, out
-):
+def _train_dx(dy, x, n_features, run, width, mean, invstd, gamma, dgamma, dbeta, count, out):
     """dx of the training formula from given sums dgamma, dbeta over count values per feature.
 
     backward() passes this batch's sums; a synchronized batch norm passes
@@ -380,12 +378,12 @@ def train_input_gradient(
     _input_gradient(dy, x, out, (p[0], p[1], p[2], p[3], p[4], p[5]))
 
 
-@twin()
+@twin(entry=True)
 def backward(dy, x, n_features, run, width, mean, invstd, gamma, training, out):
     """dx into out; returns float64 dgamma and dbeta, x_hat recomputed from x."""
-    dgamma, dbeta = param_grads(dy, x, n_features, run, width, mean, invstd)
+    dgamma, dbeta = _param_sums(dy, x, n_features, run, width, mean, invstd)
     if training:
-        train_input_gradient(
+        _train_dx(
             dy, x, n_features, run, width, mean, invstd, gamma, dgamma, dbeta,
             x.size // n_features, out,
         )  # fmt: skip
@@ -393,6 +391,26 @@ def backward(dy, x, n_features, run, width, mean, invstd, gamma, training, out):
         zero = np.zeros(n_features)
         _apply_per_feature(dy, out, n_features, run, width, zero, gamma * invstd, zero)
     return dgamma, dbeta
+
+
+@twin(entry=True)
+def moments(x, n_features, run, width):
+    """float64 mean and biased variance of each feature (for a synchronized batch norm)."""
+    return _mean_var(x, n_features, run, width)
+
+
+@twin(entry=True)
+def param_grads(dy, x, n_features, run, width, mean, invstd):
+    """float64 dgamma = sum(dy * x_hat) and dbeta = sum(dy) per feature, without dx."""
+    return _param_sums(dy, x, n_features, run, width, mean, invstd)
+
+
+@twin(entry=True)
+def train_input_gradient(
+    dy, x, n_features, run, width, mean, invstd, gamma, dgamma, dbeta, count, out
+):
+    """dx of the training formula from given sums over count values per feature."""
+    _train_dx(dy, x, n_features, run, width, mean, invstd, gamma, dgamma, dbeta, count, out)
 
 
 twin.finish()

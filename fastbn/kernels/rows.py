@@ -238,7 +238,7 @@ def _backward_per_feature(dy, x, shape, mean, invstd, gamma, training, out):
 
 
 @twin()
-def moments(x):
+def _mean_var(x):
     """float64 mean and biased variance of each feature of the (P, C, Q) array x."""
     shape = x.shape
     flat = x.reshape(-1)
@@ -249,7 +249,7 @@ def moments(x):
     return forward_moments(row_sums(s1), row_sums(s2), shift, shape[0] * shape[2])
 
 
-@twin()
+@twin(entry=True)
 def train_forward(x, gamma, beta, eps, out):
     """Batch statistics, then out = gamma * (x - mean) * invstd + beta.
 
@@ -260,7 +260,7 @@ def train_forward(x, gamma, beta, eps, out):
     flat_out = out.reshape(-1)
     if _per_feature(x):
         return _train_per_feature(flat, shape, gamma, beta, eps, flat_out)
-    mean, var = moments(x)
+    mean, var = _mean_var(x)
     invstd = 1.0 / np.sqrt(var + eps)
     mean_hi, mean_lo = split_mean(mean, x)
     scale = in_dtype(gamma * invstd, x)
@@ -268,7 +268,7 @@ def train_forward(x, gamma, beta, eps, out):
     return mean, invstd
 
 
-@twin()
+@twin(entry=True)
 def eval_forward(x, running_mean, running_var, gamma, beta, eps, out):
     """out = gamma * (x - running_mean) / sqrt(running_var + eps) + beta."""
     mean_hi, mean_lo = split_mean(running_mean, x)
@@ -278,14 +278,14 @@ def eval_forward(x, running_mean, running_var, gamma, beta, eps, out):
 
 
 @twin()
-def param_grads(dy, x, mean, invstd):
+def _param_sums(dy, x, mean, invstd):
     """float64 dgamma = sum(dy * x_hat) and dbeta = sum(dy) per feature, without dx."""
     s1, s2 = _grad_sums(dy.reshape(-1), x.reshape(-1), x.shape, mean)
     return row_sums(s2) * invstd, row_sums(s1)
 
 
 @twin()
-def train_input_gradient(dy, x, mean, invstd, gamma, dgamma, dbeta, count, out):
+def _train_dx(dy, x, mean, invstd, gamma, dgamma, dbeta, count, out):
     """dx of the training formula from given sums dgamma, dbeta over count values per feature.
 
     backward() passes this batch's sums; a synchronized batch norm passes
@@ -304,22 +304,40 @@ def train_input_gradient(dy, x, mean, invstd, gamma, dgamma, dbeta, count, out):
     _input_gradient(dy.reshape(-1), x.reshape(-1), out.reshape(-1), x.shape, coefficients)
 
 
-@twin()
+@twin(entry=True)
 def backward(dy, x, mean, invstd, gamma, training, out):
     """dx into out; returns float64 dgamma and dbeta, x_hat recomputed from x."""
     shape = x.shape
     flat, flat_dy, flat_out = x.reshape(-1), dy.reshape(-1), out.reshape(-1)
     if _per_feature(x):
         return _backward_per_feature(flat_dy, flat, shape, mean, invstd, gamma, training, flat_out)
-    dgamma, dbeta = param_grads(dy, x, mean, invstd)
+    dgamma, dbeta = _param_sums(dy, x, mean, invstd)
     if training:
         count = shape[0] * shape[2]
-        train_input_gradient(dy, x, mean, invstd, gamma, dgamma, dbeta, count, out)
+        _train_dx(dy, x, mean, invstd, gamma, dgamma, dbeta, count, out)
     else:
         zero = np.zeros_like(in_dtype(mean, x))
         scale = in_dtype(gamma * invstd, x)
         _apply(flat_dy, flat_out, shape, zero, zero, scale, zero)
     return dgamma, dbeta
+
+
+@twin(entry=True)
+def moments(x):
+    """float64 mean and biased variance of each feature (for a synchronized batch norm)."""
+    return _mean_var(x)
+
+
+@twin(entry=True)
+def param_grads(dy, x, mean, invstd):
+    """float64 dgamma = sum(dy * x_hat) and dbeta = sum(dy) per feature, without dx."""
+    return _param_sums(dy, x, mean, invstd)
+
+
+@twin(entry=True)
+def train_input_gradient(dy, x, mean, invstd, gamma, dgamma, dbeta, count, out):
+    """dx of the training formula from given sums over count values per feature."""
+    _train_dx(dy, x, mean, invstd, gamma, dgamma, dbeta, count, out)
 
 
 twin.finish()
