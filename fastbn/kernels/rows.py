@@ -102,42 +102,29 @@ def _grad_sums_unit(dy, x, shape, mean, u, grid, s1, s2):
 
 
 @njit(inline="always")
-def _scale_unit(x, out, shape, u, grid, mean_hi, mean_lo, scale, shift):
-    C, Q = shape[1], shape[2]
-    c, p0, p1, q0, q1, _ = _unit(u, shape, grid)
-    for p in range(p0, p1):
-        start = (p * C + c) * Q + q0
-        scale_centered(x, out, start, q1 - q0, mean_hi[c], mean_lo[c], scale[c], shift[c])
+def _piece(start, end, Q, C):
+    """The run piece at flat position start: its end (within end) and its feature."""
+    r = start // Q
+    return min((r + 1) * Q, end), r % C
 
 
-@njit(inline="always")
-def _input_gradient_unit(dy, x, out, shape, u, grid, coefficients):
-    scale, invstd, mean_hi, mean_lo, k_xhat, k0 = coefficients
-    C, Q = shape[1], shape[2]
-    c, p0, p1, q0, q1, _ = _unit(u, shape, grid)
-    for p in range(p0, p1):
-        start = (p * C + c) * Q + q0
-        input_gradient(
-            dy,
-            x,
-            out,
-            start,
-            q1 - q0,
-            scale[c],
-            invstd[c],
-            mean_hi[c],
-            mean_lo[c],
-            k_xhat[c],
-            k0[c],
-        )
+# The element-wise passes go through memory in order, a chunk of RUN_CHUNK
+# values a unit, whatever runs the chunk cuts: they reduce nothing, so any
+# split gives the same bits, and memory order streams best (one run after
+# another, rather than one feature's runs a whole row of features apart).
 
 
 @twin(parallel=True)
 def _apply(x, out, shape, mean_hi, mean_lo, scale, shift):
     """out = ((x - mean) * scale + shift) per feature, in x's dtype (flat arrays)."""
-    grid = _grid(shape)
-    for u in prange(grid[2]):
-        _scale_unit(x, out, shape, u, grid, mean_hi, mean_lo, scale, shift)
+    C, Q = shape[1], shape[2]
+    for u in prange(-(-x.size // RUN_CHUNK)):
+        start = u * RUN_CHUNK
+        end = min(start + RUN_CHUNK, x.size)
+        while start < end:
+            stop, c = _piece(start, end, Q, C)
+            scale_centered(x, out, start, stop - start, mean_hi[c], mean_lo[c], scale[c], shift[c])
+            start = stop
 
 
 @twin(parallel=True)
@@ -167,9 +154,18 @@ def _grad_sums(dy, x, shape, mean):
 @twin(parallel=True)
 def _input_gradient(dy, x, out, shape, coefficients):
     """dx from per-feature (scale, invstd, mean_hi, mean_lo, k_xhat, k0), in x's dtype."""
-    grid = _grid(shape)
-    for u in prange(grid[2]):
-        _input_gradient_unit(dy, x, out, shape, u, grid, coefficients)
+    scale, invstd, mean_hi, mean_lo, k_xhat, k0 = coefficients
+    C, Q = shape[1], shape[2]
+    for u in prange(-(-x.size // RUN_CHUNK)):
+        start = u * RUN_CHUNK
+        end = min(start + RUN_CHUNK, x.size)
+        while start < end:
+            stop, c = _piece(start, end, Q, C)
+            input_gradient(
+                dy, x, out, start, stop - start, scale[c], invstd[c], mean_hi[c], mean_lo[c],
+                k_xhat[c], k0[c],
+            )  # fmt: skip
+            start = stop
 
 
 @njit(inline="always")
