@@ -22,23 +22,25 @@ import warnings
 from numba import njit
 from numba.core.errors import NumbaPerformanceWarning
 
-__all__ = ["Twins", "serial_twin"]
+__all__ = ["Twins", "quietly", "serial_twin"]
 
 _SERIAL = {}  # parallel-capable dispatcher -> its serial twin, across modules
-
-# A serial twin has no parallel loop by design: Numba's warning that
-# parallel=True found nothing to parallelize is expected there (and only
-# there: the filter matches the warnings that name fastbn's kernel files).
-warnings.filterwarnings(
-    "ignore",
-    message=r"(?s).*parallel=True.*no transformation.*fastbn[/\\]kernels[/\\]",
-    category=NumbaPerformanceWarning,
-)
 
 
 def serial_twin(kernel):
     """The one-thread twin of a kernel declared with `Twins`."""
     return _SERIAL[kernel]
+
+
+def quietly(call, *args):
+    """call(*args) without Numba's warning that parallel=True found no parallel loop.
+
+    A serial twin has none by design; the warning comes when it compiles, so
+    callers use this for a twin's first call with each dtype.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=NumbaPerformanceWarning)
+        return call(*args)
 
 
 class Twins:
