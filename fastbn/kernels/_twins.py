@@ -9,11 +9,13 @@ region. (Compiled with parallel=True all the same: the same serial loop runs
 2.2 times faster that way than in a plain njit function, bit for bit the
 same results; measured on the per-feature train loop, (64, 128) float32.)
 The copy's globals also name the serial twins of the kernels it calls, so a
-serial entry runs serial drivers all the way down. Both are cached by Numba,
-apart: the copy's qualified name ends in ``_serial``, which names its cache
-files.
+serial entry runs serial drivers all the way down. An entry and its twin
+are cached by Numba apart: the copy's qualified name ends in ``_serial``,
+which names its cache files.
 
-`serial_twin` maps a kernel to its serial twin for the Python callers.
+`serial_twin` maps a kernel to its serial twin for the Python callers, and
+`quietly` makes a twin's first call (its compilation) without Numba's
+warning that parallel=True found no parallel loop.
 """
 
 import types
