@@ -398,18 +398,18 @@ def table_cells(row):
     )
 
 
-def format_line(cells):
-    return " ".join(f"{cell:{spec}}" for cell, (_, spec) in zip(cells, COLUMNS, strict=True))
+def format_line(cells, columns=COLUMNS):
+    return " ".join(f"{cell:{spec}}" for cell, (_, spec) in zip(cells, columns, strict=True))
 
 
-def format_table(rows):
-    """One line per row, a blank line between cases."""
-    head = format_line([name for name, _ in COLUMNS])
+def format_table(rows, columns=COLUMNS, cells=table_cells):
+    """One line per row (``cells(row)`` under ``columns``), a blank line between cases."""
+    head = format_line([name for name, _ in columns], columns)
     lines = [head, "-" * len(head)]
     for i, row in enumerate(rows):
         if i and (row["case"], row["dtype"]) != (rows[i - 1]["case"], rows[i - 1]["dtype"]):
             lines.append("")
-        lines.append(format_line(table_cells(row)))
+        lines.append(format_line(cells(row), columns))
     return "\n".join(lines)
 
 

@@ -145,29 +145,6 @@ QUICK_LABELS = ("256x64 bf", "1024x256 bf", "64x256x14x14 nchw", "64x256x14x14 n
 # --- worker side: one peer, one process ------------------------------------------------
 
 
-def sample_times(fn, budget, min_runs=1, warm_up=True):
-    """Wall times of repeated calls of fn, after one untimed warm-up call if ``warm_up``.
-
-    Calls for ``budget`` seconds and at least ``min_runs`` times, with the
-    garbage collector off.
-    """
-    if warm_up:
-        fn()
-    times = []
-    gc_was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        deadline = time.perf_counter() + budget
-        while len(times) < min_runs or time.perf_counter() < deadline:
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-    finally:
-        if gc_was_enabled:
-            gc.enable()
-    return times
-
-
 def to_peer(peer, module):
     """The module a peer times: torch's own, or fastbn's built from a copy of it."""
     if peer == "torch":
@@ -336,7 +313,7 @@ class Server:
         calls, new = self.calls_for(job)
         return {
             "times": {
-                name: sample_times(fn, job["budget"], job["min_runs"], warm_up=new)
+                name: bench.sample_times(fn, job["budget"], job["min_runs"], warm_up=new)
                 for name, fn in calls.items()
             }
         }
@@ -565,21 +542,6 @@ def table_cells(row):
     )
 
 
-def format_line(cells):
-    return " ".join(f"{cell:{spec}}" for cell, (_, spec) in zip(cells, COLUMNS, strict=True))
-
-
-def format_table(rows):
-    """One line per row, a blank line between cases and dtypes."""
-    head = format_line([name for name, _ in COLUMNS])
-    lines = [head, "-" * len(head)]
-    for i, row in enumerate(rows):
-        if i and (row["case"], row["dtype"]) != (rows[i - 1]["case"], rows[i - 1]["dtype"]):
-            lines.append("")
-        lines.append(format_line(table_cells(row)))
-    return "\n".join(lines)
-
-
 def format_report(results):
     layer = [r["ratio"] for r in results["rows"] if r["kind"] == "layer"]
     g = geometric_mean(layer)
@@ -591,7 +553,7 @@ def format_report(results):
     return "\n\n".join(
         [
             format_header(results),
-            format_table(results["rows"]),
+            report.format_table(results["rows"], COLUMNS, table_cells),
             geomean,
             report.format_targets(results["targets"]),
         ]

@@ -55,6 +55,29 @@ QUICK_CASE_LABELS = (
 # --- worker side: one peer, one process -------------------------------------------------
 
 
+def sample_times(fn, budget, min_runs=1, warm_up=True):
+    """Wall times of repeated calls of fn, after one untimed warm-up call if ``warm_up``.
+
+    Calls for ``budget`` seconds and at least ``min_runs`` times, with the
+    garbage collector off.
+    """
+    if warm_up:
+        fn()
+    times = []
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        deadline = time.perf_counter() + budget
+        while len(times) < min_runs or time.perf_counter() < deadline:
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+    return times
+
+
 def median_seconds(fn, budget, min_runs=MIN_RUNS):
     """Median wall time of fn over repeated calls.
 
@@ -72,19 +95,7 @@ def median_seconds(fn, budget, min_runs=MIN_RUNS):
     runs : int
         Timed calls.
     """
-    fn()
-    times = []
-    gc_was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        deadline = time.perf_counter() + budget
-        while len(times) < min_runs or time.perf_counter() < deadline:
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-    finally:
-        if gc_was_enabled:
-            gc.enable()
+    times = sample_times(fn, budget, min_runs)
     return statistics.median(times), len(times)
 
 

@@ -11,7 +11,7 @@ import torch
 
 from fastbn.torch import functional
 
-__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "convert", "revert"]
+__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "convert", "forward_state", "revert"]
 
 
 class _FastBatchNorm:
@@ -46,15 +46,7 @@ class _FastBatchNorm:
     @torch.jit.unused
     def _fast_forward(self, input):
         self._check_input_dim(input)
-        # The dicts, not attributes: Module.__getattr__ costs ~0.5 us a tensor.
-        parameters, buffers = self._parameters, self._buffers
-        running_mean, running_var = buffers.get("running_mean"), buffers.get("running_var")
-        counter = None
-        momentum = 0.0 if self.momentum is None else self.momentum
-        if self.training and self.track_running_stats:
-            counter = buffers.get("num_batches_tracked")
-            if counter is not None:
-                momentum = self.momentum
+        weight, bias, running_mean, running_var, counter, momentum = forward_state(self)
         batch_stats = self.training or (running_mean is None and running_var is None)
         if self.training and not self.track_running_stats:
             running_mean = running_var = None
@@ -64,14 +56,40 @@ class _FastBatchNorm:
             input,
             running_mean,
             running_var,
-            parameters.get("weight"),
-            parameters.get("bias"),
+            weight,
+            bias,
             batch_stats,
             momentum,
             self.eps,
             counter,
             stacklevel=7,  # the caller of the module, through torch's Module.__call__
         )[0]
+
+
+def forward_state(module):
+    """A BatchNorm module's tensors for a forward, by torch's module rule.
+
+    Returns (weight, bias, running_mean, running_var, counter, momentum):
+    counter is num_batches_tracked when this forward may fold the batch into
+    the running statistics (training and tracking), else None, and momentum
+    None (the cumulative average) only then. Read from the module's dicts,
+    not its attributes: Module.__getattr__ costs about 0.5 us a tensor.
+    """
+    parameters, buffers = module._parameters, module._buffers
+    counter = None
+    momentum = 0.0 if module.momentum is None else module.momentum
+    if module.training and module.track_running_stats:
+        counter = buffers.get("num_batches_tracked")
+        if counter is not None:
+            momentum = module.momentum
+    return (
+        parameters.get("weight"),
+        parameters.get("bias"),
+        buffers.get("running_mean"),
+        buffers.get("running_var"),
+        counter,
+        momentum,
+    )
 
 
 class BatchNorm1d(_FastBatchNorm, torch.nn.BatchNorm1d):

@@ -29,7 +29,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from fastbn import _checks, _running
 from fastbn.torch import _ops
-from fastbn.torch.modules import _FastBatchNorm
+from fastbn.torch.modules import _FastBatchNorm, forward_state
 
 __all__ = ["SyncBatchNorm"]
 
@@ -345,15 +345,7 @@ class SyncBatchNorm(_FastBatchNorm, _BatchNorm):
 
     def _sync_forward(self, input, group, world_size):
         """The synchronized forward: checks first, then the op, then the running statistics."""
-        parameters, buffers = self._parameters, self._buffers
-        weight, bias = parameters.get("weight"), parameters.get("bias")
-        running_mean, running_var = buffers.get("running_mean"), buffers.get("running_var")
-        counter = None
-        momentum = 0.0 if self.momentum is None else self.momentum
-        if self.training and self.track_running_stats:
-            counter = buffers.get("num_batches_tracked")
-            if counter is not None:
-                momentum = self.momentum
+        weight, bias, running_mean, running_var, counter, momentum = forward_state(self)
         if self.training and not self.track_running_stats:
             running_mean = running_var = None
 
