@@ -8,7 +8,7 @@ cache is a temporary folder, so no other cache is touched.
 
 import argparse
 
-from fastbn._bench_cold import format_cold_start, measure_cold_start
+from fastbn.bench.cold import format_cold_start, measure_cold_start
 
 
 def main(argv=None):

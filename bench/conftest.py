@@ -8,7 +8,7 @@ parameter per case and dtype, so pytest runs them case by case).
 
 import pytest
 
-from fastbn._bench_peers import BENCH_CASES, make_data
+from fastbn.bench.peers import BENCH_CASES, make_data
 
 SUITE_CASE_LABELS = (
     "256x64 ff",
@@ -28,6 +28,6 @@ DTYPES = ("float32", "float64")
     ids=lambda p: f"{p[0].label.replace(' ', '-')}-{p[1]}",
 )
 def data(request):
-    """One case's arrays (`fastbn._bench_peers.Data`)."""
+    """One case's arrays (`fastbn.bench.peers.Data`)."""
     case, dtype = request.param
     return make_data(case, dtype)

@@ -11,7 +11,7 @@ compare peers.
 
 import pytest
 
-from fastbn._bench_peers import PASSES, PEERS, peer_calls, roofline_pass, small_calls
+from fastbn.bench.peers import PASSES, PEERS, peer_calls, roofline_pass, small_calls
 
 
 @pytest.mark.parametrize("peer", PEERS)

@@ -5,9 +5,9 @@ show that each peer's calls run, that the table and the target list are
 built from them, and that a missing peer is reported as not measured.
 """
 
-from fastbn import _bench_report as report
 from fastbn import bench
-from fastbn._bench_peers import PASSES, Case
+from fastbn.bench import report
+from fastbn.bench.peers import PASSES, Case
 
 
 def test_workers_give_a_row_per_pass():

@@ -1,4 +1,4 @@
-"""The plumbing of ``python -m fastbn.bench --torch`` (fastbn/_bench_torch.py), never its speed.
+"""The plumbing of ``python -m fastbn.bench --torch`` (fastbn/bench/torch_mode.py), not speed.
 
 Rows, ratios, the geometric mean and the SPEC targets come from fake
 timings; the driver's rounds run against fake workers; one tiny end-to-end
@@ -12,8 +12,8 @@ import math
 
 import pytest
 
-from fastbn import _bench_torch as bt
 from fastbn import bench
+from fastbn.bench import torch_mode as bt
 
 needs_torch = pytest.mark.skipif(
     importlib.util.find_spec("torch") is None, reason="torch is not installed"

@@ -19,8 +19,8 @@ import subprocess
 import sys
 
 import fastbn
-from fastbn._bench_cold import format_cold_start
-from fastbn._bench_peers import ARRAYS_MOVED, LAYOUTS, PASSES, ROOFLINE_FORMS, ROOFLINE_OF_PASS
+from fastbn.bench.cold import format_cold_start
+from fastbn.bench.peers import ARRAYS_MOVED, LAYOUTS, PASSES, ROOFLINE_FORMS, ROOFLINE_OF_PASS
 
 MiB = 1 << 20
 # SPEC section 8's limits on fastbn-out / roofline for data over 8 MiB.

@@ -36,9 +36,9 @@ import numba
 import numpy as np
 
 import fastbn
-from fastbn import _bench_report as report
-from fastbn._bench_cold import measure_cold_start
-from fastbn._bench_peers import BENCH_CASES, PEERS, Case, make_data, peer_calls, small_calls
+from fastbn.bench import report
+from fastbn.bench.cold import measure_cold_start
+from fastbn.bench.peers import BENCH_CASES, PEERS, Case, make_data, peer_calls, small_calls
 
 MIN_RUNS = 3
 SEED = 0
@@ -407,9 +407,9 @@ def main(argv=None):
         serve(args.worker)
         return
     if args.torch:
-        from fastbn import _bench_torch
+        from fastbn.bench import torch_mode
 
-        _bench_torch.run(args)
+        torch_mode.run(args)
         return
     settings = settings_from(args)
     started = time.perf_counter()
@@ -431,7 +431,3 @@ def main(argv=None):
             json.dump(results, f, indent=1)
     if args.plot:
         report.plot(results["rows"], args.plot)
-
-
-if __name__ == "__main__":
-    main()

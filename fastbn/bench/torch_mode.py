@@ -1,6 +1,6 @@
 """The bench's PyTorch mode, ``python -m fastbn.bench --torch``: fastbn.torch's modules vs torch's.
 
-Two peers, each a subprocess of its own (``python -m fastbn._bench_torch
+Two peers, each a subprocess of its own (``python -m fastbn.bench.torch_mode
 --worker PEER``, JSON jobs on stdin, one a line, JSON lines on stdout):
 
 - ``torch``: torch.nn's BatchNorm1d / BatchNorm2d, and models built of them;
@@ -80,8 +80,8 @@ from dataclasses import dataclass
 import numba
 
 import fastbn
-from fastbn import _bench_report as report
 from fastbn import bench
+from fastbn.bench import report
 
 PEERS = ("torch", "fastbn")
 LAYER_PASSES = ("train", "eval")
@@ -340,12 +340,12 @@ def serve(peer):
 
 
 class Worker(bench.Worker):
-    """A peer's subprocess, ``python -m fastbn._bench_torch --worker PEER``, in its environment."""
+    """A peer's subprocess, ``python -m fastbn.bench.torch_mode --worker PEER``."""
 
     def __init__(self, peer, env=None):  # ask() and close() are bench.Worker's
         self.peer = peer
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "fastbn._bench_torch", "--worker", peer],
+            [sys.executable, "-m", "fastbn.bench.torch_mode", "--worker", peer],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
@@ -634,7 +634,7 @@ def run(args):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m fastbn._bench_torch")
+    parser = argparse.ArgumentParser(prog="python -m fastbn.bench.torch_mode")
     parser.add_argument("--worker", choices=PEERS, required=True)
     serve(parser.parse_args(argv).worker)
 
