@@ -102,15 +102,33 @@ def kernel_input(a):
 
 
 @functools.lru_cache(maxsize=64)
-def _constant(value, n):
+def _constant(value, n, dtype):
     # Shared between calls: only the kernels see it, and they never write it.
-    return np.full(n, value)
+    return np.full(n, value, dtype)
 
 
-def per_feature(name, v, n_features, x, axis, default=None):
-    """A length-C float vector as contiguous float64 for the kernels (``default`` if None)."""
+def vector_dtype(x, *vectors):
+    """The dtype per_feature gives a call's parameters and running statistics.
+
+    x's dtype when every one given is an ndarray of it (the common case, no
+    conversion at all), else float64 (exact for float32 values, and float64
+    values stay as they are: running variances of float32 data may be
+    beyond float32's range).
+    """
+    dtype = x.dtype
+    for v in vectors:
+        if v is not None and not (isinstance(v, np.ndarray) and v.dtype is dtype):
+            return FLOAT64
+    return dtype
+
+
+def per_feature(name, v, n_features, x, axis, default=None, dtype=FLOAT64):
+    """A length-C float vector, contiguous, in dtype for the kernels (``default`` if None).
+
+    The kernels compute with it in float64 whatever its dtype (see vector_dtype).
+    """
     if v is None:
-        return None if default is None else _constant(float(default), n_features)
+        return None if default is None else _constant(float(default), n_features, dtype)
     # float_array's checks, inline for an ndarray: the call would cost more than they do.
     if not (isinstance(v, np.ndarray) and v.dtype in FLOAT_DTYPES):
         v = float_array(name, v)
@@ -119,10 +137,9 @@ def per_feature(name, v, n_features, x, axis, default=None):
             f"{name} has shape {v.shape}, expected ({n_features},): one value per feature "
             f"of x with shape {x.shape} and axis={axis}"
         )
-    dtype = v.dtype
     # The identity test first: comparing unequal dtypes costs more.
-    if dtype is FLOAT32 or dtype != FLOAT64:
-        return v.astype(FLOAT64)  # a new array: contiguous and writable
+    if v.dtype is not dtype and v.dtype != dtype:
+        return v.astype(dtype)  # a new array: contiguous and writable
     return kernel_input(np.ascontiguousarray(v))
 
 

@@ -217,18 +217,20 @@ def batch_norm_train(x, gamma=None, beta=None, *, axis=0, eps=1e-5, out=None):
 
 def _train(x, plan, gamma, beta, eps, out):
     """`batch_norm_train` once x and the axis are checked and planned (`_planned`)."""
-    gamma64 = _checks.per_feature("gamma", gamma, plan.n_features, x, plan.axis, default=1.0)
-    beta64 = _checks.per_feature("beta", beta, plan.n_features, x, plan.axis, default=0.0)
+    n_features, axis = plan.n_features, plan.axis
+    dtype = _checks.vector_dtype(x, gamma, beta)
+    gamma_k = _checks.per_feature("gamma", gamma, n_features, x, axis, 1.0, dtype)
+    beta_k = _checks.per_feature("beta", beta, n_features, x, axis, 0.0, dtype)
     eps = _checks.positive_eps(eps)
     if out is not None:
         _checks.output(out, x, (("x", x), ("gamma", gamma), ("beta", beta)))
     buffer, copy_back = plan.output(out, x.dtype)
     x_k, y_k = plan.kernel_x(x), plan.view(buffer)
     if plan.rows:
-        mean, invstd = _launch(plan.serial, rows.train_forward, x_k, gamma64, beta64, eps, y_k)
+        mean, invstd = _launch(plan.serial, rows.train_forward, x_k, gamma_k, beta_k, eps, y_k)
     else:
         mean, invstd = _launch(
-            plan.serial, columns.train_forward, x_k, *plan.columns_args, gamma64, beta64, eps, y_k
+            plan.serial, columns.train_forward, x_k, *plan.columns_args, gamma_k, beta_k, eps, y_k
         )
     return plan.result(buffer, out, copy_back), mean, invstd
 
@@ -265,10 +267,11 @@ def batch_norm_eval(
 def _eval(x, plan, running_mean, running_var, gamma, beta, eps, out):
     """`batch_norm_eval` once x and the axis are checked and planned (`_planned`)."""
     n_features, axis = plan.n_features, plan.axis
-    mean64 = _checks.per_feature("running_mean", running_mean, n_features, x, axis)
-    var64 = _checks.per_feature("running_var", running_var, n_features, x, axis)
-    gamma64 = _checks.per_feature("gamma", gamma, n_features, x, axis, default=1.0)
-    beta64 = _checks.per_feature("beta", beta, n_features, x, axis, default=0.0)
+    dtype = _checks.vector_dtype(x, running_mean, running_var, gamma, beta)
+    mean_k = _checks.per_feature("running_mean", running_mean, n_features, x, axis, None, dtype)
+    var_k = _checks.per_feature("running_var", running_var, n_features, x, axis, None, dtype)
+    gamma_k = _checks.per_feature("gamma", gamma, n_features, x, axis, 1.0, dtype)
+    beta_k = _checks.per_feature("beta", beta, n_features, x, axis, 0.0, dtype)
     eps = _checks.positive_eps(eps)
     if out is not None:
         inputs = (
@@ -282,17 +285,17 @@ def _eval(x, plan, running_mean, running_var, gamma, beta, eps, out):
     buffer, copy_back = plan.output(out, x.dtype)
     x_k, y_k = plan.kernel_x(x), plan.view(buffer)
     if plan.rows:
-        _launch(plan.serial, rows.eval_forward, x_k, mean64, var64, gamma64, beta64, eps, y_k)
+        _launch(plan.serial, rows.eval_forward, x_k, mean_k, var_k, gamma_k, beta_k, eps, y_k)
     else:
         _launch(
             plan.serial,
             columns.eval_forward,
             x_k,
             *plan.columns_args,
-            mean64,
-            var64,
-            gamma64,
-            beta64,
+            mean_k,
+            var_k,
+            gamma_k,
+            beta_k,
             eps,
             y_k,
         )
@@ -354,7 +357,9 @@ def _backward(dy, x, mean, invstd, gamma, axis, training, out, forward_plan=None
         invstd64 = _checks.per_feature("invstd", invstd, plan.n_features, x, plan.axis)
     else:
         plan, mean64, invstd64 = forward_plan, mean, invstd
-    gamma64 = _checks.per_feature("gamma", gamma, plan.n_features, x, plan.axis, default=1.0)
+    gamma_k = _checks.per_feature(
+        "gamma", gamma, plan.n_features, x, plan.axis, 1.0, _checks.vector_dtype(x, gamma)
+    )
     if out is not None:
         inputs = (("dy", dy), ("x", x), ("mean", mean), ("invstd", invstd), ("gamma", gamma))
         _checks.output(out, x, inputs, may_be=("dy", dy))
@@ -372,7 +377,7 @@ def _backward(dy, x, mean, invstd, gamma, axis, training, out, forward_plan=None
     training = bool(training)
     if plan.rows:
         dgamma, dbeta = _launch(
-            plan.serial, rows.backward, dy_k, x_k, mean64, invstd64, gamma64, training, dx_k
+            plan.serial, rows.backward, dy_k, x_k, mean64, invstd64, gamma_k, training, dx_k
         )
     else:
         dgamma, dbeta = _launch(
@@ -383,7 +388,7 @@ def _backward(dy, x, mean, invstd, gamma, axis, training, out, forward_plan=None
             *plan.columns_args,
             mean64,
             invstd64,
-            gamma64,
+            gamma_k,
             training,
             dx_k,
         )
@@ -408,17 +413,19 @@ def _train_input_gradient(dy, x, plan, mean, invstd, gamma, dgamma, dbeta, count
     x is checked and planned (`_planned`); mean, invstd, dgamma and dbeta are
     C-contiguous float64 vectors of length C; gamma is checked here.
     """
-    gamma64 = _checks.per_feature("gamma", gamma, plan.n_features, x, plan.axis, default=1.0)
+    gamma_k = _checks.per_feature(
+        "gamma", gamma, plan.n_features, x, plan.axis, 1.0, _checks.vector_dtype(x, gamma)
+    )
     buffer, _ = plan.output(None, x.dtype)
     dy_k, x_k, dx_k = plan.kernel_input(dy), plan.kernel_x(x), plan.view(buffer)
     if plan.rows:
         _launch(
-            plan.serial, rows.train_input_gradient, dy_k, x_k, mean, invstd, gamma64, dgamma,
+            plan.serial, rows.train_input_gradient, dy_k, x_k, mean, invstd, gamma_k, dgamma,
             dbeta, count, dx_k,
         )  # fmt: skip
     else:
         _launch(
             plan.serial, columns.train_input_gradient, dy_k, x_k, *plan.columns_args, mean,
-            invstd, gamma64, dgamma, dbeta, count, dx_k,
+            invstd, gamma_k, dgamma, dbeta, count, dx_k,
         )  # fmt: skip
     return plan.result(buffer, None, False)

@@ -241,12 +241,15 @@ def peer_calls(peer, d):
 
 
 def small_calls(seed=0):
-    """SPEC's small case, (64, 128) float32: functional train forward, layer forward + backward."""
+    """SPEC's small case, (64, 128) float32: the functional passes, layer forward + backward."""
     rng = np.random.default_rng(seed)
     x = rng.standard_normal(SMALL_SHAPE, dtype=np.float32)
     dy = rng.standard_normal(SMALL_SHAPE, dtype=np.float32)
     gamma = np.ones(SMALL_SHAPE[0], np.float32)
     beta = np.zeros(SMALL_SHAPE[0], np.float32)
+    running_mean = np.zeros(SMALL_SHAPE[0], np.float32)
+    running_var = np.ones(SMALL_SHAPE[0], np.float32)
+    _, mean, invstd = fastbn.batch_norm_train(x, gamma, beta)
     bn = fastbn.BatchNorm(SMALL_SHAPE[0])
 
     def layer_forward_backward():
@@ -255,6 +258,10 @@ def small_calls(seed=0):
 
     return {
         "functional train forward": lambda: fastbn.batch_norm_train(x, gamma, beta),
+        "functional eval forward": lambda: fastbn.batch_norm_eval(
+            x, running_mean, running_var, gamma, beta
+        ),
+        "functional backward": lambda: fastbn.batch_norm_backward(dy, x, mean, invstd, gamma),
         "layer forward + backward": layer_forward_backward,
     }
 

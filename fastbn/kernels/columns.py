@@ -345,7 +345,7 @@ def train_forward(x, n_features, run, width, gamma, beta, eps, out):
 @twin(entry=True)
 def eval_forward(x, n_features, run, width, running_mean, running_var, gamma, beta, eps, out):
     """out = gamma * (x - running_mean) / sqrt(running_var + eps) + beta."""
-    scale = gamma / np.sqrt(running_var + eps)
+    scale = gamma / np.sqrt(running_var.astype(np.float64) + eps)
     _apply_per_feature(x, out, n_features, run, width, running_mean, scale, beta)
 
 

@@ -268,7 +268,7 @@ def train_forward(x, gamma, beta, eps, out):
 def eval_forward(x, running_mean, running_var, gamma, beta, eps, out):
     """out = gamma * (x - running_mean) / sqrt(running_var + eps) + beta."""
     mean_hi, mean_lo = split_mean(running_mean, x)
-    scale = in_dtype(gamma / np.sqrt(running_var + eps), x)
+    scale = in_dtype(gamma / np.sqrt(running_var.astype(np.float64) + eps), x)
     shift = in_dtype(beta, x)
     _apply(x.reshape(-1), out.reshape(-1), x.shape, mean_hi, mean_lo, scale, shift)
 
