@@ -17,7 +17,7 @@ import numpy as np
 from fastbn import _checks
 from fastbn._threading import kernel_guard
 from fastbn.kernels import columns, rows
-from fastbn.kernels._twins import quietly, serial_twin
+from fastbn.kernels._twins import serial_twin
 
 __all__ = ["batch_norm_backward", "batch_norm_eval", "batch_norm_train"]
 
@@ -163,19 +163,10 @@ def _planned(x, axis, training):
     return x, plan
 
 
-_SERIAL_CALLED = set()  # (serial twin, dtype) called before: compiled or loaded
-
-
 def _launch(serial, kernel, *args):
     """kernel(*args), or its one-thread twin; a parallel launch under `kernel_guard`."""
     if serial:  # no parallel region: the guard would do nothing but cost
-        twin = serial_twin(kernel)
-        key = (twin, args[0].dtype)
-        if key in _SERIAL_CALLED:
-            return twin(*args)
-        result = quietly(twin, *args)
-        _SERIAL_CALLED.add(key)
-        return result
+        return serial_twin(kernel)(*args)
     with kernel_guard(serial):
         return kernel(*args)
 

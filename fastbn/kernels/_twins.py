@@ -13,9 +13,9 @@ serial entry runs serial drivers all the way down. An entry and its twin
 are cached by Numba apart: the copy's qualified name ends in ``_serial``,
 which names its cache files.
 
-`serial_twin` maps a kernel to its serial twin for the Python callers, and
-`quietly` makes a twin's first call (its compilation) without Numba's
-warning that parallel=True found no parallel loop.
+`serial_twin` maps a kernel to its serial twin for the Python callers. A
+serial twin compiles without Numba's warning that parallel=True found no
+parallel loop (there is none by design).
 """
 
 import types
@@ -24,7 +24,7 @@ import warnings
 from numba import njit
 from numba.core.errors import NumbaPerformanceWarning
 
-__all__ = ["Twins", "quietly", "serial_twin"]
+__all__ = ["Twins", "serial_twin"]
 
 _SERIAL = {}  # parallel-capable dispatcher -> its serial twin, across modules
 
@@ -34,15 +34,19 @@ def serial_twin(kernel):
     return _SERIAL[kernel]
 
 
-def quietly(call, *args):
-    """call(*args) without Numba's warning that parallel=True found no parallel loop.
+def _quiet(compile_for_args):
+    """A dispatcher's compile step without Numba's warning that parallel=True found no loop.
 
-    A serial twin has none by design; the warning comes when it compiles, so
-    callers use this for a twin's first call with each dtype.
+    A serial twin has no parallel loop by design; the warning comes when it
+    (or an entry twin that calls it) compiles for a new signature.
     """
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", category=NumbaPerformanceWarning)
-        return call(*args)
+
+    def compile_quietly(*args, **kwargs):
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=NumbaPerformanceWarning)
+            return compile_for_args(*args, **kwargs)
+
+    return compile_quietly
 
 
 class Twins:
@@ -85,6 +89,7 @@ class Twins:
             copy.__module__ = func.__module__
             copy.__doc__ = func.__doc__
             serial = njit(cache=entry, **options)(copy)
+            serial._compile_for_args = _quiet(serial._compile_for_args)
             self._serial_globals[func.__name__] = serial
             self._namespace[f"{func.__name__}_serial"] = serial
             _SERIAL[kernel] = serial
