@@ -27,7 +27,7 @@ def test_pass(benchmark, data, pass_name, peer):
     benchmark(fn)
 
 
-@pytest.mark.parametrize("call", ["functional train forward", "layer forward + backward"])
+@pytest.mark.parametrize("call", list(small_calls()))
 def test_small(benchmark, call):
     fn = small_calls()[call]
     fn()
