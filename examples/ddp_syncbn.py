@@ -44,6 +44,7 @@ Run ``torchrun --nproc_per_node=2 examples/ddp_syncbn.py [--out DIR]``, or
 """
 
 import argparse
+import gc
 import os
 import socket
 import time
@@ -176,10 +177,13 @@ def run(rank, world, args, start):
         model = convert(make_model(dtype))
         if rank == 0:
             print(f"{name} ({GLOBAL_BATCH // world} examples per process):", flush=True)
-        runs[name] = (
-            model,
-            *train(DistributedDataParallel(model), data, epochs, dtype, rank, world),
-        )
+        ddp = DistributedDataParallel(model)
+        runs[name] = (model, *train(ddp, data, epochs, dtype, rank, world))
+        del ddp
+    # DDP's reducer holds gloo work and reference cycles: free it while the
+    # group lives, or its destructor may run at exit and abort the process.
+    gc.collect()
+    dist.barrier()
     dist.destroy_process_group()
     if rank != 0:
         return
