@@ -10,6 +10,7 @@ Not a test module (pytest collects test_*.py only).
 """
 
 import datetime
+import gc
 import json
 import sys
 import time
@@ -258,6 +259,7 @@ def main():
             raise
         results[spec["name"]]["wall"] = time.perf_counter() - start
     torch.save(results, f"{out_dir}/rank{rank}.pt")
+    gc.collect()  # DDP's reducer (reference cycles) goes while the group lives, not at exit
     dist.barrier()
     dist.destroy_process_group()
 
