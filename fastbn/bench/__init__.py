@@ -177,15 +177,18 @@ def serve(peer):
 
 
 class Worker:
-    """A peer's subprocess, ``python -m fastbn.bench --worker PEER``."""
+    """A peer's subprocess, ``python -m MODULE --worker PEER``, in env (default: ours)."""
 
-    def __init__(self, peer):
+    MODULE = "fastbn.bench"
+
+    def __init__(self, peer, env=None):
         self.peer = peer
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "fastbn.bench", "--worker", peer],
+            [sys.executable, "-m", self.MODULE, "--worker", peer],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
+            env=env,
         )
 
     def ask(self, job):

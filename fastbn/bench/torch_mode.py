@@ -71,7 +71,6 @@ import math
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 import traceback
@@ -342,15 +341,7 @@ def serve(peer):
 class Worker(bench.Worker):
     """A peer's subprocess, ``python -m fastbn.bench.torch_mode --worker PEER``."""
 
-    def __init__(self, peer, env=None):  # ask() and close() are bench.Worker's
-        self.peer = peer
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "fastbn.bench.torch_mode", "--worker", peer],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-            env=env,
-        )
+    MODULE = "fastbn.bench.torch_mode"
 
 
 @dataclass
