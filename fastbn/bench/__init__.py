@@ -11,7 +11,8 @@ How it measures:
 
 - each peer runs in a subprocess of its own (``--worker PEER`` answers JSON
   jobs on stdin, one a line, with JSON lines on stdout), so the OpenMP
-  runtimes of two libraries never spin in one process;
+  runtimes of two libraries never spin in one process; the roofline runs
+  in fastbn-out's, on the same arrays, each pass and its floor in turn;
 - the peers of one case run back to back, so the ratios of a row come from
   the same moments of a shared machine;
 - a time is the MEDIAN of repeated calls after one warm-up call, called for
@@ -38,7 +39,19 @@ import numpy as np
 import fastbn
 from fastbn.bench import report
 from fastbn.bench.cold import measure_cold_start
-from fastbn.bench.peers import BENCH_CASES, PEERS, Case, make_data, peer_calls, small_calls
+from fastbn.bench.peers import (
+    BENCH_CASES,
+    ROOFLINE_FORMS,
+    ROOFLINE_OF_PASS,
+    WORKERS,
+    Case,
+    fastbn_calls,
+    make_data,
+    out_buffers,
+    peer_calls,
+    roofline_calls,
+    small_calls,
+)
 
 MIN_RUNS = 3
 SEED = 0
@@ -126,9 +139,28 @@ def time_calls(peer, calls, threads, budget):
 
 
 def case_job(peer, job):
-    case = Case.from_json(job["case"])
-    calls = peer_calls(peer, make_data(case, job["dtype"], job["seed"]))
-    return {"records": time_calls(peer, calls, job["threads"], job["budget"])}
+    """Each peer's records of one case; the fastbn-out worker also times the roofline.
+
+    The roofline runs on fastbn-out's own arrays, x, dy and the outputs (see
+    `fastbn.bench.peers`), its kernels alternating with fastbn's passes.
+    """
+    d = make_data(Case.from_json(job["case"]), job["dtype"], job["seed"])
+    if peer != "fastbn-out":
+        return {
+            "records": {peer: time_calls(peer, peer_calls(peer, d), job["threads"], job["budget"])}
+        }
+    buffers = out_buffers(d)
+    fastbn = fastbn_calls(d, out=buffers)
+    floor = roofline_calls(d, out=buffers)
+    records = {"fastbn-out": [], "roofline": []}
+    for n in job["threads"]:
+        for pass_name, kernels in ROOFLINE_OF_PASS.items():
+            records["fastbn-out"] += time_calls(
+                peer, {pass_name: fastbn[pass_name]}, [n], job["budget"]
+            )
+            forms = {f: floor[f] for k in kernels for f in ROOFLINE_FORMS[k]}
+            records["roofline"] += time_calls(peer, forms, [n], job["budget"])
+    return {"records": records}
 
 
 def small_job(peer, job):
@@ -250,7 +282,7 @@ class Settings:
     dtypes: list
     threads: list
     budget: float
-    peers: list
+    peers: list  # the workers' peers (`WORKERS`)
 
 
 def measure_case(workers, case, dtype, settings, progress):
@@ -266,7 +298,7 @@ def measure_case(workers, case, dtype, settings, progress):
     records = {}
     for worker in workers:
         with progress.task(f"{case.label} {dtype}: {worker.peer}"):
-            records[worker.peer] = worker.ask(job)["records"]
+            records.update(worker.ask(job)["records"])
     return report.case_rows(case, dtype, records)
 
 
@@ -381,7 +413,7 @@ def parse_args(argv):
         " choice); tbb needs libtbb.so.12 of the tbb wheel on the loader's path:"
         f" LD_LIBRARY_PATH must contain {sys.prefix}/lib",
     )
-    parser.add_argument("--worker", choices=PEERS, help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=WORKERS, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.numba_layer and not args.torch:
         parser.error("--numba-layer applies to --torch only")
@@ -394,7 +426,7 @@ def settings_from(args):
     else:
         cases = BENCH_CASES
     dtype = args.dtype or ("float32" if args.quick else "both")
-    peers = [p for p in PEERS if p != "torch" or torch_installed()]
+    peers = [p for p in WORKERS if p != "torch" or torch_installed()]
     return Settings(
         cases=select_cases(cases, args.shapes),
         dtypes=["float32", "float64"] if dtype == "both" else [dtype],

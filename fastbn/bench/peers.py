@@ -5,6 +5,12 @@ its own, and by the pytest-benchmark suite in ``bench/``. A peer's calls are
 zero-argument functions, one per pass (train forward, eval forward,
 backward); the roofline peer has one per kernel (R, RW, R2, R2W) instead,
 and `ROOFLINE_OF_PASS` says which of them bound each pass.
+
+The bench times the roofline in the fastbn-out process, on the same x, dy
+and output buffers (`out_buffers`): the bandwidth of a streaming pass here
+varies up to 2x with the physical pages an allocation gets (the RW kernel
+over four fresh 128 MiB pairs of arrays in one process: 3.7 to 7.3 ms), so
+a floor timed on other memory is no floor.
 """
 
 import math
@@ -18,6 +24,7 @@ from fastbn.kernels import roofline
 
 PASSES = ("train", "eval", "backward")
 PEERS = ("fastbn", "fastbn-out", "numpy", "torch", "roofline")
+WORKERS = ("fastbn", "fastbn-out", "numpy", "torch")  # fastbn-out's also times the roofline
 ROOFLINE_OF_PASS = {"train": ("R", "RW"), "eval": ("RW",), "backward": ("R2", "R2W")}
 # The calls of the roofline peer that are forms of each kernel.
 ROOFLINE_FORMS = {k: (k, f"{k} numpy") for k in ("R", "RW", "R2", "R2W")}
@@ -131,11 +138,15 @@ def make_data(case, dtype, seed=0):
     )
 
 
-def fastbn_calls(d, out=False):
-    """fastbn's three passes; with ``out=True`` into buffers allocated once."""
+def out_buffers(d):
+    """(y, dx): output buffers of x's shape and dtype, allocated once."""
+    return np.empty_like(d.x), np.empty_like(d.x)
+
+
+def fastbn_calls(d, out=None):
+    """fastbn's three passes; with ``out=(y, dx)`` (`out_buffers`) into those buffers."""
     axis = d.case.axis
-    y = np.empty_like(d.x) if out else None
-    dx = np.empty_like(d.x) if out else None
+    y, dx = (None, None) if out is None else out
     _, mean, invstd = fastbn.batch_norm_train(d.x, d.gamma, d.beta, axis=axis)
     return {
         "train": lambda: fastbn.batch_norm_train(d.x, d.gamma, d.beta, axis=axis, eps=EPS, out=y),
@@ -202,26 +213,27 @@ def torch_calls(d):
     }
 
 
-def roofline_calls(d):
-    """Every honest form of the roofline kernels on the flat data, outputs preallocated.
+def roofline_calls(d, out=None):
+    """Every honest form of the roofline kernels on the flat data, into out (y, dx).
 
     Each kernel (R, RW, R2, R2W) has a Numba form (`fastbn.kernels.roofline`)
     and a NumPy form that moves the same bytes in one call; the report takes
-    the faster as the floor (`ROOFLINE_FORMS`).
+    the faster as the floor (`ROOFLINE_FORMS`). RW writes where fastbn writes
+    y, R2W where it writes dx (`out_buffers`, allocated here if not given).
     """
     x = d.x.reshape(-1)
     dy = d.dy.reshape(-1)
-    out = np.empty_like(x)
+    y, dx = (a.reshape(-1) for a in (out_buffers(d) if out is None else out))
     a, b, c = (d.x.dtype.type(v) for v in (1.5, -0.5, 0.25))
     return {
         "R": lambda: roofline.read(x),
-        "RW": lambda: roofline.read_write(x, a, b, out),
+        "RW": lambda: roofline.read_write(x, a, b, y),
         "R2": lambda: roofline.read2(x, dy),
-        "R2W": lambda: roofline.read2_write(dy, x, a, b, c, out),
+        "R2W": lambda: roofline.read2_write(dy, x, a, b, c, dx),
         "R numpy": lambda: np.add.reduce(x),
-        "RW numpy": lambda: np.multiply(x, a, out=out),
+        "RW numpy": lambda: np.multiply(x, a, out=y),
         "R2 numpy": lambda: np.dot(x, dy),
-        "R2W numpy": lambda: np.multiply(dy, x, out=out),
+        "R2W numpy": lambda: np.multiply(dy, x, out=dx),
     }
 
 
@@ -230,7 +242,7 @@ def peer_calls(peer, d):
     if peer == "fastbn":
         return fastbn_calls(d)
     if peer == "fastbn-out":
-        return fastbn_calls(d, out=True)
+        return fastbn_calls(d, out=out_buffers(d))
     if peer == "numpy":
         return numpy_calls(d)
     if peer == "torch":

@@ -229,6 +229,16 @@ def rows_in_l2(rows, l2):
     return [r for r in rows if r["layout"] == "ff" and is_large(r) and row_bytes(r) <= l2]
 
 
+def streamed_rows(rows, l2):
+    """Rows over 8 MiB read from memory twice in training: all but `rows_in_l2`.
+
+    A features-first row that fits in L2 is read once (its statistics, then
+    its output from cache), so R + RW is not its floor: RW is.
+    """
+    in_l2 = rows_in_l2(rows, l2)
+    return [r for r in rows if is_large(r) and r not in in_l2]
+
+
 def kernel_ratio(kernel):
     return lambda r: r["seconds"]["fastbn-out"] / r["roofline_kernels"][kernel]["seconds"]
 
@@ -250,6 +260,7 @@ def evaluate_targets(results):
     large = [r for r in rows if is_large(r)]
     mid = [r for r in rows if in_mid_range(r)]
     in_l2 = rows_in_l2(rows, l2)
+    streamed = streamed_rows(rows, l2)
 
     def of_pass(chosen, p):
         return [r for r in chosen if r["pass"] == p]
@@ -275,8 +286,10 @@ def evaluate_targets(results):
         ),
         worst_row("vs PyTorch, every row", rows, lambda r: r["vs_torch"], ">=", 1.0),
         torch_geomean(rows),
-        floor_row("> 8 MiB, train / (R + RW)", of_pass(large, "train"), vs_roofline, 1.15),
-        floor_row("> 8 MiB, backward / (R2 + R2W)", of_pass(large, "backward"), vs_roofline, 1.15),
+        floor_row("> 8 MiB, train / (R + RW)", of_pass(streamed, "train"), vs_roofline, 1.15),
+        floor_row(
+            "> 8 MiB, backward / (R2 + R2W)", of_pass(streamed, "backward"), vs_roofline, 1.15
+        ),
         floor_row("> 8 MiB, eval / RW", of_pass(large, "eval"), vs_roofline, 1.1),
         floor_row(
             f"ff > 8 MiB, rows in L2 ({l2 // 1024} KiB), train / RW",
@@ -344,7 +357,8 @@ def format_header(results):
             f" numpy {m['numpy']}, numba {m['numba']} (threading layer {m['threading_layer']},"
             f" {m['numba_threads']} threads){torch}",
             f"threads: each peer at its best of {threads} (column thr: fastbn's/torch's);"
-            f" each peer in a subprocess of its own, the peers of a case back to back;"
+            f" each peer in a subprocess of its own (the roofline in fastbn-out's, on its"
+            f" arrays), the peers of a case back to back;"
             f" run took {s['seconds']:.0f} s",
             "layouts: " + "; ".join(f"{k} = {v}" for k, v in LAYOUTS.items()),
             "  (torch gets ff data as the (1, n, m) view, nhwc as the channels_last"

@@ -8,7 +8,10 @@ times a block of positions; it accumulates down its groups into its own
 partial row, vectorized across positions. Partial rows are merged after the
 parallel loop in a fixed order, and the units depend on the shape only, so
 results do not depend on the thread count; no thread ever writes where
-another does.
+another does. The element-wise passes reduce nothing: their units are
+blocks of whole groups, so that each thread streams through memory in
+order (a unit of 1024-position pieces, one 4 KiB page a row, ran batch-first
+(4096, 4096) float32 eval at 2.25x the RW floor, whole groups at 1.05-1.5x).
 """
 
 import numpy as np
@@ -47,6 +50,14 @@ def _grid(n, width):
     wanted_blocks = min(-(-TARGET_UNITS // position_blocks), max(1, PARTIAL_VALUES // width))
     per_block = max(1, -(-groups // wanted_blocks), -(-UNIT_VALUES // min(width, POSITION_BLOCK)))
     return groups, per_block, -(-groups // per_block), position_blocks
+
+
+@njit(inline="always")
+def _memory_grid(n, width):
+    """(groups, groups per block, blocks) of an element-wise pass: blocks of whole groups."""
+    groups = n // width
+    per_block = max(1, -(-UNIT_VALUES // width), -(-groups // TARGET_UNITS))
+    return groups, per_block, -(-groups // per_block)
 
 
 @njit(inline="always")
@@ -281,11 +292,11 @@ def _grad_sums(dy, x, mean, width):
 def _apply(x, out, mean_hi, mean_lo, scale, shift):
     """out = ((x - mean) * scale + shift) with per-position parameters of length W."""
     width = mean_hi.size
-    grid = _grid(x.size, width)
-    groups, _, blocks, position_blocks = grid
-    for u in prange(blocks * position_blocks):
-        _, g0, g1, j0, j1 = _unit(u, width, grid)
-        _scale_block(x, out, width, g0, g1, j0, j1 - j0, mean_hi, mean_lo, scale, shift)
+    groups, per_block, blocks = _memory_grid(x.size, width)
+    for u in prange(blocks):
+        g0 = u * per_block
+        g1 = min(g0 + per_block, groups)
+        _scale_block(x, out, width, g0, g1, 0, width, mean_hi, mean_lo, scale, shift)
     tail = x.size - groups * width
     _scale_block(x, out, width, groups, groups + 1, 0, tail, mean_hi, mean_lo, scale, shift)
 
@@ -294,11 +305,11 @@ def _apply(x, out, mean_hi, mean_lo, scale, shift):
 def _input_gradient(dy, x, out, coefficients):
     """dx from per-position (scale, invstd, mean_hi, mean_lo, k_xhat, k0) of length W."""
     width = coefficients[0].size
-    grid = _grid(x.size, width)
-    groups, _, blocks, position_blocks = grid
-    for u in prange(blocks * position_blocks):
-        _, g0, g1, j0, j1 = _unit(u, width, grid)
-        _input_gradient_block(dy, x, out, width, g0, g1, j0, j1 - j0, coefficients)
+    groups, per_block, blocks = _memory_grid(x.size, width)
+    for u in prange(blocks):
+        g0 = u * per_block
+        g1 = min(g0 + per_block, groups)
+        _input_gradient_block(dy, x, out, width, g0, g1, 0, width, coefficients)
     tail = x.size - groups * width
     _input_gradient_block(dy, x, out, width, groups, groups + 1, 0, tail, coefficients)
 
