@@ -72,10 +72,10 @@ def test_features_first_rows_in_l2_are_held_to_rw_not_to_r_plus_rw():
         return {"shape": shape, "layout": layout, "nbytes": 4 * shape[0] * shape[1]}
 
     fits = row((4096, 4096), "ff")  # 16 KiB rows
-    long_rows = row((64, 262144), "ff")  # 1 MiB rows
+    long_rows = row((64, 262144), "ff")  # 1 MiB rows: the kernels read them twice
     batch_first = row((4096, 4096), "bf")
     small = row((256, 64), "ff")
     rows = [fits, long_rows, batch_first, small]
-    l2 = 512 * 1024
-    assert report.rows_in_l2(rows, l2) == [fits]
-    assert report.streamed_rows(rows, l2) == [long_rows, batch_first]
+    for l2 in (512 * 1024, 1 << 20, 1 << 21):
+        assert report.rows_in_l2(rows, l2) == [fits]
+        assert report.streamed_rows(rows, l2) == [long_rows, batch_first]

@@ -21,6 +21,7 @@ import sys
 import fastbn
 from fastbn.bench.cold import format_cold_start
 from fastbn.bench.peers import ARRAYS_MOVED, LAYOUTS, PASSES, ROOFLINE_FORMS, ROOFLINE_OF_PASS
+from fastbn.kernels import rows as rows_kernels
 
 MiB = 1 << 20
 # SPEC section 8's limits on fastbn-out / roofline for data over 8 MiB.
@@ -221,12 +222,17 @@ def few_features(rows, max_threads):
 
 
 def rows_in_l2(rows, l2):
-    """Features-first rows over 8 MiB whose rows (one feature's values) fit in L2."""
+    """Features-first rows over 8 MiB whose rows (one feature's values) fit in L2.
+
+    Held to the rows kernels' own rule too (`rows.FEATURE_BYTES`): a longer
+    row that would fit in a large L2 is still read twice, so R + RW is its floor.
+    """
 
     def row_bytes(r):
         return r["nbytes"] // r["shape"][0]
 
-    return [r for r in rows if r["layout"] == "ff" and is_large(r) and row_bytes(r) <= l2]
+    limit = min(l2, rows_kernels.FEATURE_BYTES)
+    return [r for r in rows if r["layout"] == "ff" and is_large(r) and row_bytes(r) <= limit]
 
 
 def streamed_rows(rows, l2):
