@@ -19,7 +19,14 @@ from fastbn._threading import kernel_guard
 from fastbn.kernels import columns, rows
 from fastbn.kernels._twins import serial_twin
 
-__all__ = ["batch_norm_backward", "batch_norm_eval", "batch_norm_train"]
+__all__ = [
+    "batch_norm_backward",
+    "batch_norm_eval",
+    "batch_norm_relu_backward",
+    "batch_norm_relu_eval",
+    "batch_norm_relu_train",
+    "batch_norm_train",
+]
 
 PARALLEL_MIN = 1 << 15  # values below which one thread beats a parallel launch
 ROWS_MIN_RUN = 16  # shorter runs are folded into the columns family's groups
@@ -206,8 +213,24 @@ def batch_norm_train(x, gamma=None, beta=None, *, axis=0, eps=1e-5, out=None):
     return _train(x, plan, gamma, beta, eps, out)
 
 
-def _train(x, plan, gamma, beta, eps, out):
-    """`batch_norm_train` once x and the axis are checked and planned (`_planned`)."""
+def batch_norm_relu_train(x, gamma=None, beta=None, *, axis=0, eps=1e-5, out=None):
+    """`batch_norm_train` followed by a ReLU, in the same passes over memory.
+
+    Parameters and errors are those of `batch_norm_train`.
+
+    Returns
+    -------
+    y : ndarray
+        ``max(gamma * (x - mean) * invstd + beta, 0)`` in x's dtype (NaN stays NaN).
+    mean, invstd : ndarray of shape (C,), float64
+        The batch statistics, for `batch_norm_relu_backward`.
+    """
+    x, plan = _planned(x, axis, training=True)
+    return _train(x, plan, gamma, beta, eps, out, relu=True)
+
+
+def _train(x, plan, gamma, beta, eps, out, relu=False):
+    """`batch_norm_train` (with relu: `batch_norm_relu_train`) once x and the axis are planned."""
     n_features, axis = plan.n_features, plan.axis
     dtype = _checks.vector_dtype(x, gamma, beta)
     gamma_k = _checks.per_feature("gamma", gamma, n_features, x, axis, 1.0, dtype)
@@ -218,10 +241,12 @@ def _train(x, plan, gamma, beta, eps, out):
     buffer, copy_back = plan.output(out, x.dtype)
     x_k, y_k = plan.kernel_x(x), plan.view(buffer)
     if plan.rows:
-        mean, invstd = _launch(plan.serial, rows.train_forward, x_k, gamma_k, beta_k, eps, y_k)
+        kernel = rows.train_forward_relu if relu else rows.train_forward
+        mean, invstd = _launch(plan.serial, kernel, x_k, gamma_k, beta_k, eps, y_k)
     else:
+        kernel = columns.train_forward_relu if relu else columns.train_forward
         mean, invstd = _launch(
-            plan.serial, columns.train_forward, x_k, *plan.columns_args, gamma_k, beta_k, eps, y_k
+            plan.serial, kernel, x_k, *plan.columns_args, gamma_k, beta_k, eps, y_k
         )
     return plan.result(buffer, out, copy_back), mean, invstd
 
@@ -255,8 +280,24 @@ def batch_norm_eval(
     return _eval(x, plan, running_mean, running_var, gamma, beta, eps, out)
 
 
-def _eval(x, plan, running_mean, running_var, gamma, beta, eps, out):
-    """`batch_norm_eval` once x and the axis are checked and planned (`_planned`)."""
+def batch_norm_relu_eval(
+    x, running_mean, running_var, gamma=None, beta=None, *, axis=0, eps=1e-5, out=None
+):
+    """`batch_norm_eval` followed by a ReLU, in one pass over memory.
+
+    Parameters and errors are those of `batch_norm_eval`.
+
+    Returns
+    -------
+    y : ndarray
+        ``max(gamma * (x - running_mean) / sqrt(running_var + eps) + beta, 0)``.
+    """
+    x, plan = _planned(x, axis, training=False)
+    return _eval(x, plan, running_mean, running_var, gamma, beta, eps, out, relu=True)
+
+
+def _eval(x, plan, running_mean, running_var, gamma, beta, eps, out, relu=False):
+    """`batch_norm_eval` (or with relu, `batch_norm_relu_eval`) once x and the axis are planned."""
     n_features, axis = plan.n_features, plan.axis
     dtype = _checks.vector_dtype(x, running_mean, running_var, gamma, beta)
     mean_k = _checks.per_feature("running_mean", running_mean, n_features, x, axis, None, dtype)
@@ -276,11 +317,12 @@ def _eval(x, plan, running_mean, running_var, gamma, beta, eps, out):
     buffer, copy_back = plan.output(out, x.dtype)
     x_k, y_k = plan.kernel_x(x), plan.view(buffer)
     if plan.rows:
-        _launch(plan.serial, rows.eval_forward, x_k, mean_k, var_k, gamma_k, beta_k, eps, y_k)
+        kernel = rows.eval_forward_relu if relu else rows.eval_forward
+        _launch(plan.serial, kernel, x_k, mean_k, var_k, gamma_k, beta_k, eps, y_k)
     else:
         _launch(
             plan.serial,
-            columns.eval_forward,
+            columns.eval_forward_relu if relu else columns.eval_forward,
             x_k,
             *plan.columns_args,
             mean_k,
@@ -326,7 +368,42 @@ def batch_norm_backward(dy, x, mean, invstd, gamma=None, *, axis=0, training=Tru
     return dx, dgamma.astype(dx.dtype, copy=False), dbeta.astype(dx.dtype, copy=False)
 
 
-def _backward(dy, x, mean, invstd, gamma, axis, training, out, forward_plan=None, input_grad=True):
+def batch_norm_relu_backward(
+    dy, x, mean, invstd, gamma=None, beta=None, *, axis=0, training=True, out=None
+):
+    """Gradients of y = max(gamma * (x - mean) * invstd + beta, 0).
+
+    The ReLU's mask is recomputed from x, the statistics, gamma and beta
+    exactly as the forward computed y (no mask is stored): dy passes where
+    y > 0, and not where y == 0 (ReLU's subgradient there is 0).
+
+    Parameters
+    ----------
+    dy, x, mean, invstd, gamma, axis, training, out
+        As for `batch_norm_backward`: mean and invstd from
+        `batch_norm_relu_train`, or for ``training=False`` the running mean
+        and ``1 / sqrt(running_var + eps)``.
+    beta : ndarray of shape (C,), optional
+        The forward's shift (default 0).
+
+    Returns
+    -------
+    dx : ndarray
+        Gradient with respect to x, in x's dtype.
+    dgamma, dbeta : ndarray of shape (C,)
+        ``sum(dz * x_hat)`` and ``sum(dz)``, dz being dy where y > 0 and 0
+        elsewhere, in x's dtype.
+    """
+    dx, dgamma, dbeta = _backward(
+        dy, x, mean, invstd, gamma, axis, training, out, relu=True, beta=beta
+    )
+    return dx, dgamma.astype(dx.dtype, copy=False), dbeta.astype(dx.dtype, copy=False)
+
+
+def _backward(
+    dy, x, mean, invstd, gamma, axis, training, out, forward_plan=None, input_grad=True,
+    relu=False, beta=None,
+):  # fmt: skip
     """`batch_norm_backward` with dgamma and dbeta in float64, as the kernels return them.
 
     The layer rounds them into its own arrays, with no conversion in between.
@@ -335,6 +412,8 @@ def _backward(dy, x, mean, invstd, gamma, axis, training, out, forward_plan=None
     and invstd are writable C-contiguous float64 vectors of length C, so
     none of them is checked again. With ``input_grad=False`` dx is not
     computed (None is returned in its place): one pass over dy and x less.
+    With ``relu=True`` it is `batch_norm_relu_backward`'s, beta the
+    forward's shift (dx is then always computed).
     """
     if forward_plan is None:
         x = _checks.data("x", x)
@@ -351,10 +430,27 @@ def _backward(dy, x, mean, invstd, gamma, axis, training, out, forward_plan=None
     gamma_k = _checks.per_feature(
         "gamma", gamma, plan.n_features, x, plan.axis, 1.0, _checks.vector_dtype(x, gamma)
     )
+    inputs = (("dy", dy), ("x", x), ("mean", mean), ("invstd", invstd), ("gamma", gamma))
+    if relu:
+        beta_k = _checks.per_feature(
+            "beta", beta, plan.n_features, x, plan.axis, 0.0, _checks.vector_dtype(x, beta)
+        )
+        inputs += (("beta", beta),)
     if out is not None:
-        inputs = (("dy", dy), ("x", x), ("mean", mean), ("invstd", invstd), ("gamma", gamma))
         _checks.output(out, x, inputs, may_be=("dy", dy))
     dy_k, x_k = plan.kernel_input(dy), plan.kernel_x(x)
+    if relu:
+        buffer, copy_back = plan.output(out, x.dtype)
+        dx_k = plan.view(buffer)
+        if plan.rows:
+            args = (dy_k, x_k, mean64, invstd64, gamma_k, beta_k, bool(training), dx_k)
+            dgamma, dbeta = _launch(plan.serial, rows.backward_relu, *args)
+        else:
+            dgamma, dbeta = _launch(
+                plan.serial, columns.backward_relu, dy_k, x_k, *plan.columns_args, mean64,
+                invstd64, gamma_k, beta_k, bool(training), dx_k,
+            )  # fmt: skip
+        return plan.result(buffer, out, copy_back), dgamma, dbeta
     if not input_grad:
         if plan.rows:
             dgamma, dbeta = _launch(plan.serial, rows.param_grads, dy_k, x_k, mean64, invstd64)

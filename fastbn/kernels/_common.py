@@ -39,45 +39,97 @@ def shifted_sums(x, start, n, shift):
     return s1, s2
 
 
+# A ReLU fused after the normalization (`relu`): the forward kernels take None
+# or True, and write max(y, 0); the backward kernels take None or the
+# forward's (mean_hi, mean_lo, scale, shift) arrays (`relu_params`) and let
+# dy through where the forward's y was positive, recomputed from x
+# (`relu_passes`). None is a type of its own to Numba: the same loop compiles
+# without the ReLU, at no cost. No function returns None in one branch and a
+# value in another (Numba would make it an Optional, which it cannot index).
+
+
+@njit(fastmath=EXACT_MATH)
+def normalized(v, mean_hi, mean_lo, scale, shift):
+    """((v - mean_hi) - mean_lo) * scale + shift: y before any ReLU.
+
+    Subtracting the mean as a hi + lo pair keeps float32 exact where v is
+    close to a large mean (Sterbenz), so y does not inherit the rounding of
+    the mean. Under these flags only, wherever it is inlined, so that the
+    backward's ReLU mask recomputes the forward's y bit for bit.
+    """
+    return ((v - mean_hi) - mean_lo) * scale + shift
+
+
+@njit
+def activated(y, relu, zero):
+    """y, or max(y, zero) with a fused ReLU (NaN stays NaN); zero is 0 in y's dtype."""
+    if relu is None:
+        return y
+    return zero if y < zero else y
+
+
+@njit
+def relu_passes(v, relu, k):
+    """Whether the fused ReLU let the output of value v through (always without one).
+
+    relu is None or the forward's (mean_hi, mean_lo, scale, shift) arrays,
+    whose entry k is v's: the output passed where y > 0, so not at y == 0
+    (ReLU's subgradient there is 0).
+    """
+    if relu is None:
+        return True
+    return normalized(v, relu[0][k], relu[1][k], relu[2][k], relu[3][k]) > 0
+
+
 @njit(fastmath=REDUCE_MATH)
-def centered_dot(dy, x, start, n, mean):
-    """Return sum(dy) and sum(dy * (x - mean)) over [start, start + n), in float64."""
+def centered_dot(dy, x, start, n, mean, relu=None, c=0):
+    """Return sum(dy) and sum(dy * (x - mean)) over [start, start + n), in float64.
+
+    With a fused ReLU (`relu_passes`, feature c), dy counts only where the
+    forward's output passed.
+    """
     s_dy = 0.0
     s_dyxc = 0.0
     o = np.uint64(start)
     for i in range(np.uint64(n)):
-        g = np.float64(dy[o + i])
+        v = x[o + i]
+        g = np.float64(dy[o + i]) if relu_passes(v, relu, c) else 0.0
         s_dy += g
-        s_dyxc += g * (np.float64(x[o + i]) - mean)
+        s_dyxc += g * (np.float64(v) - mean)
     return s_dy, s_dyxc
 
 
 @njit(fastmath=EXACT_MATH)
-def scale_centered(x, out, start, n, mean_hi, mean_lo, scale, shift):
+def scale_centered(x, out, start, n, mean_hi, mean_lo, scale, shift, relu=None):
     """out = ((x - mean_hi) - mean_lo) * scale + shift over [start, start + n), in x's dtype.
 
-    Subtracting the mean as a hi + lo pair keeps float32 exact where x is
-    close to a large mean (Sterbenz), so y does not inherit the rounding of
-    the mean.
+    With a fused ReLU, max(that, 0) (`activated`).
     """
     o = np.uint64(start)
+    zero = out.dtype.type(0)
     for i in range(np.uint64(n)):
-        out[o + i] = ((x[o + i] - mean_hi) - mean_lo) * scale + shift
+        out[o + i] = activated(normalized(x[o + i], mean_hi, mean_lo, scale, shift), relu, zero)
 
 
 @njit(fastmath=EXACT_MATH)
-def input_gradient(dy, x, out, start, n, scale, invstd, mean_hi, mean_lo, k_xhat, k0):
+def input_gradient(
+    dy, x, out, start, n, scale, invstd, mean_hi, mean_lo, k_xhat, k0, relu=None, c=0
+):
     """dx = scale * (dy + x_hat * k_xhat + k0) over [start, start + n): the training backward.
 
     With scale = gamma * invstd, k_xhat = -dgamma / M and k0 = -dbeta / M this
     is the notes' formula. x_hat and the bracket are of order one whatever
     the data's scale, so float32 neither overflows nor underflows before the
-    last product.
+    last product. With a fused ReLU, dy is 0 where the forward's output was
+    not positive (`relu_passes`, feature c).
     """
     o = np.uint64(start)
+    zero = dy.dtype.type(0)
     for i in range(np.uint64(n)):
-        x_hat = ((x[o + i] - mean_hi) - mean_lo) * invstd
-        out[o + i] = scale * (dy[o + i] + x_hat * k_xhat + k0)
+        v = x[o + i]
+        g = dy[o + i] if relu_passes(v, relu, c) else zero
+        x_hat = ((v - mean_hi) - mean_lo) * invstd
+        out[o + i] = scale * (g + x_hat * k_xhat + k0)
 
 
 @njit
@@ -113,6 +165,17 @@ def split_mean(mean, like):
     for c in range(mean.size):
         lo[c] = mean[c] - np.float64(hi[c])
     return hi, lo
+
+
+@njit
+def relu_params(mean, invstd, gamma, beta, like):
+    """The forward's per-feature (mean_hi, mean_lo, scale, shift) in like's dtype.
+
+    The mask of a fused ReLU (`relu_passes`), as the train and eval forwards
+    computed their parameters.
+    """
+    mean_hi, mean_lo = split_mean(mean, like)
+    return mean_hi, mean_lo, in_dtype(gamma * invstd, like), in_dtype(beta, like)
 
 
 @njit

@@ -21,7 +21,11 @@ from fastbn import _compile
 from fastbn.kernels._common import (
     EXACT_MATH,
     REDUCE_MATH,
+    activated,
     forward_moments,
+    normalized,
+    relu_params,
+    relu_passes,
     train_coefficients,
     zeros,
 )
@@ -156,9 +160,18 @@ def _moments_block(x, width, g0, g1, j0, n, shift, s1, s2, row):
         g += 1
 
 
+@njit(inline="always")
+def _passed(dy, v, relu, p):
+    """dy in float64 where the fused ReLU passed v's output (`relu_passes`, position p), else 0."""
+    return np.float64(dy) if relu_passes(v, relu, p) else 0.0
+
+
 @njit(fastmath=REDUCE_MATH)
-def _grad_sums_block(dy, x, width, g0, g1, j0, n, mean, s1, s2, row):
-    """Add dy and dy * (x - mean), down groups g0..g1, to the partial row at row*width + j0."""
+def _grad_sums_block(dy, x, width, g0, g1, j0, n, mean, s1, s2, row, relu):
+    """Add dy and dy * (x - mean), down groups g0..g1, to the partial row at row*width + j0.
+
+    relu: None, or the forward's per-position rows for a fused ReLU.
+    """
     w = np.uint64(width)
     w2 = w + w  # offsets stay unsigned: an int literal times a uint64 is a float in Numba
     w3 = w2 + w
@@ -168,34 +181,33 @@ def _grad_sums_block(dy, x, width, g0, g1, j0, n, mean, s1, s2, row):
     while g + 4 <= g1:
         o = np.uint64(g) * w + oj
         for i in range(np.uint64(n)):
-            m = mean[oj + i]
-            e0 = np.float64(dy[o + i])
-            e1 = np.float64(dy[o + w + i])
-            e2 = np.float64(dy[o + w2 + i])
-            e3 = np.float64(dy[o + w3 + i])
+            p = oj + i
+            m = mean[p]
+            v0, v1, v2, v3 = x[o + i], x[o + w + i], x[o + w2 + i], x[o + w3 + i]
+            e0 = _passed(dy[o + i], v0, relu, p)
+            e1 = _passed(dy[o + w + i], v1, relu, p)
+            e2 = _passed(dy[o + w2 + i], v2, relu, p)
+            e3 = _passed(dy[o + w3 + i], v3, relu, p)
             s1[oa + i] += (e0 + e1) + (e2 + e3)
-            s2[oa + i] += (
-                e0 * (np.float64(x[o + i]) - m) + e1 * (np.float64(x[o + w + i]) - m)
-            ) + (e2 * (np.float64(x[o + w2 + i]) - m) + e3 * (np.float64(x[o + w3 + i]) - m))
+            s2[oa + i] += (e0 * (np.float64(v0) - m) + e1 * (np.float64(v1) - m)) + (
+                e2 * (np.float64(v2) - m) + e3 * (np.float64(v3) - m)
+            )
         g += 4
     while g < g1:
         o = np.uint64(g) * w + oj
         for i in range(np.uint64(n)):
-            e = np.float64(dy[o + i])
+            v = x[o + i]
+            e = _passed(dy[o + i], v, relu, oj + i)
             s1[oa + i] += e
-            s2[oa + i] += e * (np.float64(x[o + i]) - mean[oj + i])
+            s2[oa + i] += e * (np.float64(v) - mean[oj + i])
         g += 1
 
 
 @njit(fastmath=EXACT_MATH, inline="always")
-def _normalized(v, mean_hi, mean_lo, scale, shift):
-    return ((v - mean_hi) - mean_lo) * scale + shift
-
-
-@njit(fastmath=EXACT_MATH, inline="always")
-def _input_grad(dy, v, scale, invstd, mean_hi, mean_lo, k_xhat, k0):
+def _input_grad(dy, v, scale, invstd, mean_hi, mean_lo, k_xhat, k0, relu, p, zero):
+    g = dy if relu_passes(v, relu, p) else zero
     x_hat = ((v - mean_hi) - mean_lo) * invstd
-    return scale * (dy + x_hat * k_xhat + k0)
+    return scale * (g + x_hat * k_xhat + k0)
 
 
 # The element-wise blocks also take four groups a step: each load of a
@@ -203,58 +215,75 @@ def _input_grad(dy, v, scale, invstd, mean_hi, mean_lo, k_xhat, k0):
 # leave the loop bound by loads from L1 (5 per value for _scale_block).
 
 
+@njit(fastmath=EXACT_MATH, inline="always")
+def _output(v, mean_hi, mean_lo, scale, shift, relu, zero):
+    return activated(normalized(v, mean_hi, mean_lo, scale, shift), relu, zero)
+
+
 @njit(fastmath=EXACT_MATH)
-def _scale_block(x, out, width, g0, g1, j0, n, mean_hi, mean_lo, scale, shift):
-    """out = ((x - mean_hi) - mean_lo) * scale + shift, per position, over groups g0..g1."""
+def _scale_block(x, out, width, g0, g1, j0, n, mean_hi, mean_lo, scale, shift, relu):
+    """out = ((x - mean_hi) - mean_lo) * scale + shift (then relu), per position, over g0..g1."""
     w = np.uint64(width)
     w2 = w + w
     w3 = w2 + w
     oj = np.uint64(j0)
+    zero = out.dtype.type(0)
     g = g0
     while g + 4 <= g1:
         o = np.uint64(g) * w + oj
         for i in range(np.uint64(n)):
             p = oj + i
             h, lo, sc, sh = mean_hi[p], mean_lo[p], scale[p], shift[p]
-            out[o + i] = _normalized(x[o + i], h, lo, sc, sh)
-            out[o + w + i] = _normalized(x[o + w + i], h, lo, sc, sh)
-            out[o + w2 + i] = _normalized(x[o + w2 + i], h, lo, sc, sh)
-            out[o + w3 + i] = _normalized(x[o + w3 + i], h, lo, sc, sh)
+            out[o + i] = _output(x[o + i], h, lo, sc, sh, relu, zero)
+            out[o + w + i] = _output(x[o + w + i], h, lo, sc, sh, relu, zero)
+            out[o + w2 + i] = _output(x[o + w2 + i], h, lo, sc, sh, relu, zero)
+            out[o + w3 + i] = _output(x[o + w3 + i], h, lo, sc, sh, relu, zero)
         g += 4
     while g < g1:
         o = np.uint64(g) * w + oj
         for i in range(np.uint64(n)):
             p = oj + i
-            out[o + i] = _normalized(x[o + i], mean_hi[p], mean_lo[p], scale[p], shift[p])
+            out[o + i] = _output(x[o + i], mean_hi[p], mean_lo[p], scale[p], shift[p], relu, zero)
         g += 1
 
 
 @njit(fastmath=EXACT_MATH)
-def _input_gradient_block(dy, x, out, width, g0, g1, j0, n, coefficients):
-    """dx = scale * (dy + x_hat * k_xhat + k0) per position, over groups g0..g1."""
+def _input_gradient_block(dy, x, out, width, g0, g1, j0, n, coefficients, relu):
+    """dx = scale * (dy + x_hat * k_xhat + k0) per position, over groups g0..g1.
+
+    relu: None, or the forward's per-position rows for a fused ReLU.
+    """
     scale, invstd, mean_hi, mean_lo, k_xhat, k0 = coefficients
     w = np.uint64(width)
     w2 = w + w
     w3 = w2 + w
     oj = np.uint64(j0)
+    zero = out.dtype.type(0)
     g = g0
     while g + 4 <= g1:
         o = np.uint64(g) * w + oj
         for i in range(np.uint64(n)):
             p = oj + i
             s, v, h, lo, kx, kc = scale[p], invstd[p], mean_hi[p], mean_lo[p], k_xhat[p], k0[p]
-            out[o + i] = _input_grad(dy[o + i], x[o + i], s, v, h, lo, kx, kc)
-            out[o + w + i] = _input_grad(dy[o + w + i], x[o + w + i], s, v, h, lo, kx, kc)
-            out[o + w2 + i] = _input_grad(dy[o + w2 + i], x[o + w2 + i], s, v, h, lo, kx, kc)
-            out[o + w3 + i] = _input_grad(dy[o + w3 + i], x[o + w3 + i], s, v, h, lo, kx, kc)
+            out[o + i] = _input_grad(dy[o + i], x[o + i], s, v, h, lo, kx, kc, relu, p, zero)
+            out[o + w + i] = _input_grad(
+                dy[o + w + i], x[o + w + i], s, v, h, lo, kx, kc, relu, p, zero
+            )
+            out[o + w2 + i] = _input_grad(
+                dy[o + w2 + i], x[o + w2 + i], s, v, h, lo, kx, kc, relu, p, zero
+            )
+            out[o + w3 + i] = _input_grad(
+                dy[o + w3 + i], x[o + w3 + i], s, v, h, lo, kx, kc, relu, p, zero
+            )
         g += 4
     while g < g1:
         o = np.uint64(g) * w + oj
         for i in range(np.uint64(n)):
             p = oj + i
             out[o + i] = _input_grad(
-                dy[o + i], x[o + i], scale[p], invstd[p], mean_hi[p], mean_lo[p], k_xhat[p], k0[p]
-            )
+                dy[o + i], x[o + i], scale[p], invstd[p], mean_hi[p], mean_lo[p], k_xhat[p],
+                k0[p], relu, p, zero,
+            )  # fmt: skip
         g += 1
 
 
@@ -274,49 +303,65 @@ def _moments(x, shift, width):
 
 
 @twin(parallel=True)
-def _grad_sums(dy, x, mean, width):
-    """Partial rows (blocks + 1, W) of dy and dy * (x - mean); the last row is the tail."""
+def _grad_sums(dy, x, mean, width, relu=None):
+    """Partial rows (blocks + 1, W) of dy and dy * (x - mean); the last row is the tail.
+
+    relu: None, or the forward's per-position rows for a fused ReLU (`_tiled_relu`).
+    """
     grid = _grid(x.size, width)
     groups, _, blocks, position_blocks = grid
     s1 = zeros((blocks + 1) * width)
     s2 = zeros((blocks + 1) * width)
     for u in prange(blocks * position_blocks):
         b, g0, g1, j0, j1 = _unit(u, width, grid)
-        _grad_sums_block(dy, x, width, g0, g1, j0, j1 - j0, mean, s1, s2, b)
+        _grad_sums_block(dy, x, width, g0, g1, j0, j1 - j0, mean, s1, s2, b, relu)
     tail = x.size - groups * width
-    _grad_sums_block(dy, x, width, groups, groups + 1, 0, tail, mean, s1, s2, blocks)
+    _grad_sums_block(dy, x, width, groups, groups + 1, 0, tail, mean, s1, s2, blocks, relu)
     return s1.reshape((blocks + 1, width)), s2.reshape((blocks + 1, width))
 
 
 @twin(parallel=True)
-def _apply(x, out, mean_hi, mean_lo, scale, shift):
-    """out = ((x - mean) * scale + shift) with per-position parameters of length W."""
+def _apply(x, out, mean_hi, mean_lo, scale, shift, relu=None):
+    """out = ((x - mean) * scale + shift) with per-position parameters of length W; then relu."""
     width = mean_hi.size
     groups, per_block, blocks = _memory_grid(x.size, width)
     for u in prange(blocks):
         g0 = u * per_block
         g1 = min(g0 + per_block, groups)
-        _scale_block(x, out, width, g0, g1, 0, width, mean_hi, mean_lo, scale, shift)
+        _scale_block(x, out, width, g0, g1, 0, width, mean_hi, mean_lo, scale, shift, relu)
     tail = x.size - groups * width
-    _scale_block(x, out, width, groups, groups + 1, 0, tail, mean_hi, mean_lo, scale, shift)
+    _scale_block(x, out, width, groups, groups + 1, 0, tail, mean_hi, mean_lo, scale, shift, relu)
 
 
 @twin(parallel=True)
-def _input_gradient(dy, x, out, coefficients):
-    """dx from per-position (scale, invstd, mean_hi, mean_lo, k_xhat, k0) of length W."""
+def _input_gradient(dy, x, out, coefficients, relu=None):
+    """dx from per-position (scale, invstd, mean_hi, mean_lo, k_xhat, k0) of length W.
+
+    relu as for `_grad_sums`.
+    """
     width = coefficients[0].size
     groups, per_block, blocks = _memory_grid(x.size, width)
     for u in prange(blocks):
         g0 = u * per_block
         g1 = min(g0 + per_block, groups)
-        _input_gradient_block(dy, x, out, width, g0, g1, 0, width, coefficients)
+        _input_gradient_block(dy, x, out, width, g0, g1, 0, width, coefficients, relu)
     tail = x.size - groups * width
-    _input_gradient_block(dy, x, out, width, groups, groups + 1, 0, tail, coefficients)
+    _input_gradient_block(dy, x, out, width, groups, groups + 1, 0, tail, coefficients, relu)
+
+
+@njit
+def _tiled_relu(relu, n_features, run, width):
+    """A fused ReLU's per-feature (mean_hi, mean_lo, scale, shift) (`relu_params`) as rows of W."""
+    params = np.empty((4, n_features), relu[0].dtype)
+    for k in range(4):
+        params[k] = relu[k]
+    p = tile_rows(params, n_features, run, width)
+    return p[0], p[1], p[2], p[3]
 
 
 @twin()
-def _apply_per_feature(x, out, n_features, run, width, mean, scale, beta):
-    """The normalize + affine pass from per-feature float64 parameters."""
+def _apply_per_feature(x, out, n_features, run, width, mean, scale, beta, relu=None):
+    """The normalize + affine pass from per-feature float64 parameters (then relu)."""
     t = x.dtype.type
     params = np.empty((4, n_features), x.dtype)  # mean as hi + lo, scale, shift
     for c in range(n_features):
@@ -326,7 +371,7 @@ def _apply_per_feature(x, out, n_features, run, width, mean, scale, beta):
         params[2, c] = scale[c]
         params[3, c] = beta[c]
     p = tile_rows(params, n_features, run, width)
-    _apply(x, out, p[0], p[1], p[2], p[3])
+    _apply(x, out, p[0], p[1], p[2], p[3], relu)
 
 
 @twin()
@@ -340,6 +385,15 @@ def _mean_var(x, n_features, run, width):
     return forward_moments(s1, s2, first, x.size // n_features)
 
 
+@twin()
+def _train(x, n_features, run, width, gamma, beta, eps, out, relu):
+    """train_forward, then a ReLU where relu is True (None: none)."""
+    mean, var = _mean_var(x, n_features, run, width)
+    invstd = 1.0 / np.sqrt(var + eps)
+    _apply_per_feature(x, out, n_features, run, width, mean, gamma * invstd, beta, relu)
+    return mean, invstd
+
+
 @twin(entry=True)
 def train_forward(x, n_features, run, width, gamma, beta, eps, out):
     """Batch statistics, then out = gamma * (x - mean) * invstd + beta.
@@ -347,28 +401,52 @@ def train_forward(x, n_features, run, width, gamma, beta, eps, out):
     x and out are 1-D C-contiguous, rows of n_features * run values; width
     is a multiple of that. Returns float64 mean and invstd.
     """
-    mean, var = _mean_var(x, n_features, run, width)
-    invstd = 1.0 / np.sqrt(var + eps)
-    _apply_per_feature(x, out, n_features, run, width, mean, gamma * invstd, beta)
-    return mean, invstd
+    return _train(x, n_features, run, width, gamma, beta, eps, out, None)
+
+
+@twin(entry=True)
+def train_forward_relu(x, n_features, run, width, gamma, beta, eps, out):
+    """train_forward followed by a ReLU: out = max(y, 0)."""
+    return _train(x, n_features, run, width, gamma, beta, eps, out, True)
+
+
+@twin()
+def _eval(x, n_features, run, width, running_mean, running_var, gamma, beta, eps, out, relu):
+    """eval_forward, then a ReLU where relu is True (None: none).
+
+    The scale is gamma * invstd with invstd = 1 / sqrt(running_var + eps) in
+    float64, as the backward gets it: a fused ReLU's mask then matches.
+    """
+    scale = gamma * (1.0 / np.sqrt(running_var.astype(np.float64) + eps))
+    _apply_per_feature(x, out, n_features, run, width, running_mean, scale, beta, relu)
 
 
 @twin(entry=True)
 def eval_forward(x, n_features, run, width, running_mean, running_var, gamma, beta, eps, out):
     """out = gamma * (x - running_mean) / sqrt(running_var + eps) + beta."""
-    scale = gamma / np.sqrt(running_var.astype(np.float64) + eps)
-    _apply_per_feature(x, out, n_features, run, width, running_mean, scale, beta)
+    _eval(x, n_features, run, width, running_mean, running_var, gamma, beta, eps, out, None)
+
+
+@twin(entry=True)
+def eval_forward_relu(x, n_features, run, width, running_mean, running_var, gamma, beta, eps, out):
+    """eval_forward followed by a ReLU: out = max(y, 0)."""
+    _eval(x, n_features, run, width, running_mean, running_var, gamma, beta, eps, out, True)
 
 
 @twin()
-def _param_sums(dy, x, n_features, run, width, mean, invstd):
-    """float64 dgamma = sum(dy * x_hat) and dbeta = sum(dy) per feature, without dx."""
-    s1, s2 = _grad_sums(dy, x, tile(mean, n_features, run, width), width)
+def _param_sums(dy, x, n_features, run, width, mean, invstd, relu=None):
+    """float64 dgamma = sum(dy * x_hat) and dbeta = sum(dy) per feature, without dx.
+
+    relu: None, or a fused ReLU's rows of W (`_tiled_relu`).
+    """
+    s1, s2 = _grad_sums(dy, x, tile(mean, n_features, run, width), width, relu)
     return fold(s2, n_features, run) * invstd, fold(s1, n_features, run)
 
 
 @twin()
-def _train_dx(dy, x, n_features, run, width, mean, invstd, gamma, dgamma, dbeta, count, out):
+def _train_dx(
+    dy, x, n_features, run, width, mean, invstd, gamma, dgamma, dbeta, count, out, relu=None
+):
     """dx of the training formula from given sums dgamma, dbeta over count values per feature.
 
     backward() passes this batch's sums; a synchronized batch norm passes
@@ -386,22 +464,40 @@ def _train_dx(dy, x, n_features, run, width, mean, invstd, gamma, dgamma, dbeta,
         params[4, c] = k_xhat[c]
         params[5, c] = k0[c]
     p = tile_rows(params, n_features, run, width)
-    _input_gradient(dy, x, out, (p[0], p[1], p[2], p[3], p[4], p[5]))
+    _input_gradient(dy, x, out, (p[0], p[1], p[2], p[3], p[4], p[5]), relu)
+
+
+@twin()
+def _backward(dy, x, n_features, run, width, mean, invstd, gamma, training, out, relu):
+    """backward; with relu (`_tiled_relu`, not None), through the ReLU fused after the forward."""
+    dgamma, dbeta = _param_sums(dy, x, n_features, run, width, mean, invstd, relu)
+    if training:
+        count = x.size // n_features
+        _train_dx(
+            dy, x, n_features, run, width, mean, invstd, gamma, dgamma, dbeta, count, out, relu
+        )
+    elif relu is None:
+        zero = np.zeros(n_features)
+        _apply_per_feature(dy, out, n_features, run, width, zero, gamma * invstd, zero)
+    else:  # dx = gamma * invstd * dy where the ReLU passed: no batch terms
+        no_sums = np.zeros(n_features)
+        _train_dx(
+            dy, x, n_features, run, width, mean, invstd, gamma, no_sums, no_sums, 1, out, relu
+        )
+    return dgamma, dbeta
 
 
 @twin(entry=True)
 def backward(dy, x, n_features, run, width, mean, invstd, gamma, training, out):
     """dx into out; returns float64 dgamma and dbeta, x_hat recomputed from x."""
-    dgamma, dbeta = _param_sums(dy, x, n_features, run, width, mean, invstd)
-    if training:
-        _train_dx(
-            dy, x, n_features, run, width, mean, invstd, gamma, dgamma, dbeta,
-            x.size // n_features, out,
-        )  # fmt: skip
-    else:
-        zero = np.zeros(n_features)
-        _apply_per_feature(dy, out, n_features, run, width, zero, gamma * invstd, zero)
-    return dgamma, dbeta
+    return _backward(dy, x, n_features, run, width, mean, invstd, gamma, training, out, None)
+
+
+@twin(entry=True)
+def backward_relu(dy, x, n_features, run, width, mean, invstd, gamma, beta, training, out):
+    """backward through the forward followed by a ReLU (its mask recomputed from x)."""
+    relu = _tiled_relu(relu_params(mean, invstd, gamma, beta, x), n_features, run, width)
+    return _backward(dy, x, n_features, run, width, mean, invstd, gamma, training, out, relu)
 
 
 @twin(entry=True)

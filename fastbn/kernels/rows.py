@@ -23,6 +23,7 @@ from fastbn.kernels._common import (
     forward_moments,
     in_dtype,
     input_gradient,
+    relu_params,
     row_sums,
     scale_centered,
     shifted_sums,
@@ -88,13 +89,13 @@ def _moments_unit(x, shape, shift, u, grid, s1, s2):
 
 
 @njit(inline="always")
-def _grad_sums_unit(dy, x, shape, mean, u, grid, s1, s2):
+def _grad_sums_unit(dy, x, shape, mean, u, grid, s1, s2, relu):
     C, Q = shape[1], shape[2]
     c, p0, p1, q0, q1, slot = _unit(u, shape, grid)
     a1 = 0.0
     a2 = 0.0
     for p in range(p0, p1):
-        b1, b2 = centered_dot(dy, x, (p * C + c) * Q + q0, q1 - q0, mean[c])
+        b1, b2 = centered_dot(dy, x, (p * C + c) * Q + q0, q1 - q0, mean[c], relu, c)
         a1 += b1
         a2 += b2
     s1[c, slot] = a1
@@ -115,15 +116,17 @@ def _piece(start, end, Q, C):
 
 
 @twin(parallel=True)
-def _apply(x, out, shape, mean_hi, mean_lo, scale, shift):
-    """out = ((x - mean) * scale + shift) per feature, in x's dtype (flat arrays)."""
+def _apply(x, out, shape, mean_hi, mean_lo, scale, shift, relu=None):
+    """out = ((x - mean) * scale + shift) per feature, in x's dtype (flat arrays); then relu."""
     C, Q = shape[1], shape[2]
     for u in prange(-(-x.size // RUN_CHUNK)):
         start = u * RUN_CHUNK
         end = min(start + RUN_CHUNK, x.size)
         while start < end:
             stop, c = _piece(start, end, Q, C)
-            scale_centered(x, out, start, stop - start, mean_hi[c], mean_lo[c], scale[c], shift[c])
+            scale_centered(
+                x, out, start, stop - start, mean_hi[c], mean_lo[c], scale[c], shift[c], relu
+            )
             start = stop
 
 
@@ -140,20 +143,27 @@ def _moments(x, shape, shift):
 
 
 @twin(parallel=True)
-def _grad_sums(dy, x, shape, mean):
-    """Per-unit partial sums of dy and dy * (x - mean), shape (C, units per feature)."""
+def _grad_sums(dy, x, shape, mean, relu=None):
+    """Per-unit partial sums of dy and dy * (x - mean), shape (C, units per feature).
+
+    relu: None, or the forward's per-feature (mean_hi, mean_lo, scale, shift)
+    arrays, for a fused ReLU (see `_common.relu_passes`).
+    """
     grid = _grid(shape)
     n_slots = grid[2] // shape[1]
     s1 = np.empty((shape[1], n_slots))
     s2 = np.empty((shape[1], n_slots))
     for u in prange(grid[2]):
-        _grad_sums_unit(dy, x, shape, mean, u, grid, s1, s2)
+        _grad_sums_unit(dy, x, shape, mean, u, grid, s1, s2, relu)
     return s1, s2
 
 
 @twin(parallel=True)
-def _input_gradient(dy, x, out, shape, coefficients):
-    """dx from per-feature (scale, invstd, mean_hi, mean_lo, k_xhat, k0), in x's dtype."""
+def _input_gradient(dy, x, out, shape, coefficients, relu=None):
+    """dx from per-feature (scale, invstd, mean_hi, mean_lo, k_xhat, k0), in x's dtype.
+
+    relu as for `_grad_sums`.
+    """
     scale, invstd, mean_hi, mean_lo, k_xhat, k0 = coefficients
     C, Q = shape[1], shape[2]
     for u in prange(-(-x.size // RUN_CHUNK)):
@@ -163,14 +173,14 @@ def _input_gradient(dy, x, out, shape, coefficients):
             stop, c = _piece(start, end, Q, C)
             input_gradient(
                 dy, x, out, start, stop - start, scale[c], invstd[c], mean_hi[c], mean_lo[c],
-                k_xhat[c], k0[c],
+                k_xhat[c], k0[c], relu, c,
             )  # fmt: skip
             start = stop
 
 
 @njit(inline="always")
-def _train_feature(x, shape, c, gamma, beta, eps, out, mean, invstd):
-    """Statistics of feature c, then its output, while it is in cache."""
+def _train_feature(x, shape, c, gamma, beta, eps, out, mean, invstd, relu):
+    """Statistics of feature c, then its output (then relu), while it is in cache."""
     P, C, Q = shape
     shift = np.float64(x[c * Q])
     s1 = 0.0
@@ -185,51 +195,62 @@ def _train_feature(x, shape, c, gamma, beta, eps, out, mean, invstd):
     mean_lo = t(mean[c] - np.float64(mean_hi))
     scale = t(gamma[c] * invstd[c])
     for p in range(P):
-        scale_centered(x, out, (p * C + c) * Q, Q, mean_hi, mean_lo, scale, t(beta[c]))
+        scale_centered(x, out, (p * C + c) * Q, Q, mean_hi, mean_lo, scale, t(beta[c]), relu)
 
 
 @njit(inline="always")
-def _backward_feature(dy, x, shape, c, mean, invstd, gamma, training, out, dgamma, dbeta):
-    """Gradient sums of feature c, then its dx, while it is in cache."""
+def _backward_feature(dy, x, shape, c, mean, invstd, gamma, training, out, dgamma, dbeta, relu):
+    """Gradient sums of feature c, then its dx, while it is in cache.
+
+    relu: None, or the forward's parameters when a ReLU was fused after it.
+    """
     P, C, Q = shape
+    t = x.dtype.type
+    mean_hi = t(mean[c])
+    mean_lo = t(mean[c] - np.float64(mean_hi))
+    y_scale = t(gamma[c] * invstd[c])
     s1 = 0.0
     s2 = 0.0
     for p in range(P):
-        b1, b2 = centered_dot(dy, x, (p * C + c) * Q, Q, mean[c])
+        b1, b2 = centered_dot(dy, x, (p * C + c) * Q, Q, mean[c], relu, c)
         s1 += b1
         s2 += b2
     dbeta[c] = s1
     dgamma[c] = s2 * invstd[c]
-    t = x.dtype.type
     if training:
         scale, k_xhat, k0 = train_coefficients(s1, dgamma[c], invstd[c], gamma[c], P * Q)
-        mean_hi = t(mean[c])
-        mean_lo = t(mean[c] - np.float64(mean_hi))
         inv = t(invstd[c])
         for p in range(P):
             start = (p * C + c) * Q
-            input_gradient(dy, x, out, start, Q, t(scale), inv, mean_hi, mean_lo, t(k_xhat), t(k0))
-    else:
-        scale = t(gamma[c] * invstd[c])
+            input_gradient(
+                dy, x, out, start, Q, t(scale), inv, mean_hi, mean_lo, t(k_xhat), t(k0), relu, c
+            )
+    elif relu is None:
         for p in range(P):
-            scale_centered(dy, out, (p * C + c) * Q, Q, t(0), t(0), scale, t(0))
+            scale_centered(dy, out, (p * C + c) * Q, Q, t(0), t(0), y_scale, t(0))
+    else:  # dx = y_scale * dy where the ReLU passed: the training form with no batch terms
+        for p in range(P):
+            start = (p * C + c) * Q
+            input_gradient(
+                dy, x, out, start, Q, y_scale, t(invstd[c]), mean_hi, mean_lo, t(0), t(0), relu, c
+            )
 
 
 @twin(parallel=True)
-def _train_per_feature(x, shape, gamma, beta, eps, out):
+def _train_per_feature(x, shape, gamma, beta, eps, out, relu):
     mean = np.empty(shape[1])
     invstd = np.empty(shape[1])
     for c in prange(shape[1]):
-        _train_feature(x, shape, c, gamma, beta, eps, out, mean, invstd)
+        _train_feature(x, shape, c, gamma, beta, eps, out, mean, invstd, relu)
     return mean, invstd
 
 
 @twin(parallel=True)
-def _backward_per_feature(dy, x, shape, mean, invstd, gamma, training, out):
+def _backward_per_feature(dy, x, shape, mean, invstd, gamma, training, out, relu):
     dgamma = np.empty(shape[1])
     dbeta = np.empty(shape[1])
     for c in prange(shape[1]):
-        _backward_feature(dy, x, shape, c, mean, invstd, gamma, training, out, dgamma, dbeta)
+        _backward_feature(dy, x, shape, c, mean, invstd, gamma, training, out, dgamma, dbeta, relu)
     return dgamma, dbeta
 
 
@@ -245,43 +266,72 @@ def _mean_var(x):
     return forward_moments(row_sums(s1), row_sums(s2), shift, shape[0] * shape[2])
 
 
+@twin()
+def _train(x, gamma, beta, eps, out, relu):
+    """train_forward, then a ReLU where relu is True (None: none)."""
+    shape = x.shape
+    flat = x.reshape(-1)
+    flat_out = out.reshape(-1)
+    if _per_feature(x):
+        return _train_per_feature(flat, shape, gamma, beta, eps, flat_out, relu)
+    mean, var = _mean_var(x)
+    invstd = 1.0 / np.sqrt(var + eps)
+    mean_hi, mean_lo = split_mean(mean, x)
+    scale = in_dtype(gamma * invstd, x)
+    _apply(flat, flat_out, shape, mean_hi, mean_lo, scale, in_dtype(beta, x), relu)
+    return mean, invstd
+
+
 @twin(entry=True)
 def train_forward(x, gamma, beta, eps, out):
     """Batch statistics, then out = gamma * (x - mean) * invstd + beta.
 
     x and out are (P, C, Q) C-contiguous; returns float64 mean and invstd.
     """
-    shape = x.shape
-    flat = x.reshape(-1)
-    flat_out = out.reshape(-1)
-    if _per_feature(x):
-        return _train_per_feature(flat, shape, gamma, beta, eps, flat_out)
-    mean, var = _mean_var(x)
-    invstd = 1.0 / np.sqrt(var + eps)
-    mean_hi, mean_lo = split_mean(mean, x)
+    return _train(x, gamma, beta, eps, out, None)
+
+
+@twin(entry=True)
+def train_forward_relu(x, gamma, beta, eps, out):
+    """train_forward followed by a ReLU: out = max(y, 0)."""
+    return _train(x, gamma, beta, eps, out, True)
+
+
+@twin()
+def _eval(x, running_mean, running_var, gamma, beta, eps, out, relu):
+    """eval_forward, then a ReLU where relu is True (None: none).
+
+    The scale is gamma * invstd with invstd = 1 / sqrt(running_var + eps) in
+    float64, as the backward gets it: a fused ReLU's mask then matches.
+    """
+    mean_hi, mean_lo = split_mean(running_mean, x)
+    invstd = 1.0 / np.sqrt(running_var.astype(np.float64) + eps)
     scale = in_dtype(gamma * invstd, x)
-    _apply(flat, flat_out, shape, mean_hi, mean_lo, scale, in_dtype(beta, x))
-    return mean, invstd
+    shift = in_dtype(beta, x)
+    _apply(x.reshape(-1), out.reshape(-1), x.shape, mean_hi, mean_lo, scale, shift, relu)
 
 
 @twin(entry=True)
 def eval_forward(x, running_mean, running_var, gamma, beta, eps, out):
     """out = gamma * (x - running_mean) / sqrt(running_var + eps) + beta."""
-    mean_hi, mean_lo = split_mean(running_mean, x)
-    scale = in_dtype(gamma / np.sqrt(running_var.astype(np.float64) + eps), x)
-    shift = in_dtype(beta, x)
-    _apply(x.reshape(-1), out.reshape(-1), x.shape, mean_hi, mean_lo, scale, shift)
+    _eval(x, running_mean, running_var, gamma, beta, eps, out, None)
+
+
+@twin(entry=True)
+def eval_forward_relu(x, running_mean, running_var, gamma, beta, eps, out):
+    """eval_forward followed by a ReLU: out = max(y, 0)."""
+    _eval(x, running_mean, running_var, gamma, beta, eps, out, True)
 
 
 @twin()
-def _param_sums(dy, x, mean, invstd):
+def _param_sums(dy, x, mean, invstd, relu=None):
     """float64 dgamma = sum(dy * x_hat) and dbeta = sum(dy) per feature, without dx."""
-    s1, s2 = _grad_sums(dy.reshape(-1), x.reshape(-1), x.shape, mean)
+    s1, s2 = _grad_sums(dy.reshape(-1), x.reshape(-1), x.shape, mean, relu)
     return row_sums(s2) * invstd, row_sums(s1)
 
 
 @twin()
-def _train_dx(dy, x, mean, invstd, gamma, dgamma, dbeta, count, out):
+def _train_dx(dy, x, mean, invstd, gamma, dgamma, dbeta, count, out, relu=None):
     """dx of the training formula from given sums dgamma, dbeta over count values per feature.
 
     backward() passes this batch's sums; a synchronized batch norm passes
@@ -297,25 +347,43 @@ def _train_dx(dy, x, mean, invstd, gamma, dgamma, dbeta, count, out):
         in_dtype(k_xhat, x),
         in_dtype(k0, x),
     )
-    _input_gradient(dy.reshape(-1), x.reshape(-1), out.reshape(-1), x.shape, coefficients)
+    _input_gradient(dy.reshape(-1), x.reshape(-1), out.reshape(-1), x.shape, coefficients, relu)
+
+
+@twin()
+def _backward(dy, x, mean, invstd, gamma, training, out, relu):
+    """backward; with relu (`relu_params`, not None), through the ReLU fused after the forward."""
+    shape = x.shape
+    flat, flat_dy, flat_out = x.reshape(-1), dy.reshape(-1), out.reshape(-1)
+    if _per_feature(x):
+        return _backward_per_feature(
+            flat_dy, flat, shape, mean, invstd, gamma, training, flat_out, relu
+        )
+    dgamma, dbeta = _param_sums(dy, x, mean, invstd, relu)
+    if training:
+        count = shape[0] * shape[2]
+        _train_dx(dy, x, mean, invstd, gamma, dgamma, dbeta, count, out, relu)
+    elif relu is None:
+        zero = np.zeros_like(in_dtype(mean, x))
+        scale = in_dtype(gamma * invstd, x)
+        _apply(flat_dy, flat_out, shape, zero, zero, scale, zero)
+    else:  # dx = gamma * invstd * dy where the ReLU passed: no batch terms
+        no_sums = np.zeros_like(mean)
+        _train_dx(dy, x, mean, invstd, gamma, no_sums, no_sums, 1, out, relu)
+    return dgamma, dbeta
 
 
 @twin(entry=True)
 def backward(dy, x, mean, invstd, gamma, training, out):
     """dx into out; returns float64 dgamma and dbeta, x_hat recomputed from x."""
-    shape = x.shape
-    flat, flat_dy, flat_out = x.reshape(-1), dy.reshape(-1), out.reshape(-1)
-    if _per_feature(x):
-        return _backward_per_feature(flat_dy, flat, shape, mean, invstd, gamma, training, flat_out)
-    dgamma, dbeta = _param_sums(dy, x, mean, invstd)
-    if training:
-        count = shape[0] * shape[2]
-        _train_dx(dy, x, mean, invstd, gamma, dgamma, dbeta, count, out)
-    else:
-        zero = np.zeros_like(in_dtype(mean, x))
-        scale = in_dtype(gamma * invstd, x)
-        _apply(flat_dy, flat_out, shape, zero, zero, scale, zero)
-    return dgamma, dbeta
+    return _backward(dy, x, mean, invstd, gamma, training, out, None)
+
+
+@twin(entry=True)
+def backward_relu(dy, x, mean, invstd, gamma, beta, training, out):
+    """backward through the forward followed by a ReLU (its mask recomputed from x)."""
+    relu = relu_params(mean, invstd, gamma, beta, x)
+    return _backward(dy, x, mean, invstd, gamma, training, out, relu)
 
 
 @twin(entry=True)
