@@ -1,0 +1,92 @@
+"""The README's code runs: every ```python block, in order, each in a fresh namespace.
+
+So the documented usage cannot drift from the code. Blocks that import torch
+run only where torch is installed (CI installs it). The numbers the README
+quotes for the examples are checked in kind where a test can do it cheaply:
+each example's --quick run prints the quantities the README reports.
+"""
+
+import importlib.util
+import pathlib
+import re
+import socket
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+README = (ROOT / "README.md").read_text()
+BLOCKS = re.findall(r"^```python\n(.*?)^```", README, flags=re.DOTALL | re.MULTILINE)
+HAS_TORCH = importlib.util.find_spec("torch") is not None
+
+
+def test_the_readme_has_python_blocks():
+    # A change of fence style would otherwise make every test below vanish.
+    assert len(BLOCKS) >= 4
+    assert README.count("```python") == len(BLOCKS)
+
+
+@pytest.mark.parametrize("index", range(len(BLOCKS)), ids=lambda i: f"block{i}")
+def test_readme_block_runs(index, tmp_path, monkeypatch):
+    code = BLOCKS[index]
+    if re.search(r"^\s*import torch|^\s*import fastbn\.torch", code, re.MULTILINE):
+        if not HAS_TORCH:
+            pytest.skip("needs torch")
+    monkeypatch.chdir(tmp_path)  # a block that writes files writes them here
+    if "init_process_group" in code:  # a group of one, on a free port of this machine
+        for key in ("RANK", "WORLD_SIZE", "MASTER_ADDR"):
+            monkeypatch.delenv(key, raising=False)
+        monkeypatch.setenv("MASTER_PORT", str(_free_port()))
+    namespace = {"__name__": f"readme_block_{index}"}
+    exec(compile(code, f"README.md python block {index}", "exec"), namespace)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_the_readme_opens_with_the_two_commands():
+    first_block = re.search(r"^```bash\n(.*?)^```", README, flags=re.DOTALL | re.MULTILINE)
+    lines = first_block.group(1).strip().splitlines()
+    assert lines == [
+        "pip install -e . && python -m fastbn.bench --quick",
+        'pip install -e ".[test]" && pytest',
+    ]
+
+
+# What the README says each example reports, and a pattern its --quick run's
+# output must match for each (the quick run's values differ; their kind not).
+EXAMPLE_REPORTS = {
+    # "with and without batch norm, at learning rates 0.1 and 1.0": accuracy per epoch
+    "train_digits.py": [
+        rf"lr {lr}, {bn}batch norm:\n +epoch +1: loss \d\.\d+, test accuracy \d\.\d+"
+        for lr in ("0.1", "1.0")
+        for bn in ("", "no ")
+    ],
+    # eval mode against test batches normalized by themselves, "with batches of 2"
+    "running_stats.py": [
+        r"eval mode \(running statistics\) \d\.\d+",
+        r"test batches of +2 normalized by themselves: \d\.\d+",
+    ],
+}
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("matplotlib") is None or importlib.util.find_spec("sklearn") is None,
+    reason="the examples need the examples extra",
+)
+@pytest.mark.parametrize("script", sorted(EXAMPLE_REPORTS))
+def test_example_quick_run_prints_what_the_readme_reports(script, tmp_path):
+    assert f"examples/{script}" in README
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / script), "--quick", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    for pattern in EXAMPLE_REPORTS[script]:
+        assert re.search(pattern, result.stdout, re.IGNORECASE), (pattern, result.stdout)
