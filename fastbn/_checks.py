@@ -4,19 +4,24 @@ Array arguments may be anything np.asarray accepts (lists included), as in
 NumPy itself; `out` must be an ndarray, since the result is written into it.
 """
 
+from __future__ import annotations
+
 import functools
 import math
 import numbers
 import operator
+from collections.abc import Iterable
+from typing import Any, SupportsIndex, overload
 
 import numpy as np
+from numpy.typing import ArrayLike, NDArray
 
 FLOAT32 = np.dtype(np.float32)
 FLOAT64 = np.dtype(np.float64)
 FLOAT_DTYPES = (FLOAT32, FLOAT64)
 
 
-def float_array(name, a):
+def float_array(name: str, a: ArrayLike) -> NDArray[np.floating]:
     """``a`` as an ndarray of float32 or float64, or TypeError naming the fix."""
     if not isinstance(a, np.ndarray):
         a = np.asarray(a)
@@ -28,7 +33,7 @@ def float_array(name, a):
     return a
 
 
-def data(name, x):
+def data(name: str, x: ArrayLike) -> NDArray[np.floating]:
     """A float array of ndim >= 2 (features and examples)."""
     x = float_array(name, x)
     if x.ndim < 2:
@@ -41,7 +46,7 @@ def data(name, x):
     return x
 
 
-def feature_axis(axis, x):
+def feature_axis(axis: SupportsIndex, x: NDArray[np.floating]) -> int:
     """``axis`` as an int in [0, x.ndim)."""
     try:
         a = operator.index(axis)
@@ -54,7 +59,7 @@ def feature_axis(axis, x):
     return a % x.ndim
 
 
-def counts(x, axis, training):
+def counts(x: NDArray[np.floating], axis: int, training: bool) -> tuple[int, int]:
     """(C, M): features and values per feature, rejecting empty input and M == 1 in training."""
     n_features = x.shape[axis]
     if x.size == 0:
@@ -68,7 +73,7 @@ def counts(x, axis, training):
     return n_features, per_feature
 
 
-def positive_eps(eps):
+def positive_eps(eps: float) -> float:
     """eps as a finite float > 0."""
     # The common case first: isinstance against numbers.Real is an ABC check,
     # slow next to the rest of a small call.
@@ -89,25 +94,25 @@ class _ReadOnly:
     one compiled signature per dtype.
     """
 
-    def __init__(self, a):
+    def __init__(self, a: NDArray[np.floating]) -> None:
         self.base = a
         interface = dict(a.__array_interface__)
         interface["data"] = (interface["data"][0], False)
         self.__array_interface__ = interface
 
 
-def kernel_input(a):
+def kernel_input(a: NDArray[np.floating]) -> NDArray[np.floating]:
     """``a`` as the kernels take it: writable (they only read it)."""
     return a if a.flags.writeable else np.asarray(_ReadOnly(a))
 
 
 @functools.lru_cache(maxsize=64)
-def _constant(value, n, dtype):
+def _constant(value: float, n: int, dtype: np.dtype[Any]) -> NDArray[np.floating]:
     # Shared between calls: only the kernels see it, and they never write it.
     return np.full(n, value, dtype)
 
 
-def vector_dtype(x, *vectors):
+def vector_dtype(x: NDArray[np.floating], *vectors: ArrayLike | None) -> np.dtype[Any]:
     """The dtype per_feature gives a call's parameters and running statistics.
 
     x's dtype when every one given is an ndarray of it (the common case, no
@@ -122,7 +127,45 @@ def vector_dtype(x, *vectors):
     return dtype
 
 
-def per_feature(name, v, n_features, x, axis, default=None, dtype=FLOAT64):
+@overload
+def per_feature(
+    name: str,
+    v: ArrayLike | None,
+    n_features: int,
+    x: NDArray[np.floating],
+    axis: int,
+    default: float,
+    dtype: np.dtype[Any] = ...,
+) -> NDArray[np.floating]: ...
+@overload
+def per_feature(
+    name: str,
+    v: ArrayLike,
+    n_features: int,
+    x: NDArray[np.floating],
+    axis: int,
+    default: None = None,
+    dtype: np.dtype[Any] = ...,
+) -> NDArray[np.floating]: ...
+@overload
+def per_feature(
+    name: str,
+    v: ArrayLike | None,
+    n_features: int,
+    x: NDArray[np.floating],
+    axis: int,
+    default: None = None,
+    dtype: np.dtype[Any] = ...,
+) -> NDArray[np.floating] | None: ...
+def per_feature(
+    name: str,
+    v: ArrayLike | None,
+    n_features: int,
+    x: NDArray[np.floating],
+    axis: int,
+    default: float | None = None,
+    dtype: np.dtype[Any] = FLOAT64,
+) -> NDArray[np.floating] | None:
     """A length-C float vector, contiguous, in dtype for the kernels (``default`` if None).
 
     The kernels compute with it in float64 whatever its dtype (see vector_dtype).
@@ -143,13 +186,13 @@ def per_feature(name, v, n_features, x, axis, default=None, dtype=FLOAT64):
     return kernel_input(np.ascontiguousarray(v))
 
 
-def same_shape(name, a, x):
+def same_shape(name: str, a: NDArray[np.floating], x: NDArray[np.floating]) -> None:
     """``a`` must have x's shape (dy against x)."""
     if a.shape != x.shape:
         raise ValueError(f"{name} has shape {a.shape}, but x has shape {x.shape}: they must match")
 
 
-def _same_view(a, b):
+def _same_view(a: NDArray[Any], b: NDArray[Any]) -> bool:
     return (
         a.__array_interface__["data"][0] == b.__array_interface__["data"][0]
         and a.shape == b.shape
@@ -157,7 +200,12 @@ def _same_view(a, b):
     )
 
 
-def output(out, x, inputs, may_be=None):
+def output(
+    out: object,
+    x: NDArray[np.floating],
+    inputs: Iterable[tuple[str, ArrayLike | None]],
+    may_be: tuple[str, NDArray[np.floating]] | None = None,
+) -> NDArray[np.floating]:
     """Check ``out``: x's shape and dtype, writable, overlapping no input but ``may_be`` itself."""
     if not isinstance(out, np.ndarray):
         raise TypeError(f"out must be a numpy.ndarray, got {type(out).__name__}")
@@ -172,7 +220,7 @@ def output(out, x, inputs, may_be=None):
     for name, a in inputs:
         if a is None or not np.may_share_memory(out, a):
             continue
-        if may_be is not None and a is may_be[1] and _same_view(out, a):
+        if may_be is not None and a is may_be[1] and _same_view(out, may_be[1]):
             continue
         if np.shares_memory(out, a):
             allowed = f" (only {may_be[0]} itself may be passed as out)" if may_be else ""

@@ -14,11 +14,17 @@ process that shares the directory shares the lock.
 Each module with cached kernels ends with ``_compile.guard(globals())``.
 """
 
+from __future__ import annotations
+
 import contextlib
 import os
+from collections.abc import Iterator
+from types import ModuleType
+from typing import Any
 
 from numba.core.caching import IndexDataCacheFile
 
+fcntl: ModuleType | None
 try:
     import fcntl
 except ImportError:  # not POSIX: no cross-process lock, as Numba itself has none
@@ -29,13 +35,13 @@ __all__ = ["LOCK_NAME", "guard", "lock_path"]
 LOCK_NAME = "fastbn-cache.lock"
 
 
-def lock_path(kernel):
+def lock_path(kernel: Any) -> str:
     """The lock file of a cached kernel's cache directory."""
     return os.path.join(kernel._cache._cache_path, LOCK_NAME)
 
 
 @contextlib.contextmanager
-def _locked(cache_path):
+def _locked(cache_path: str) -> Iterator[None]:
     if fcntl is None:
         yield
         return
@@ -50,16 +56,16 @@ def _locked(cache_path):
 class _LockedCacheFile(IndexDataCacheFile):
     """Numba's index and data files, read and written under the cache directory's lock."""
 
-    def save(self, key, data):
+    def save(self, key: Any, data: Any) -> None:
         with _locked(self._cache_path):
             super().save(key, data)
 
-    def load(self, key):
+    def load(self, key: Any) -> Any:
         with _locked(self._cache_path):
             return super().load(key)
 
 
-def guard(namespace):
+def guard(namespace: dict[str, Any]) -> None:
     """Make the cached Numba kernels in a module's namespace use the lock."""
     for value in namespace.values():
         cache_file = getattr(getattr(value, "_cache", None), "_cache_file", None)

@@ -1,5 +1,7 @@
 """The running-statistics rule shared by the layers: PyTorch's update, all features or none."""
 
+from collections.abc import Sequence
+
 import numpy as np
 from numba import njit
 
@@ -55,7 +57,7 @@ def fold_batch_stats(running_mean, running_var, mean, invstd, eps, f, bessel):
     return bad
 
 
-def feature_list(bad):
+def feature_list(bad: Sequence[int]) -> str:
     """Name the features of the list ``bad`` in a message."""
     shown = ", ".join(str(c) for c in bad[:SHOWN_FEATURES])
     more = f" and {len(bad) - SHOWN_FEATURES} more" if len(bad) > SHOWN_FEATURES else ""

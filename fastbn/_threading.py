@@ -13,7 +13,10 @@ Usage, around each kernel call::
         rows.train_forward(...)
 """
 
+from __future__ import annotations
+
 import threading
+from typing import Literal
 
 import numba
 
@@ -25,15 +28,15 @@ _LOCK = threading.Lock()
 # None until the first guarded call has run a parallel region; then whether
 # the active layer is thread-safe. Written under _LOCK; read without it (a
 # stale None or False only costs taking the lock once more).
-_safe = None
+_safe: bool | None = None
 
 
-def layer_is_safe():
+def layer_is_safe() -> bool | None:
     """Whether the active threading layer is known to be thread-safe (None: not known yet)."""
     return _safe
 
 
-def _check_layer():
+def _check_layer() -> None:
     global _safe
     try:
         layer = numba.threading_layer()
@@ -47,10 +50,10 @@ class _Unguarded:
 
     __slots__ = ()
 
-    def __enter__(self):
+    def __enter__(self) -> _Unguarded:
         return self
 
-    def __exit__(self, *exc_info):
+    def __exit__(self, *exc_info: object) -> Literal[False]:
         return False
 
 
@@ -59,11 +62,11 @@ class _Guarded:
 
     __slots__ = ()
 
-    def __enter__(self):
+    def __enter__(self) -> _Guarded:
         _LOCK.acquire()
         return self
 
-    def __exit__(self, *exc_info):
+    def __exit__(self, *exc_info: object) -> Literal[False]:
         try:
             if _safe is None:
                 _check_layer()
@@ -76,7 +79,7 @@ _UNGUARDED = _Unguarded()
 _GUARDED = _Guarded()
 
 
-def kernel_guard(serial):
+def kernel_guard(serial: bool) -> _Unguarded | _Guarded:
     """A context manager to run one kernel call under.
 
     Parameters

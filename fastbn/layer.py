@@ -11,7 +11,8 @@ import numbers
 
 import numpy as np
 
-from fastbn import _checks, _running, functional
+from fastbn import _checks, _running, functional, ghost
+from fastbn import renorm as batch_renorm
 
 __all__ = ["BatchNorm"]
 
@@ -63,6 +64,39 @@ class BatchNorm:
         and running_mean and running_var are None.
     dtype : {np.float32, np.float64}, default np.float32
         The dtype of the parameters, the statistics and the inputs.
+    virtual_batch_size : int or None, default None
+        Ghost batch norm (Hoffer et al., 2017; `fastbn.ghost_batch_norm_train`):
+        in training mode each consecutive slice of k = virtual_batch_size
+        examples along the examples axis (axis 0, or 1 when ``axis`` is 0)
+        is normalized with its own statistics, and backward() takes each
+        slice's own; k must divide the batch size N (ValueError naming
+        both). The running statistics take the G = N / k slices one after
+        another, in order, by the rule below, so num_batches_tracked counts
+        G: exactly as calling a plain layer on each slice in turn. That is
+        the paper's Algorithm 1 (its closed form of G updates), and it keeps
+        the running statistics the same however a stream of examples is cut
+        into batches. tf.keras 2 instead averages the G slices' moments into
+        one update per batch (its comment: "This isn't strictly correct ...
+        more efficient"), which weights a batch by momentum rather than
+        1 - (1 - momentum)**G; its virtual batches are also the strided
+        examples g, g + G, ... rather than consecutive ones. Eval mode is
+        plain running-statistics eval. Not with renorm=True.
+    renorm : bool, default False
+        Batch Renormalization (Ioffe, 2017; see `fastbn.batch_renorm_train`):
+        in training mode the output is corrected toward the running
+        statistics, ``y = gamma * (x_hat * r + d) + beta`` with
+        ``r = clip(sigma_B / sigma, 1 / r_max, r_max)`` and
+        ``d = clip((mu_B - mu) / sigma, -d_max, d_max)`` from the running
+        statistics before this batch's update, r and d constants for
+        backward(). Eval mode is unchanged. Needs track_running_stats=True.
+    r_max : float, default 3.0
+        The limit of r, >= 1 (1 with d_max = 0 is plain batch norm).
+    d_max : float, default 5.0
+        The limit of d, >= 0.
+    activation : {None, "relu"}, default None
+        "relu" fuses a ReLU after the normalization: y = max(y, 0), in the
+        same passes over memory (`fastbn.batch_norm_relu_train`); backward()
+        recomputes its mask from x. Not with renorm or virtual_batch_size.
 
     Attributes
     ----------
@@ -78,6 +112,12 @@ class BatchNorm:
         The number of training batches folded into the running statistics.
     training : bool
         True in training mode (the initial mode), False in eval mode.
+    virtual_batch_size : int or None
+        The option of that name; each training forward checks it.
+    renorm, r_max, d_max : bool, float, float
+        The options of the same names. r_max and d_max may be changed between
+        training steps (the paper raises them from 1 and 0 over the first
+        epochs); each training forward checks them (ValueError, layer unchanged).
 
     Notes
     -----
@@ -98,6 +138,11 @@ class BatchNorm:
         affine=True,
         track_running_stats=True,
         dtype=np.float32,
+        virtual_batch_size=None,
+        renorm=False,
+        r_max=3.0,
+        d_max=5.0,
+        activation=None,
     ):
         if not _is_int(num_features):
             raise TypeError(f"num_features must be an int, got {num_features!r}")
@@ -111,10 +156,32 @@ class BatchNorm:
                 raise TypeError(f"momentum must be a real number or None, got {momentum!r}")
             if not 0 <= momentum <= 1:
                 raise ValueError(f"momentum must be in [0, 1] or None, got {momentum!r}")
-        for name, flag in (("affine", affine), ("track_running_stats", track_running_stats)):
+        flags = (
+            ("affine", affine),
+            ("track_running_stats", track_running_stats),
+            ("renorm", renorm),
+        )
+        for name, flag in flags:
             if not isinstance(flag, (bool, np.bool_)):
                 raise TypeError(f"{name} must be a bool, got {flag!r}")
         layer_dtype = _layer_dtype(dtype)
+        if virtual_batch_size is not None:
+            virtual_batch_size = ghost.checked_virtual_batch_size(virtual_batch_size)
+            if renorm:
+                raise ValueError("virtual_batch_size and renorm=True do not combine: pick one")
+        if renorm and not track_running_stats:
+            raise ValueError(
+                "renorm=True needs track_running_stats=True: Batch Renormalization "
+                "corrects the batch statistics toward the running ones"
+            )
+        _, r_max, d_max = batch_renorm.clip_limits(r_max, d_max)
+        if activation not in (None, "relu"):
+            raise ValueError(f'activation must be None or "relu", got {activation!r}')
+        if activation is not None and (renorm or virtual_batch_size is not None):
+            raise ValueError(
+                "activation is fused with plain batch norm only, not with renorm=True or "
+                "virtual_batch_size: apply the ReLU after the layer"
+            )
 
         self.num_features = int(num_features)
         self.axis = int(axis)
@@ -123,6 +190,11 @@ class BatchNorm:
         self.affine = bool(affine)
         self.track_running_stats = bool(track_running_stats)
         self.dtype = layer_dtype
+        self.renorm = bool(renorm)
+        self.r_max = r_max
+        self.d_max = d_max
+        self.virtual_batch_size = virtual_batch_size
+        self.activation = activation
         self.training = True
 
         shape = (self.num_features,)
@@ -139,10 +211,11 @@ class BatchNorm:
         else:
             self.running_mean = self.running_var = None
         self.num_batches_tracked = 0
-        # (x, mean, invstd, batch_stats, plan) of the last successful forward:
-        # x by reference, mean and invstd float64, batch_stats whether the
-        # forward normalized with batch statistics (the training formula of
-        # backward), plan the functional plan of x.
+        # (x, mean, invstd, batch_stats, plan, renorm_rd) of the last successful
+        # forward: x by reference, mean and invstd float64, batch_stats whether
+        # the forward normalized with batch statistics (the training formula of
+        # backward), plan the functional plan of x, renorm_rd the float64 (r, d)
+        # of a Batch Renormalization forward, else None.
         self._cache = None
 
     # ------------------------------------------------------------------ modes
@@ -183,7 +256,9 @@ class BatchNorm:
         Training mode normalizes with the batch statistics and, when tracking,
         folds them into the running statistics; eval mode normalizes with the
         running statistics. Without running statistics both modes use the
-        batch statistics.
+        batch statistics. With renorm, training mode corrects the batch
+        statistics' output by r and d from the running statistics before
+        this batch's update, then folds the batch into them.
 
         Parameters
         ----------
@@ -206,11 +281,16 @@ class BatchNorm:
         TypeError
             x of another dtype than the layer's.
         ValueError
-            x of the wrong shape, out overlapping x, M == 1 in training.
+            x of the wrong shape, out overlapping x, M == 1 in training,
+            r_max < 1 or d_max < 0 in training with renorm, a batch size that
+            virtual_batch_size does not divide in training.
         FloatingPointError
             Batch statistics that are not finite, or running statistics that
             would overflow the layer's dtype.
         """
+        renorm = self.renorm and self.training
+        if renorm:  # plain attributes, which may have changed since the last step
+            limits = batch_renorm.clip_limits(self.r_max, self.d_max)
         batch_stats = self.training or not self.track_running_stats
         x, plan = self._checked_input(x, batch_stats)
         if out is not None:
@@ -221,6 +301,8 @@ class BatchNorm:
                         f"out overlaps {what}: the layer keeps x for backward(), "
                         "so write y into a separate array"
                     )
+        if self.training and self.virtual_batch_size is not None:
+            return self._ghost_forward(x, out)
         if plan is None:
             x, plan = functional._planned(x, self.axis, training=batch_stats)
 
@@ -235,14 +317,26 @@ class BatchNorm:
                 self.beta,
                 self.eps,
                 out,
+                relu=self.activation == "relu",
             )
             # Snapshots: the running statistics may change before backward().
             mean = self.running_mean.astype(np.float64)
             invstd = 1.0 / np.sqrt(self.running_var.astype(np.float64) + self.eps)
-            self._cache = (x, mean, invstd, False, plan)
+            self._cache = (x, mean, invstd, False, plan, None)
             return y
 
-        y, mean, invstd = functional._train(x, plan, self.gamma, self.beta, self.eps, out)
+        if renorm:
+            y, mean, invstd, r, d = batch_renorm._train(
+                x, plan, self.running_mean, self.running_var, self.gamma, self.beta, limits,
+                self.eps, out,
+            )  # fmt: skip
+            self._update_running_stats(mean, invstd, x.size // self.num_features)
+            self._cache = (x, mean, invstd, True, plan, (r, d))
+            return y
+
+        y, mean, invstd = functional._train(
+            x, plan, self.gamma, self.beta, self.eps, out, relu=self.activation == "relu"
+        )
         if self.training and self.track_running_stats:
             self._update_running_stats(mean, invstd, x.size // self.num_features)
         else:
@@ -253,7 +347,7 @@ class BatchNorm:
                     f"the batch statistics of features {features} are not finite (NaN or inf "
                     "in x, or a variance that overflows); the layer is unchanged"
                 )
-        self._cache = (x, mean, invstd, True, plan)
+        self._cache = (x, mean, invstd, True, plan, None)
         return y
 
     def __call__(self, x, out=None):
@@ -275,13 +369,58 @@ class BatchNorm:
             )
         self.num_batches_tracked = count
 
+    def _ghost_forward(self, x, out):
+        """forward() in training mode with virtual batches (see ``virtual_batch_size``)."""
+        x, plan = ghost.planned(x, self.axis, self.virtual_batch_size)
+        y, mean, invstd = ghost.train(x, plan, self.gamma, self.beta, self.eps, out)
+        if self.track_running_stats:
+            self._fold_virtual_batches(mean, invstd, plan.slice_values)
+        else:
+            bad = _running.nonfinite_batch_stats(mean.reshape(-1), invstd.reshape(-1))
+            if bad:
+                features = sorted({i % self.num_features for i in bad})
+                raise FloatingPointError(
+                    f"the statistics of features {_running.feature_list(features)} in virtual "
+                    f"batch {bad[0] // self.num_features} are not finite (NaN or inf in x, or a "
+                    "variance that overflows); the layer is unchanged"
+                )
+        self._cache = (x, mean, invstd, True, plan, None)
+        return y
+
+    def _fold_virtual_batches(self, mean, invstd, m):
+        """Fold each virtual batch's statistics (the rows of mean and invstd) in order.
+
+        Into copies, which replace the running statistics once every slice
+        passed: a slice that fails raises and leaves the layer unchanged.
+        """
+        running_mean, running_var = self.running_mean.copy(), self.running_var.copy()
+        count = self.num_batches_tracked
+        for g in range(mean.shape[0]):
+            count += 1
+            f = 1.0 / count if self.momentum is None else self.momentum
+            bad = _running.fold_batch_stats(
+                running_mean, running_var, mean[g], invstd[g], self.eps, f, m / (m - 1)
+            )
+            if bad:
+                raise FloatingPointError(
+                    f"the statistics of features {_running.feature_list(bad)} in virtual batch "
+                    f"{g} are not finite, or overflow {self.dtype} in the running statistics "
+                    "(NaN or inf in x, or values too large); the layer is unchanged"
+                )
+        self.running_mean[...] = running_mean
+        self.running_var[...] = running_var
+        self.num_batches_tracked = count
+
     def backward(self, dy, out=None):
         """Backpropagate through the last forward().
 
         Where that forward used batch statistics, their dependence on x is
         part of the gradient (the training formula); where it used running
-        statistics they are constants, dx = gamma * invstd * dy. Sets dgamma
-        and dbeta in place.
+        statistics they are constants, dx = gamma * invstd * dy. After a
+        renorm forward it is the training formula with r and d constants;
+        after one with virtual batches, each slice's training formula with
+        its own statistics, dgamma and dbeta summed over the slices in order.
+        Sets dgamma and dbeta in place.
 
         Parameters
         ----------
@@ -306,15 +445,23 @@ class BatchNorm:
         """
         if self._cache is None:
             raise RuntimeError("backward() needs a forward() first: nothing to backpropagate")
-        x, mean, invstd, batch_stats, plan = self._cache
+        x, mean, invstd, batch_stats, plan, renorm_rd = self._cache
         dy = self._checked_dtype(dy, "dy")
         # The functional backward less what the forward settled: x, mean and
         # invstd are checked and planned already, and dgamma and dbeta come
         # back in float64, which the assignments below round to the layer's
         # dtype as astype would.
-        dx, dgamma, dbeta = functional._backward(
-            dy, x, mean, invstd, self.gamma, self.axis, batch_stats, out, forward_plan=plan
-        )
+        if isinstance(plan, ghost.GhostPlan):
+            dx, dgamma, dbeta = ghost.backward(dy, x, plan, mean, invstd, self.gamma, out)
+        elif renorm_rd is None:
+            dx, dgamma, dbeta = functional._backward(
+                dy, x, mean, invstd, self.gamma, self.axis, batch_stats, out, forward_plan=plan,
+                relu=self.activation == "relu", beta=self.beta,
+            )  # fmt: skip
+        else:
+            dx, dgamma, dbeta = batch_renorm._backward(
+                dy, x, mean, invstd, *renorm_rd, self.gamma, self.axis, out, forward_plan=plan
+            )
         if self.affine:
             self.dgamma[...] = dgamma
             self.dbeta[...] = dbeta
@@ -507,10 +654,17 @@ class BatchNorm:
         return x, plan
 
     def __repr__(self):
+        # The renorm options only when on: a plain layer reads as it always has.
+        renorm = f", renorm=True, r_max={self.r_max}, d_max={self.d_max}" if self.renorm else ""
+        k = self.virtual_batch_size
+        virtual = "" if k is None else f", virtual_batch_size={k}"
+        if self.activation is not None:
+            renorm += f", activation={self.activation!r}"
         return (
             f"BatchNorm({self.num_features}, axis={self.axis}, eps={self.eps}, "
             f"momentum={self.momentum}, affine={self.affine}, "
-            f"track_running_stats={self.track_running_stats}, dtype=np.{self.dtype})"
+            f"track_running_stats={self.track_running_stats}, "
+            f"dtype=np.{self.dtype}{virtual}{renorm})"
         )
 
     def __getstate__(self):

@@ -14,10 +14,15 @@ integer class ids of shape (m,). Every layer has the same small interface:
 `fastbn.BatchNorm` (with its default ``axis=0``) is such a layer, used as it is.
 """
 
+from __future__ import annotations
+
 import math
 import numbers
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any, Protocol
 
 import numpy as np
+from numpy.typing import ArrayLike, DTypeLike, NDArray
 
 from fastbn.layer import BatchNorm
 
@@ -25,6 +30,7 @@ __all__ = [
     "SGD",
     "Adam",
     "Dense",
+    "Layer",
     "ReLU",
     "Sequential",
     "SoftmaxCrossEntropy",
@@ -34,16 +40,29 @@ __all__ = [
 
 _FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
+# A learnable parameter as parameters() lists it: (name, param, grad).
+_Parameter = tuple[str, NDArray[np.floating], NDArray[np.floating]]
 
-def _is_int(value):
+
+class Layer(Protocol):
+    """What Sequential holds: an object with the layers' forward, backward and parameters."""
+
+    def forward(self, A: NDArray[np.floating], /) -> NDArray[np.floating]: ...
+
+    def backward(self, dZ: NDArray[np.floating], /) -> NDArray[np.floating]: ...
+
+    def parameters(self) -> Sequence[_Parameter]: ...
+
+
+def _is_int(value: object) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
 
 
-def _is_real(value):
+def _is_real(value: object) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
 
 
-def _positive_int(name, value):
+def _positive_int(name: str, value: int) -> int:
     if not _is_int(value):
         raise TypeError(f"{name} must be an int, got {value!r}")
     if value <= 0:
@@ -51,18 +70,20 @@ def _positive_int(name, value):
     return int(value)
 
 
-def _float_dtype(dtype):
+def _float_dtype(dtype: DTypeLike) -> np.dtype[Any]:
     """Return dtype as np.dtype float32 or float64, or raise TypeError."""
     try:
+        # np.dtype(None) would be float64: None is no choice of dtype here.
         resolved = None if dtype is None else np.dtype(dtype)
     except TypeError:
         resolved = None
-    if resolved not in _FLOAT_DTYPES:
+    # Not only `not in`: None == np.dtype(np.float64) is True.
+    if resolved is None or resolved not in _FLOAT_DTYPES:
         raise TypeError(f"dtype must be np.float32 or np.float64, got {dtype!r}")
     return resolved
 
 
-def _checked_dtype(array, name, dtype):
+def _checked_dtype(array: ArrayLike, name: str, dtype: np.dtype[Any]) -> NDArray[Any]:
     """Return array as an ndarray of ``dtype``, or raise the layers' TypeError naming the fix."""
     array = np.asarray(array)
     if array.dtype != dtype:
@@ -105,7 +126,15 @@ class Dense:
         them in place.
     """
 
-    def __init__(self, n_in, n_out, bias=True, *, rng=None, dtype=np.float32):
+    def __init__(
+        self,
+        n_in: int,
+        n_out: int,
+        bias: bool = True,
+        *,
+        rng: np.random.Generator | None = None,
+        dtype: DTypeLike = np.float32,
+    ) -> None:
         self.n_in = _positive_int("n_in", n_in)
         self.n_out = _positive_int("n_out", n_out)
         if not isinstance(bias, (bool, np.bool_)):
@@ -119,20 +148,24 @@ class Dense:
             )
         self.dtype = _float_dtype(dtype)
         he_std = math.sqrt(2.0 / self.n_in)
-        self.W = (he_std * rng.standard_normal((self.n_out, self.n_in))).astype(self.dtype)
+        self.W: NDArray[np.floating] = (
+            he_std * rng.standard_normal((self.n_out, self.n_in))
+        ).astype(self.dtype)
         self.dW = np.zeros_like(self.W)
+        self.b: NDArray[np.floating] | None
+        self.db: NDArray[np.floating] | None
         if bias:
             self.b = np.zeros(self.n_out, self.dtype)
             self.db = np.zeros_like(self.b)
         else:
             self.b = self.db = None
         # The input of the last forward, by reference: backward needs it for dW.
-        self._A = None
+        self._A: NDArray[np.floating] | None = None
 
-    def __call__(self, A):
+    def __call__(self, A: ArrayLike) -> NDArray[np.floating]:
         return self.forward(A)
 
-    def forward(self, A):
+    def forward(self, A: ArrayLike) -> NDArray[np.floating]:
         """Return Z = W A + b.
 
         Parameters
@@ -157,7 +190,7 @@ class Dense:
         self._A = A
         return Z
 
-    def backward(self, dZ):
+    def backward(self, dZ: ArrayLike) -> NDArray[np.floating]:
         """Return dA = W^T dZ; overwrite dW = dZ A^T and db = the row sums of dZ.
 
         Parameters
@@ -181,7 +214,7 @@ class Dense:
             np.sum(dZ, axis=1, out=self.db)
         return self.W.T @ dZ
 
-    def parameters(self):
+    def parameters(self) -> list[_Parameter]:
         """List the learnable parameters with their gradients.
 
         Returns
@@ -190,11 +223,11 @@ class Dense:
             ``[("W", W, dW), ("b", b, db)]``, without b when bias=False.
         """
         params = [("W", self.W, self.dW)]
-        if self.b is not None:
+        if self.b is not None and self.db is not None:
             params.append(("b", self.b, self.db))
         return params
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return (
             f"Dense({self.n_in}, {self.n_out}, bias={self.b is not None}, dtype=np.{self.dtype})"
         )
@@ -203,14 +236,14 @@ class Dense:
 class ReLU:
     """The rectified linear unit, max(Z, 0), elementwise; no parameters."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         # Where the last forward's input was positive: the only units dZ passes through.
-        self._positive = None
+        self._positive: NDArray[np.bool_] | None = None
 
-    def __call__(self, Z):
+    def __call__(self, Z: ArrayLike) -> NDArray[np.floating]:
         return self.forward(Z)
 
-    def forward(self, Z):
+    def forward(self, Z: ArrayLike) -> NDArray[np.floating]:
         """Return max(Z, 0) as a new array of Z's dtype.
 
         Parameters
@@ -229,7 +262,7 @@ class ReLU:
         self._positive = Z > 0
         return np.maximum(Z, 0)
 
-    def backward(self, dA):
+    def backward(self, dA: ArrayLike) -> NDArray[np.floating]:
         """Return dZ = dA where the last forward's input was positive, 0 elsewhere.
 
         Parameters
@@ -251,7 +284,7 @@ class ReLU:
             )
         return dA * self._positive
 
-    def parameters(self):
+    def parameters(self) -> list[_Parameter]:
         """Return an empty list: ReLU learns nothing.
 
         Returns
@@ -261,7 +294,7 @@ class ReLU:
         """
         return []
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return "ReLU()"
 
 
@@ -282,7 +315,7 @@ class Sequential:
         The mode last set with train() or eval(); True initially.
     """
 
-    def __init__(self, *layers):
+    def __init__(self, *layers: Layer) -> None:
         for index, layer in enumerate(layers):
             missing = [
                 method
@@ -294,10 +327,10 @@ class Sequential:
         self.layers = list(layers)
         self.training = True
 
-    def __call__(self, A):
+    def __call__(self, A: NDArray[np.floating]) -> NDArray[np.floating]:
         return self.forward(A)
 
-    def forward(self, A):
+    def forward(self, A: NDArray[np.floating]) -> NDArray[np.floating]:
         """Return the last layer's output, each layer taking the previous one's.
 
         Parameters
@@ -314,7 +347,7 @@ class Sequential:
             A = layer.forward(A)
         return A
 
-    def backward(self, dZ):
+    def backward(self, dZ: NDArray[np.floating]) -> NDArray[np.floating]:
         """Backpropagate through every layer in reverse, setting their gradients.
 
         Parameters
@@ -331,7 +364,7 @@ class Sequential:
             dZ = layer.backward(dZ)
         return dZ
 
-    def parameters(self):
+    def parameters(self) -> list[_Parameter]:
         """List every layer's parameters, each name prefixed with its layer's index.
 
         Returns
@@ -346,7 +379,7 @@ class Sequential:
             for name, param, grad in layer.parameters()
         ]
 
-    def train(self, mode=True):
+    def train(self, mode: bool = True) -> Sequential:
         """Set training mode (or eval mode for ``mode=False``) on every layer that has modes.
 
         Parameters
@@ -363,12 +396,13 @@ class Sequential:
         if not isinstance(mode, (bool, np.bool_)):
             raise TypeError(f"mode must be a bool, got {mode!r}")
         for layer in self.layers:
-            if callable(getattr(layer, "train", None)):
-                layer.train(bool(mode))
+            set_mode = getattr(layer, "train", None)
+            if callable(set_mode):
+                set_mode(bool(mode))
         self.training = bool(mode)
         return self
 
-    def eval(self):
+    def eval(self) -> Sequential:
         """Set eval mode on every layer that has modes, the same as ``train(False)``.
 
         Returns
@@ -378,16 +412,16 @@ class Sequential:
         """
         return self.train(False)
 
-    def __getitem__(self, index):
+    def __getitem__(self, index: int) -> Layer:
         return self.layers[index]
 
-    def __len__(self):
+    def __len__(self) -> int:
         return len(self.layers)
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[Layer]:
         return iter(self.layers)
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         inner = "".join(f"\n  ({i}): {layer!r}" for i, layer in enumerate(self.layers))
         return f"Sequential({inner}\n)"
 
@@ -395,7 +429,7 @@ class Sequential:
 class SoftmaxCrossEntropy:
     """Softmax over the class axis followed by the cross-entropy, averaged over the batch."""
 
-    def __call__(self, logits, labels):
+    def __call__(self, logits: ArrayLike, labels: ArrayLike) -> tuple[float, NDArray[np.floating]]:
         """Return the mean loss and its gradient with respect to the logits.
 
         Parameters
@@ -446,11 +480,13 @@ class SoftmaxCrossEntropy:
         dlogits /= m
         return loss, dlogits
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return "SoftmaxCrossEntropy()"
 
 
-def _optimizer_params(params):
+def _optimizer_params(
+    params: Iterable[_Parameter],
+) -> tuple[list[NDArray[np.floating]], list[NDArray[np.floating]]]:
     """Check ``model.parameters()``-style triples; return (params, grads) lists."""
     params = list(params)
     if not params:
@@ -472,7 +508,7 @@ def _optimizer_params(params):
     return values, grads
 
 
-def _learning_rate(lr):
+def _learning_rate(lr: float) -> float:
     if not _is_real(lr):
         raise TypeError(f"lr must be a real number, got {lr!r}")
     if not (math.isfinite(lr) and lr > 0):
@@ -496,7 +532,7 @@ class SGD:
         In [0, 1).
     """
 
-    def __init__(self, params, lr, momentum=0.0):
+    def __init__(self, params: Iterable[_Parameter], lr: float, momentum: float = 0.0) -> None:
         self._params, self._grads = _optimizer_params(params)
         self.lr = _learning_rate(lr)
         if not _is_real(momentum):
@@ -506,7 +542,7 @@ class SGD:
         self.momentum = float(momentum)
         self._velocities = [np.zeros_like(p) for p in self._params] if self.momentum else None
 
-    def step(self):
+    def step(self) -> None:
         """Update every parameter in place from its current gradient."""
         if self._velocities is None:
             for param, grad in zip(self._params, self._grads, strict=True):
@@ -536,7 +572,13 @@ class Adam:
         Added to the denominator, positive.
     """
 
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8):
+    def __init__(
+        self,
+        params: Iterable[_Parameter],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+    ) -> None:
         self._params, self._grads = _optimizer_params(params)
         self.lr = _learning_rate(lr)
         beta1, beta2 = betas
@@ -555,7 +597,7 @@ class Adam:
         self._first_moments = [np.zeros_like(p) for p in self._params]
         self._second_moments = [np.zeros_like(p) for p in self._params]
 
-    def step(self):
+    def step(self) -> None:
         """Update every parameter in place from its current gradient."""
         beta1, beta2 = self.betas
         self.steps += 1
@@ -571,7 +613,14 @@ class Adam:
             param -= step_size * first / (np.sqrt(second) / sqrt_correction + self.eps)
 
 
-def minibatches(X, Y, batch_size, rng, shuffle=True, drop_last=False):
+def minibatches(
+    X: ArrayLike,
+    Y: ArrayLike,
+    batch_size: int,
+    rng: np.random.Generator | None,
+    shuffle: bool = True,
+    drop_last: bool = False,
+) -> Iterator[tuple[NDArray[Any], NDArray[Any]]]:
     """Yield the mini-batches of one epoch: ``(X[:, idx], Y[idx])``.
 
     Parameters
@@ -618,7 +667,7 @@ def minibatches(X, Y, batch_size, rng, shuffle=True, drop_last=False):
         yield X[:, idx], Y[idx]
 
 
-def fold_batch_norm(dense, bn):
+def fold_batch_norm(dense: Dense, bn: BatchNorm) -> Dense:
     """Return one Dense that computes ``bn(dense(A))`` with bn in eval mode.
 
     With s = gamma / sqrt(running_var + eps), eval-mode batch norm of
@@ -671,5 +720,6 @@ def fold_batch_norm(dense, bn):
     bias = np.zeros(dense.n_out) if dense.b is None else dense.b.astype(np.float64)
     folded = Dense(dense.n_in, dense.n_out, bias=True, dtype=dense.dtype)
     folded.W[...] = scale[:, None] * dense.W
+    assert folded.b is not None  # built with bias=True
     folded.b[...] = scale * (bias - running_mean) + shift
     return folded

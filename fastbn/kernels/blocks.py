@@ -4,15 +4,22 @@ Each is @njit(parallel=True), parallel over features, and validates nothing:
 x must be a C-contiguous float32 or float64 array of shape (n, m).
 """
 
+from typing import TypeAlias
+
 import numpy as np
 from numba import njit, prange
+from numpy.typing import NDArray
 
 from fastbn import _compile
 from fastbn.kernels._common import REDUCE_MATH, scale_centered, shifted_sums, split_mean
 
+# The arrays the kernels compute on. (Numba's Dispatcher cannot carry a type
+# variable, so no signature says that normalize and affine return x's dtype.)
+_FloatArray: TypeAlias = NDArray[np.float32] | NDArray[np.float64]
+
 
 @njit(parallel=True, cache=True, fastmath=REDUCE_MATH)
-def mean(x):
+def mean(x: _FloatArray) -> NDArray[np.float64]:
     """Per-feature mean of x, shape (n,), float64."""
     n, m = x.shape
     out = np.empty(n)
@@ -25,7 +32,7 @@ def mean(x):
 
 
 @njit(parallel=True, cache=True)
-def var(x, mean):
+def var(x: _FloatArray, mean: NDArray[np.floating]) -> NDArray[np.float64]:
     """Per-feature biased variance of x about ``mean``, shape (n,), float64."""
     n, m = x.shape
     out = np.empty(n)
@@ -36,7 +43,9 @@ def var(x, mean):
 
 
 @njit(parallel=True, cache=True)
-def normalize(x, mean, var, eps):
+def normalize(
+    x: _FloatArray, mean: NDArray[np.floating], var: NDArray[np.floating], eps: float
+) -> _FloatArray:
     """z_norm = (x - mean) / sqrt(var + eps), in x's dtype."""
     n, m = x.shape
     out = np.empty_like(x)
@@ -50,7 +59,9 @@ def normalize(x, mean, var, eps):
 
 
 @njit(parallel=True, cache=True)
-def affine(z_norm, gamma, beta):
+def affine(
+    z_norm: _FloatArray, gamma: NDArray[np.floating], beta: NDArray[np.floating]
+) -> _FloatArray:
     """y = gamma * z_norm + beta per feature, in z_norm's dtype."""
     n, m = z_norm.shape
     out = np.empty_like(z_norm)

@@ -8,13 +8,29 @@
 """
 
 from fastbn.torch.functional import batch_norm
-from fastbn.torch.modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, convert, revert
+from fastbn.torch.modules import (
+    BatchNorm1d,
+    BatchNorm2d,
+    BatchNorm3d,
+    BatchNormReLU1d,
+    BatchNormReLU2d,
+    BatchNormReLU3d,
+    convert,
+    revert,
+)
+from fastbn.torch.renorm import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d
 from fastbn.torch.sync import SyncBatchNorm
 
 __all__ = [
     "BatchNorm1d",
     "BatchNorm2d",
     "BatchNorm3d",
+    "BatchNormReLU1d",
+    "BatchNormReLU2d",
+    "BatchNormReLU3d",
+    "BatchRenorm1d",
+    "BatchRenorm2d",
+    "BatchRenorm3d",
     "SyncBatchNorm",
     "batch_norm",
     "convert",

@@ -19,6 +19,10 @@ Two mechanisms carry the same arithmetic:
 Double backward: inside a backward, grad mode is on exactly when the caller
 asked for ``create_graph=True``; then the gradient is recomputed with
 differentiable torch ops (`_torch_batch_norm`), else the kernels compute it.
+
+A ReLU fused after the normalization (``relu=True``) runs in the same
+kernels (`fastbn.batch_norm_relu_train`); the compiled graph applies
+torch.relu to the op's output instead, which inductor fuses itself.
 """
 
 import numpy as np
@@ -83,36 +87,39 @@ def vector(t):
     return t.detach().numpy() if t.requires_grad else t.numpy()
 
 
-def train_arrays(input, gamma, beta, eps):
+def train_arrays(input, gamma, beta, eps, relu=False):
     """Batch-statistics forward: (y tensor, mean, invstd float64 arrays, plan, x array, last).
 
-    gamma and beta are the weight's and bias's arrays (`vector`).
+    gamma and beta are the weight's and bias's arrays (`vector`); relu fuses a ReLU.
     """
     x, axis, last = _as_array(input)
     x, plan = functional._planned(x, axis, training=True)
-    y, mean, invstd = functional._train(x, plan, gamma, beta, eps, None)
+    y, mean, invstd = functional._train(x, plan, gamma, beta, eps, None, relu=relu)
     return _as_tensor(y, last), mean, invstd, plan, x, last
 
 
-def eval_arrays(input, running_mean, running_var, weight, bias, eps):
-    """Running-statistics forward: (y tensor, plan, x array, last)."""
+def eval_arrays(input, running_mean, running_var, weight, bias, eps, relu=False):
+    """Running-statistics forward: (y tensor, plan, x array, last); relu fuses a ReLU."""
     x, axis, last = _as_array(input)
     x, plan = functional._planned(x, axis, training=False)
     y = functional._eval(
         x, plan, vector(running_mean), vector(running_var), vector(weight), vector(bias),
-        eps, None,
+        eps, None, relu=relu,
     )  # fmt: skip
     return _as_tensor(y, last), plan, x, last
 
 
-def backward_arrays(grad, x, plan, last, mean, invstd, gamma, training, input_grad=True):
+def backward_arrays(
+    grad, x, plan, last, mean, invstd, gamma, training, input_grad=True, relu=False, beta=None
+):
     """(dx tensor or None, dgamma, dbeta float64 arrays) from the kernels; gamma an array or None.
 
-    Without ``input_grad`` dx is not computed (None).
+    Without ``input_grad`` dx is not computed (None). With relu, through the
+    fused ReLU, beta the bias's array (`vector`) or None.
     """
     dx, dgamma, dbeta = functional._backward(
         _grad_array(grad, last), x, mean, invstd, gamma, plan.axis, training, None,
-        forward_plan=plan, input_grad=input_grad,
+        forward_plan=plan, input_grad=input_grad, relu=relu, beta=beta,
     )  # fmt: skip
     return (None if dx is None else _as_tensor(dx, last)), dgamma, dbeta
 
@@ -143,7 +150,7 @@ def _param_grad(values, dtype):
     return torch.from_numpy(values.astype(dtype, copy=False))
 
 
-def _torch_batch_norm(input, weight, bias, running_mean, running_var, eps):
+def _torch_batch_norm(input, weight, bias, running_mean, running_var, eps, relu=False):
     """y with differentiable torch ops: batch statistics if running_mean is None."""
     reduce = [0, *range(2, input.dim())]
     shape = _channel_shape(input)
@@ -157,7 +164,7 @@ def _torch_batch_norm(input, weight, bias, running_mean, running_var, eps):
         y = y * weight.view(shape)
     if bias is not None:
         y = y + bias.view(shape)
-    return y
+    return torch.relu(y) if relu else y
 
 
 def _double_backward_grads(ctx, grad):
@@ -166,7 +173,7 @@ def _double_backward_grads(ctx, grad):
     wanted = [
         t for t, need in zip((input, weight, bias), ctx.needs_input_grad[:3], strict=True) if need
     ]
-    y = _torch_batch_norm(input, weight, bias, running_mean, running_var, ctx.eps)
+    y = _torch_batch_norm(input, weight, bias, running_mean, running_var, ctx.eps, ctx.relu)
     found = iter(torch.autograd.grad(y, wanted, grad, create_graph=True, allow_unused=True))
     return tuple(next(found) if need else None for need in ctx.needs_input_grad[:3])
 
@@ -177,40 +184,45 @@ class BatchNormFunction(torch.autograd.Function):
 
     """y = weight * (input - mean) * invstd + bias, with batch or running statistics.
 
-    ``apply(input, weight, bias, running_mean, running_var, eps, stats)``:
+    ``apply(input, weight, bias, running_mean, running_var, eps, stats, relu)``:
     batch statistics when running_mean is None, and then the float64 mean
     and invstd are appended to the list ``stats`` for the caller's
     running-statistics update; running statistics otherwise (constants).
+    With relu, max(y, 0).
     """
 
     @staticmethod
-    def forward(ctx, input, weight, bias, running_mean, running_var, eps, stats):
-        gamma = vector(weight)
+    def forward(ctx, input, weight, bias, running_mean, running_var, eps, stats, relu):
+        gamma, beta = vector(weight), vector(bias)
         if running_mean is None:
-            y, mean, invstd, plan, x, last = train_arrays(input, gamma, vector(bias), eps)
+            y, mean, invstd, plan, x, last = train_arrays(input, gamma, beta, eps, relu)
             stats.append((mean, invstd))
         else:
-            y, plan, x, last = eval_arrays(input, running_mean, running_var, weight, bias, eps)
+            y, plan, x, last = eval_arrays(
+                input, running_mean, running_var, weight, bias, eps, relu
+            )
             mean = running_mean.numpy().astype(np.float64)
             invstd = 1.0 / np.sqrt(running_var.numpy().astype(np.float64) + eps)
         ctx.save_for_backward(input, weight, bias, running_mean, running_var)
         ctx.eps = eps
-        ctx.arrays = (x, plan, last, mean, invstd, gamma, running_mean is None)
+        ctx.relu = relu
+        ctx.arrays = (x, plan, last, mean, invstd, gamma, beta, running_mean is None)
         return y
 
     @staticmethod
     def backward(ctx, grad):
         if torch.is_grad_enabled():
-            return (*_double_backward_grads(ctx, grad), None, None, None, None)
-        x, plan, last, mean, invstd, gamma, training = ctx.arrays
+            return (*_double_backward_grads(ctx, grad), None, None, None, None, None)
+        x, plan, last, mean, invstd, gamma, beta, training = ctx.arrays
         need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
         dx, dgamma, dbeta = backward_arrays(
-            grad, x, plan, last, mean, invstd, gamma, training, need_input
+            grad, x, plan, last, mean, invstd, gamma, training, need_input, ctx.relu, beta
         )
         return (
-            dx,
+            dx if need_input else None,
             _param_grad(dgamma, x.dtype) if need_weight else None,
             _param_grad(dbeta, x.dtype) if need_bias else None,
+            None,
             None,
             None,
             None,
@@ -389,8 +401,9 @@ batch_norm_backward.register_autograd(_backward_backward, setup_context=_setup_b
 _apply_function = torch._C._FunctionBase.__dict__["apply"].__get__(None, BatchNormFunction)
 
 
-def apply(input, weight, bias, running_mean, running_var, eps, stats):
+def apply(input, weight, bias, running_mean, running_var, eps, stats, relu=False):
     """`BatchNormFunction.apply`, straight to the C entry when no functorch transform runs."""
+    args = (input, weight, bias, running_mean, running_var, eps, stats, relu)
     if torch._C._are_functorch_transforms_active():
-        return BatchNormFunction.apply(input, weight, bias, running_mean, running_var, eps, stats)
-    return _apply_function(input, weight, bias, running_mean, running_var, eps, stats)
+        return BatchNormFunction.apply(*args)
+    return _apply_function(*args)

@@ -97,6 +97,7 @@ def forward(
     eps,
     num_batches_tracked=None,
     stacklevel=2,
+    relu=False,
 ):
     """(y, whether the running statistics took the batch) for `batch_norm` and the modules.
 
@@ -104,7 +105,8 @@ def forward(
     the batch is taken, and momentum None means the cumulative average. The
     second result is a bool, or a bool tensor under torch.compile.
     ``stacklevel`` is the warning's, counted from the function that warns
-    (two levels below this one), so that it names the user's line.
+    (two levels below this one), so that it names the user's line. With
+    ``relu``, y is followed by a ReLU (fused in the kernels).
     """
     compiling = torch.compiler.is_compiling()
     # fast_path first: under torch.jit.trace, numel() would warn of a traced value.
@@ -114,30 +116,32 @@ def forward(
         or not (training or running_mean is not None)
         or (compiling and torch.onnx.is_in_onnx_export())
     ):
-        return _torch_forward(
+        y, taken = _torch_forward(
             input, running_mean, running_var, weight, bias, training, momentum, eps,
             num_batches_tracked,
         )  # fmt: skip
+        return (torch.relu(y) if relu else y), taken
     _check_sizes(input.shape[1], weight, bias, running_mean, running_var)
     if compiling:
-        return _compiled(
+        y, taken = _compiled(
             input, running_mean, running_var, weight, bias, training, momentum, eps,
             num_batches_tracked,
         )  # fmt: skip
+        return (torch.relu(y) if relu else y), taken
     grad = _needs_grad(input, weight, bias)
     if not training:
         if grad:
-            y = _ops.apply(input, weight, bias, running_mean, running_var, eps, None)
+            y = _ops.apply(input, weight, bias, running_mean, running_var, eps, None, relu)
         else:
-            y = _ops.eval_arrays(input, running_mean, running_var, weight, bias, eps)[0]
+            y = _ops.eval_arrays(input, running_mean, running_var, weight, bias, eps, relu)[0]
         return y, False
     if grad:
         stats = []
-        y = _ops.apply(input, weight, bias, None, None, eps, stats)
+        y = _ops.apply(input, weight, bias, None, None, eps, stats, relu)
         mean, invstd = stats[0]
     else:
         y, mean, invstd, _, _, _ = _ops.train_arrays(
-            input, _ops.vector(weight), _ops.vector(bias), eps
+            input, _ops.vector(weight), _ops.vector(bias), eps, relu
         )
     if running_mean is None:
         return y, False

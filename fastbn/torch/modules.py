@@ -5,21 +5,53 @@ constructor, parameters, buffers, state_dict, repr and input checks: only
 `forward` differs, and only where fastbn's kernels take the call (CPU
 float32/float64 tensors, not traced by torch.jit or ONNX export). Scripted
 with torch.jit, a module runs torch's own forward.
+
+One keyword more than torch's: ``virtual_batch_size=k`` (default None) makes
+a training forward ghost batch norm (`fastbn.torch.ghost`): each consecutive
+slice of k examples normalized with its own statistics and folded into the
+running statistics in turn, num_batches_tracked counting the slices. Eval
+mode is unchanged. A scripted module ignores it (torch's own forward).
 """
+
+import itertools
 
 import torch
 
-from fastbn.torch import functional
+from fastbn.ghost import checked_virtual_batch_size
+from fastbn.torch import functional, ghost
 
-__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "convert", "forward_state", "revert"]
+__all__ = [
+    "BatchNorm1d",
+    "BatchNorm2d",
+    "BatchNorm3d",
+    "BatchNormReLU1d",
+    "BatchNormReLU2d",
+    "BatchNormReLU3d",
+    "convert",
+    "forward_state",
+    "revert",
+]
 
 
 class _FastBatchNorm:
     """The forward shared by the three modules: torch's module logic on `functional.forward`."""
 
+    def __init__(self, *args, virtual_batch_size=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        if virtual_batch_size is not None:
+            virtual_batch_size = checked_virtual_batch_size(virtual_batch_size)
+        self.virtual_batch_size = virtual_batch_size
+
+    def extra_repr(self):
+        k = self.__dict__.get("virtual_batch_size")
+        return super().extra_repr() + ("" if k is None else f", virtual_batch_size={k}")
+
+    fused_relu = False  # True in the BatchNormReLU modules: a ReLU follows, in the same kernels
+
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if torch.jit.is_scripting():
-            return self._scripted_forward(input)
+            y = self._scripted_forward(input)
+            return torch.relu(y) if self.fused_relu else y
         return self._fast_forward(input)
 
     def _scripted_forward(self, input: torch.Tensor) -> torch.Tensor:
@@ -50,6 +82,14 @@ class _FastBatchNorm:
         batch_stats = self.training or (running_mean is None and running_var is None)
         if self.training and not self.track_running_stats:
             running_mean = running_var = None
+        # A converted torch module (its class changed in place) has no such attribute.
+        virtual_batch_size = self.__dict__.get("virtual_batch_size")
+        if self.training and virtual_batch_size is not None:
+            y = ghost.forward(
+                input, running_mean, running_var, weight, bias, virtual_batch_size, momentum,
+                self.eps, counter, stacklevel=7,
+            )  # fmt: skip
+            return torch.relu(y) if self.fused_relu else y  # the ghost kernels fuse no ReLU
         if batch_stats:
             functional.verify_batch_size(input.size())
         return functional.forward(
@@ -63,6 +103,7 @@ class _FastBatchNorm:
             self.eps,
             counter,
             stacklevel=7,  # the caller of the module, through torch's Module.__call__
+            relu=self.fused_relu,
         )[0]
 
 
@@ -104,12 +145,46 @@ class BatchNorm3d(_FastBatchNorm, torch.nn.BatchNorm3d):
     """torch.nn.BatchNorm3d on fastbn's kernels: (N, C, D, H, W), any of its two layouts."""
 
 
+class BatchNormReLU1d(BatchNorm1d):
+    """BatchNorm1d followed by ReLU, fused: max(y, 0) in the same passes over memory.
+
+    The backward recomputes the ReLU's mask from the input (nothing more is
+    stored than for BatchNorm1d); gradients are those of BatchNorm1d then
+    torch.nn.ReLU, with ReLU's subgradient 0 where y == 0.
+    """
+
+    fused_relu = True
+
+
+class BatchNormReLU2d(BatchNorm2d):
+    """BatchNorm2d followed by ReLU, fused (see BatchNormReLU1d)."""
+
+    fused_relu = True
+
+
+class BatchNormReLU3d(BatchNorm3d):
+    """BatchNorm3d followed by ReLU, fused (see BatchNormReLU1d)."""
+
+    fused_relu = True
+
+
 _FAST = {
     torch.nn.BatchNorm1d: BatchNorm1d,
     torch.nn.BatchNorm2d: BatchNorm2d,
     torch.nn.BatchNorm3d: BatchNorm3d,
 }
 _TORCH = {fast: theirs for theirs, fast in _FAST.items()}
+# A BatchNorm directly followed by a ReLU in a Sequential, torch's or fastbn's, fuses into these.
+_FUSED = {
+    **{bn: BatchNormReLU1d for bn in (torch.nn.BatchNorm1d, BatchNorm1d)},
+    **{bn: BatchNormReLU2d for bn in (torch.nn.BatchNorm2d, BatchNorm2d)},
+    **{bn: BatchNormReLU3d for bn in (torch.nn.BatchNorm3d, BatchNorm3d)},
+}
+_UNFUSED = {
+    BatchNormReLU1d: torch.nn.BatchNorm1d,
+    BatchNormReLU2d: torch.nn.BatchNorm2d,
+    BatchNormReLU3d: torch.nn.BatchNorm3d,
+}
 
 
 def _replace(module, table):
@@ -122,7 +197,21 @@ def _replace(module, table):
     return module
 
 
-def convert(module):
+def _swap_pairs(module, table, follower, replacement):
+    """In every Sequential, a module of a type in table directly followed by a `follower` type
+    takes the table's class, and the follower is replaced by ``replacement()`` at its index.
+    """
+    for child in module.children():
+        _swap_pairs(child, table, follower, replacement)
+    if isinstance(module, torch.nn.Sequential):
+        layers = module._modules
+        for first, second in itertools.pairwise(list(layers)):
+            if type(layers[first]) in table and type(layers[second]) is follower:
+                layers[first].__class__ = table[type(layers[first])]
+                layers[second] = replacement()
+
+
+def convert(module, fuse_relu=False):
     """Make every torch BatchNorm1d/2d/3d in module fastbn's, in place; return module.
 
     Layers are converted in place (their class changes), so parameters,
@@ -134,15 +223,27 @@ def convert(module):
     Parameters
     ----------
     module : torch.nn.Module
+    fuse_relu : bool, default False
+        Also fuse each BatchNorm directly followed by ``nn.ReLU`` inside an
+        ``nn.Sequential`` into a BatchNormReLU module; the ReLU is replaced by
+        ``nn.Identity``, so the Sequential's indices and state_dict keys stay.
+        A ReLU elsewhere (a functional call in a forward) is not seen.
 
     Returns
     -------
     torch.nn.Module
         module itself.
     """
+    if fuse_relu:
+        _swap_pairs(module, _FUSED, torch.nn.ReLU, torch.nn.Identity)
     return _replace(module, _FAST)
 
 
 def revert(module):
-    """Make every fastbn BatchNorm1d/2d/3d in module torch's own again, in place; return module."""
+    """Make every fastbn BatchNorm in module torch's own again, in place; return module.
+
+    A BatchNormReLU that `convert` fused (followed by Identity in a
+    Sequential) gets its nn.ReLU back; one made directly is left alone.
+    """
+    _swap_pairs(module, _UNFUSED, torch.nn.Identity, torch.nn.ReLU)
     return _replace(module, _TORCH)

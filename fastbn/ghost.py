@@ -1,0 +1,375 @@
+"""Ghost batch norm (Hoffer et al. 2017): each virtual batch of k examples normalized alone.
+
+``virtual_batch_size=k`` splits the batch along its examples axis (the first
+axis that is not the feature axis) into G = N / k consecutive slices of k
+examples; each slice is normalized with its own mean and biased variance
+(over its k examples and, for images, every spatial position), and each
+slice's backward uses its own statistics. G == 1 is plain batch norm.
+
+Views, in the C-contiguous form of x (x itself, the transpose of a
+Fortran-ordered x, else a copy of x in C order):
+
+- examples axis first (batch-first, NCHW, NHWC): the slices are G contiguous
+  blocks, each laid out as a (k, ...) array; `fastbn.kernels.ghost` runs the
+  G slices in one parallel loop.
+- examples axis right after the feature axis (the features-first (n, m)
+  layout, or a Fortran-ordered NCHW): x is plain batch norm with C * G
+  features, (..., C, N, ...) viewed as (..., C * G, k, ...), feature c * G + g
+  being feature c of slice g; no kernel of its own.
+"""
+
+import dataclasses
+import numbers
+
+import numpy as np
+
+from fastbn import _checks, functional
+from fastbn.kernels import ghost as kernels
+
+__all__ = ["ghost_batch_norm_backward", "ghost_batch_norm_train"]
+
+
+def checked_virtual_batch_size(virtual_batch_size):
+    """virtual_batch_size as a positive int, or TypeError / ValueError."""
+    if isinstance(virtual_batch_size, (bool, np.bool_)) or not isinstance(
+        virtual_batch_size, numbers.Integral
+    ):
+        raise TypeError(f"virtual_batch_size must be an int, got {virtual_batch_size!r}")
+    if virtual_batch_size <= 0:
+        raise ValueError(f"virtual_batch_size must be positive, got {virtual_batch_size}")
+    return int(virtual_batch_size)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class GhostPlan:
+    """How an x of one shape, memory order and feature axis goes to the slices.
+
+    Attributes
+    ----------
+    axis, n_features : int
+        The feature axis of x in [0, ndim) and C.
+    n_slices, slice_values : int
+        G, and the values per feature in each slice (k times the spatial size).
+    transposed : bool
+        Whether the C-contiguous form is x's transpose (a Fortran-ordered x);
+        else it is x itself, or a copy of x in C order.
+    shape : tuple of int
+        The shape of the C-contiguous form.
+    stacked : bool
+        True: slices are leading blocks of the form (the ghost kernels);
+        False: the form is plain batch norm of C * G features (`merged_shape`).
+    slice_plan : functional._Plan or None
+        When stacked, the plan of one (k, ...) slice: its kernel family and views.
+    merged_shape : tuple of int or None
+        When not stacked, the form viewed with C * G features ...
+    merged_axis : int or None
+        ... along this axis.
+    serial : bool
+        Whether one thread runs the kernels (small data).
+    """
+
+    axis: int
+    n_features: int
+    n_slices: int
+    slice_values: int
+    transposed: bool
+    shape: tuple
+    stacked: bool
+    slice_plan: object
+    merged_shape: tuple
+    merged_axis: int
+    serial: bool
+
+    @classmethod
+    def of(cls, x, axis, virtual_batch_size):
+        """The plan of x (checked by `_checks.data`), axis and k, checking them."""
+        axis = _checks.feature_axis(axis, x)
+        n_features, _ = _checks.counts(x, axis, training=True)
+        k = checked_virtual_batch_size(virtual_batch_size)
+        examples_axis = 1 if axis == 0 else 0
+        n_examples = x.shape[examples_axis]
+        if n_examples % k:
+            raise ValueError(
+                f"virtual_batch_size={k} does not divide the batch size {n_examples} "
+                f"(x of shape {x.shape}, examples along axis {examples_axis}): "
+                f"use a batch size that is a multiple of {k}"
+            )
+        slice_values = x.size // n_features // n_examples * k
+        if slice_values == 1:
+            raise ValueError(
+                "Expected more than 1 value per feature when training, got "
+                f"virtual_batch_size={k} for x of shape {x.shape} with axis={axis} "
+                "(1 value per feature in each virtual batch)"
+            )
+        flags = x.flags
+        transposed = not flags.c_contiguous and flags.f_contiguous
+        if transposed:  # the form's axes are x's reversed
+            form_axis, form_examples = x.ndim - 1 - axis, x.ndim - 1 - examples_axis
+            if not (form_examples == 0 or form_examples == form_axis + 1):
+                transposed = False  # neither view fits: copy into C order
+        if not transposed:
+            form_axis, form_examples = axis, examples_axis
+        shape = x.shape[::-1] if transposed else x.shape
+        n_slices = n_examples // k
+        slice_plan = merged_shape = merged_axis = None
+        stacked = form_examples == 0
+        if stacked:
+            # A slice's plan depends on its shape alone; this array has no other use.
+            slice_x = np.empty((k, *shape[1:]), x.dtype)
+            slice_plan = functional._Plan.of(slice_x, form_axis, training=True)
+        else:
+            merged_shape = (*shape[:form_axis], n_features * n_slices, k, *shape[form_axis + 2 :])
+            merged_axis = form_axis
+        return cls(
+            axis=axis,
+            n_features=n_features,
+            n_slices=n_slices,
+            slice_values=slice_values,
+            transposed=transposed,
+            shape=shape,
+            stacked=stacked,
+            slice_plan=slice_plan,
+            merged_shape=merged_shape,
+            merged_axis=merged_axis,
+            serial=x.size < functional.PARALLEL_MIN,
+        )
+
+    def form(self, a):
+        """An array of x's shape (x, dy) in the plan's C-contiguous form, for the kernels."""
+        if self.transposed:
+            a = a.T
+        return _checks.kernel_input(np.ascontiguousarray(a))
+
+    def stack(self, a):
+        """The C-contiguous form as the ghost kernels take it: (G, P, C, Q) or (G, S)."""
+        if self.slice_plan.rows:
+            return a.reshape((self.n_slices, *self.slice_plan.pcq))
+        return a.reshape((self.n_slices, -1))
+
+    def output(self, out, dtype):
+        """The C-contiguous buffer to write, and whether it must be copied into out."""
+        if out is not None:
+            target = out.T if self.transposed else out
+            if target.flags.c_contiguous:
+                return target, False
+        return np.empty(self.shape, dtype), out is not None
+
+    def result(self, buffer, out, copy_back):
+        """The result in the caller's layout: out (copied into if need be) or the buffer."""
+        if out is None:
+            return buffer.T if self.transposed else buffer
+        if copy_back:
+            out[...] = buffer.T if self.transposed else buffer
+        return out
+
+    def merged(self, per_slice):
+        """(G, C) per-slice values as the C * G per-feature values of the merged view."""
+        return np.ascontiguousarray(per_slice.T).reshape(-1)
+
+    def per_slice(self, merged):
+        """C * G per-feature values of the merged view as (G, C) per-slice values."""
+        return np.ascontiguousarray(merged.reshape(self.n_features, self.n_slices).T)
+
+
+_PLANS = {}
+
+
+def planned(x, axis, virtual_batch_size):
+    """x checked as data (`_checks.data`) and its `GhostPlan`, made once per key.
+
+    As `functional._planned`: a key is stored only once its checks have passed.
+    """
+    key = None
+    if isinstance(x, np.ndarray) and type(axis) is int and type(virtual_batch_size) is int:
+        key = (x.dtype, x.shape, x.strides, axis, virtual_batch_size)
+        plan = _PLANS.get(key)
+        if plan is not None:
+            return x, plan
+    x = _checks.data("x", x)
+    plan = GhostPlan.of(x, axis, virtual_batch_size)
+    if key is not None:
+        if len(_PLANS) >= functional.MAX_PLANS:
+            _PLANS.clear()
+        _PLANS[key] = plan
+    return x, plan
+
+
+def ghost_batch_norm_train(
+    x, gamma=None, beta=None, *, virtual_batch_size, axis=0, eps=1e-5, out=None
+):
+    """Normalize each virtual batch of k examples with its own statistics (training mode).
+
+    Parameters
+    ----------
+    x : ndarray, float32 or float64, ndim >= 2
+        Data; ``axis`` is the feature axis. The examples axis is the first
+        other axis: 0, or 1 when ``axis`` is 0 (the (n, m) layout).
+    gamma, beta : ndarray of shape (C,), optional
+        Scale (default 1) and shift (default 0), shared by every virtual batch.
+    virtual_batch_size : int
+        k, the examples in each virtual ("ghost") batch; it must divide the
+        batch size N. The G = N / k virtual batches are consecutive slices
+        along the examples axis; G == 1 is `batch_norm_train`.
+    axis : int
+        The feature axis (see `batch_norm_train`).
+    eps : float
+        Added to the variance, finite and > 0.
+    out : ndarray, optional
+        Written with y; x's shape and dtype, overlapping no input.
+
+    Returns
+    -------
+    y : ndarray
+        Each slice g normalized as ``gamma * (x - mean[g]) * invstd[g] + beta``, in x's dtype.
+    mean, invstd : ndarray of shape (G, C), float64
+        Each slice's mean and ``1 / sqrt(var + eps)`` with its biased variance.
+
+    Raises
+    ------
+    ValueError
+        The errors of `batch_norm_train`; k not dividing N (naming both);
+        k < 1; one value per feature in a virtual batch.
+    TypeError
+        As `batch_norm_train`; k not an int.
+    """
+    x, plan = planned(x, axis, virtual_batch_size)
+    return train(x, plan, gamma, beta, eps, out)
+
+
+def train(x, plan, gamma, beta, eps, out):
+    """`ghost_batch_norm_train` once x is checked and planned (`planned`)."""
+    if plan.n_slices == 1:
+        y, mean, invstd = functional.batch_norm_train(
+            x, gamma, beta, axis=plan.axis, eps=eps, out=out
+        )
+        return y, mean[None], invstd[None]
+    n_features, axis = plan.n_features, plan.axis
+    dtype = _checks.vector_dtype(x, gamma, beta)
+    gamma_k = _checks.per_feature("gamma", gamma, n_features, x, axis, 1.0, dtype)
+    beta_k = _checks.per_feature("beta", beta, n_features, x, axis, 0.0, dtype)
+    eps = _checks.positive_eps(eps)
+    if out is not None:
+        _checks.output(out, x, (("x", x), ("gamma", gamma), ("beta", beta)))
+    buffer, copy_back = plan.output(out, x.dtype)
+    x_form = plan.form(x)
+    if plan.stacked:
+        x_k, y_k, slice_plan = plan.stack(x_form), plan.stack(buffer), plan.slice_plan
+        if slice_plan.rows:
+            mean, invstd = functional._launch(
+                plan.serial, kernels.rows_train_forward, x_k, gamma_k, beta_k, eps, y_k
+            )
+        else:
+            mean, invstd = functional._launch(
+                plan.serial, kernels.columns_train_forward, x_k, *slice_plan.columns_args,
+                gamma_k, beta_k, eps, y_k,
+            )  # fmt: skip
+    else:
+        _, merged_mean, merged_invstd = functional.batch_norm_train(
+            x_form.reshape(plan.merged_shape),
+            np.repeat(gamma_k, plan.n_slices),
+            np.repeat(beta_k, plan.n_slices),
+            axis=plan.merged_axis,
+            eps=eps,
+            out=buffer.reshape(plan.merged_shape),
+        )
+        mean, invstd = plan.per_slice(merged_mean), plan.per_slice(merged_invstd)
+    return plan.result(buffer, out, copy_back), mean, invstd
+
+
+def ghost_batch_norm_backward(
+    dy, x, mean, invstd, gamma=None, *, virtual_batch_size, axis=0, out=None
+):
+    """Gradients of `ghost_batch_norm_train`: each virtual batch's training backward.
+
+    Parameters
+    ----------
+    dy : ndarray
+        Gradient of the loss with respect to y; x's shape and dtype.
+    x : ndarray, float32 or float64, ndim >= 2
+        The forward's input.
+    mean, invstd : ndarray of shape (G, C)
+        From `ghost_batch_norm_train`.
+    gamma : ndarray of shape (C,), optional
+        The forward's scale (default 1).
+    virtual_batch_size : int
+        The forward's k.
+    axis : int
+        The feature axis.
+    out : ndarray, optional
+        Written with dx; may be ``dy`` itself, may overlap no other input.
+
+    Returns
+    -------
+    dx : ndarray
+        Gradient with respect to x, each slice by the training formula with
+        its own statistics, in x's dtype.
+    dgamma, dbeta : ndarray of shape (C,)
+        ``sum(dy * x_hat)`` and ``sum(dy)``, each slice's sums added in slice
+        order (in float64, rounded once to x's dtype).
+    """
+    x, plan = planned(x, axis, virtual_batch_size)
+    dx, dgamma, dbeta = backward(dy, x, plan, mean, invstd, gamma, out)
+    return dx, dgamma.astype(dx.dtype, copy=False), dbeta.astype(dx.dtype, copy=False)
+
+
+def backward(dy, x, plan, mean, invstd, gamma, out):
+    """`ghost_batch_norm_backward` with float64 dgamma and dbeta, x checked and planned."""
+    dy = _checks.float_array("dy", dy)
+    _checks.same_shape("dy", dy, x)
+    if dy.dtype != x.dtype:
+        raise TypeError(f"dy has dtype {dy.dtype}, but x has dtype {x.dtype}: they must match")
+    mean64 = _per_slice_stat("mean", mean, plan, x)
+    invstd64 = _per_slice_stat("invstd", invstd, plan, x)
+    if plan.n_slices == 1:
+        return functional._backward(dy, x, mean64[0], invstd64[0], gamma, plan.axis, True, out)
+    gamma_k = _checks.per_feature(
+        "gamma", gamma, plan.n_features, x, plan.axis, 1.0, _checks.vector_dtype(x, gamma)
+    )
+    if out is not None:
+        inputs = (("dy", dy), ("x", x), ("mean", mean), ("invstd", invstd), ("gamma", gamma))
+        _checks.output(out, x, inputs, may_be=("dy", dy))
+    buffer, copy_back = plan.output(out, x.dtype)
+    dy_form, x_form = plan.form(dy), plan.form(x)
+    if plan.stacked:
+        dy_k, x_k, dx_k = plan.stack(dy_form), plan.stack(x_form), plan.stack(buffer)
+        slice_plan = plan.slice_plan
+        if slice_plan.rows:
+            dgamma, dbeta = functional._launch(
+                plan.serial, kernels.rows_backward, dy_k, x_k, mean64, invstd64, gamma_k, dx_k
+            )
+        else:
+            dgamma, dbeta = functional._launch(
+                plan.serial, kernels.columns_backward, dy_k, x_k, *slice_plan.columns_args,
+                mean64, invstd64, gamma_k, dx_k,
+            )  # fmt: skip
+        return plan.result(buffer, out, copy_back), dgamma, dbeta
+    merged_dy = dy_form.reshape(plan.merged_shape)
+    # out is dy (which the caller may pass) and written in place: the functional
+    # allows that when out is the very view it reads dy from.
+    in_place = out is dy and not copy_back
+    merged_out = merged_dy if in_place else buffer.reshape(plan.merged_shape)
+    _, merged_dgamma, merged_dbeta = functional._backward(
+        merged_dy,
+        x_form.reshape(plan.merged_shape),
+        plan.merged(mean64),
+        plan.merged(invstd64),
+        np.repeat(gamma_k, plan.n_slices),
+        plan.merged_axis,
+        True,
+        merged_out,
+    )
+    dgamma = kernels.slice_sums(plan.per_slice(merged_dgamma))
+    dbeta = kernels.slice_sums(plan.per_slice(merged_dbeta))
+    return plan.result(buffer, out, copy_back), dgamma, dbeta
+
+
+def _per_slice_stat(name, values, plan, x):
+    """mean or invstd as a C-contiguous float64 (G, C) array, or ValueError naming its shape."""
+    values = _checks.float_array(name, values)
+    expected = (plan.n_slices, plan.n_features)
+    if values.shape != expected:
+        raise ValueError(
+            f"{name} has shape {values.shape}, expected {expected}: one row per virtual batch "
+            f"of x with shape {x.shape} and axis={plan.axis}"
+        )
+    return np.ascontiguousarray(values, dtype=np.float64)

@@ -1,0 +1,221 @@
+"""Batch Renormalization (Ioffe, 2017): batch norm corrected toward the running statistics.
+
+With the batch's mean mu_B and biased variance var_B, the running mean mu
+and variance var, sigma_B = sqrt(var_B + eps) and sigma = sqrt(var + eps):
+
+    r = clip(sigma_B / sigma, r_min, r_max)         (r_min = 1 / r_max by default)
+    d = clip((mu_B - mu) / sigma, -d_max, d_max)
+    y = gamma * (x_hat * r + d) + beta,   x_hat = (x - mu_B) / sigma_B
+
+r and d are constants for the gradient. With r = 1 and d = 0 (r_max = 1,
+d_max = 0) this is batch norm; unclipped, y equals the eval-mode output with
+the running statistics, so training and inference see the same function.
+
+It is two passes over memory, as the training forward: the batch moments,
+then the eval pass with the batch statistics and the per-feature vectors
+gamma * r and gamma * d + beta, in float64 whatever the data's dtype (which
+keeps the mean's precision for float32 data).
+"""
+
+import numbers
+
+import numpy as np
+
+from fastbn import _checks, functional
+
+__all__ = ["batch_renorm_backward", "batch_renorm_train", "clip_limits", "corrections"]
+
+
+def _real(name, value):
+    """value as a float, or TypeError naming it."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {value!r}")
+    return float(value)
+
+
+def clip_limits(r_max, d_max, r_min=None, *, names=("r_max", "d_max", "r_min")):
+    """Check the limits of r and d; return (r_min, r_max, d_max) as floats.
+
+    Parameters
+    ----------
+    r_max : float
+        r's upper limit, >= 1 (inf: no limit).
+    d_max : float
+        d's limit on either side of 0, >= 0 (inf: no limit).
+    r_min : float, optional
+        r's lower limit, in [0, 1]; None means ``1 / r_max``.
+    names : tuple of str
+        The names of r_max, d_max and r_min in the error messages.
+
+    Raises
+    ------
+    TypeError
+        A limit that is not a real number.
+    ValueError
+        A limit out of its range (NaN included).
+    """
+    r_max_name, d_max_name, r_min_name = names
+    r_max, d_max = _real(r_max_name, r_max), _real(d_max_name, d_max)
+    if not r_max >= 1.0:
+        raise ValueError(f"{r_max_name} must be >= 1, got {r_max!r}")
+    if not d_max >= 0.0:
+        raise ValueError(f"{d_max_name} must be >= 0, got {d_max!r}")
+    if r_min is None:
+        return 1.0 / r_max, r_max, d_max
+    r_min = _real(r_min_name, r_min)
+    if not 0.0 <= r_min <= 1.0:
+        raise ValueError(f"{r_min_name} must be in [0, 1], got {r_min!r}")
+    return r_min, r_max, d_max
+
+
+def corrections(mean, var, running_mean, running_var, eps, limits):
+    """The float64 vectors r and d from batch and running statistics (float64 vectors).
+
+    ``limits`` is (r_min, r_max, d_max) from `clip_limits`; a NaN statistic
+    gives NaN for its feature.
+    """
+    r_min, r_max, d_max = limits
+    sigma = np.sqrt(running_var + eps)
+    r = np.clip(np.sqrt(var + eps) / sigma, r_min, r_max)
+    d = np.clip((mean - running_mean) / sigma, -d_max, d_max)
+    return r, d
+
+
+def batch_renorm_train(
+    x,
+    running_mean,
+    running_var,
+    gamma=None,
+    beta=None,
+    *,
+    r_max=3.0,
+    d_max=5.0,
+    r_min=None,
+    axis=0,
+    eps=1e-5,
+    out=None,
+):
+    """Batch Renormalization's training forward: batch norm corrected by r and d.
+
+    The running statistics are read, not updated: a training loop folds the
+    returned batch statistics into them afterwards (as `fastbn.BatchNorm`
+    with ``renorm=True`` does).
+
+    Parameters
+    ----------
+    x : ndarray, float32 or float64, ndim >= 2
+        Data; ``axis`` is the feature axis, every other axis is reduced.
+    running_mean, running_var : ndarray of shape (C,)
+        The running statistics, before this batch's update.
+    gamma, beta : ndarray of shape (C,), optional
+        Scale (default 1) and shift (default 0).
+    r_max : float, default 3.0
+        r is clipped to [r_min, r_max]; r_max >= 1 (1 with d_max = 0 is batch norm).
+    d_max : float, default 5.0
+        d is clipped to [-d_max, d_max]; d_max >= 0.
+    r_min : float, optional
+        r's lower limit in [0, 1]; None (the paper's choice) means ``1 / r_max``.
+    axis : int
+        The feature axis (see `fastbn.batch_norm_train`).
+    eps : float
+        Added to both variances, finite and > 0.
+    out : ndarray, optional
+        Written with y; x's shape and dtype, overlapping no input.
+
+    Returns
+    -------
+    y : ndarray
+        ``gamma * ((x - mean) * invstd * r + d) + beta`` in x's dtype.
+    mean, invstd : ndarray of shape (C,), float64
+        The batch mean and ``1 / sqrt(var + eps)`` with the biased variance,
+        as `fastbn.batch_norm_train` returns them.
+    r, d : ndarray of shape (C,), float64
+        The corrections, for `batch_renorm_backward`.
+    """
+    x, plan = functional._planned(x, axis, training=True)
+    limits = clip_limits(r_max, d_max, r_min)
+    return _train(x, plan, running_mean, running_var, gamma, beta, limits, eps, out)
+
+
+def _train(x, plan, running_mean, running_var, gamma, beta, limits, eps, out):
+    """`batch_renorm_train` once x and the axis are planned and the limits checked."""
+    n_features, axis = plan.n_features, plan.axis
+    mean_run = _checks.per_feature("running_mean", running_mean, n_features, x, axis)
+    var_run = _checks.per_feature("running_var", running_var, n_features, x, axis)
+    gamma64 = _checks.per_feature("gamma", gamma, n_features, x, axis, 1.0)
+    beta64 = _checks.per_feature("beta", beta, n_features, x, axis, 0.0)
+    eps = _checks.positive_eps(eps)
+    if out is not None:
+        inputs = (
+            ("x", x),
+            ("running_mean", running_mean),
+            ("running_var", running_var),
+            ("gamma", gamma),
+            ("beta", beta),
+        )
+        _checks.output(out, x, inputs)
+    mean, var = functional._moments(x, plan)
+    r, d = corrections(mean, var, mean_run, var_run, eps, limits)
+    y = functional._eval(x, plan, mean, var, gamma64 * r, gamma64 * d + beta64, eps, out)
+    return y, mean, 1.0 / np.sqrt(var + eps), r, d
+
+
+def batch_renorm_backward(dy, x, mean, invstd, r, d, gamma=None, *, axis=0, out=None):
+    """Gradients of Batch Renormalization's training forward, r and d held constant.
+
+    dx is batch norm's training gradient with ``gamma * r`` in place of
+    gamma (the batch statistics depend on x; r and d do not).
+
+    Parameters
+    ----------
+    dy : ndarray
+        Gradient of the loss with respect to y; x's shape and dtype.
+    x : ndarray, float32 or float64, ndim >= 2
+        The forward's input.
+    mean, invstd, r, d : ndarray of shape (C,)
+        From `batch_renorm_train`.
+    gamma : ndarray of shape (C,), optional
+        The forward's scale (default 1).
+    axis : int
+        The feature axis (see `fastbn.batch_norm_train`).
+    out : ndarray, optional
+        Written with dx; may be ``dy`` itself, may overlap no other input.
+
+    Returns
+    -------
+    dx : ndarray
+        Gradient with respect to x, in x's dtype.
+    dgamma, dbeta : ndarray of shape (C,)
+        ``r * sum(dy * x_hat) + d * sum(dy)`` and ``sum(dy)`` over each
+        feature, in x's dtype.
+    """
+    x, plan = functional._planned(x, axis, training=False)
+    r64 = _checks.per_feature("r", r, plan.n_features, x, plan.axis)
+    d64 = _checks.per_feature("d", d, plan.n_features, x, plan.axis)
+    if out is not None:
+        inputs = (
+            ("dy", dy),
+            ("x", x),
+            ("mean", mean),
+            ("invstd", invstd),
+            ("r", r),
+            ("d", d),
+            ("gamma", gamma),
+        )
+        _checks.output(out, x, inputs, may_be=("dy", dy))
+    dx, dgamma, dbeta = _backward(dy, x, mean, invstd, r64, d64, gamma, plan.axis, out)
+    return dx, dgamma.astype(dx.dtype, copy=False), dbeta.astype(dx.dtype, copy=False)
+
+
+def _backward(dy, x, mean, invstd, r, d, gamma, axis, out, forward_plan=None, input_grad=True):
+    """`batch_renorm_backward` with dgamma and dbeta in float64.
+
+    r and d are checked float64 vectors of length C; ``forward_plan`` and
+    ``input_grad`` are `functional._backward`'s (dx is None without input_grad).
+    """
+    gamma64 = _checks.per_feature("gamma", gamma, r.size, x, axis, 1.0)
+    dx, dgamma_hat, dbeta = functional._backward(
+        dy, x, mean, invstd, gamma64 * r, axis, True, out,
+        forward_plan=forward_plan, input_grad=input_grad,
+    )  # fmt: skip
+    return dx, r * dgamma_hat + d * dbeta, dbeta

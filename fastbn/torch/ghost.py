@@ -1,0 +1,219 @@
+"""Ghost batch norm for fastbn's BatchNorm1d/2d/3d: the modules' ``virtual_batch_size``.
+
+A training forward with ``virtual_batch_size=k`` normalizes each consecutive
+slice of k examples along dimension 0 with its own statistics (see
+`fastbn.ghost`), and folds the slices into the running statistics one after
+another by torch's rule: unbiased variance, momentum (None: the cumulative
+average), num_batches_tracked counting each slice. As for a plain batch, a
+slice whose statistics are not finite leaves running_mean, running_var and
+num_batches_tracked unchanged, here for the whole batch (all slices or none).
+
+- CPU float32/float64 tensors, eager: `GhostBatchNormFunction`, the ghost
+  functional API on NumPy views of the tensors' memory, viewed as `_ops`
+  views them (channels_last as the (N, ..., C) permutation with axis=-1),
+  and a RuntimeWarning naming the features of a batch not taken.
+- Under torch.compile, and for other devices or dtypes, or when traced:
+  `_formula`, the same arithmetic in torch ops (statistics in float64 on the
+  CPU, else in at least float32), and the running-statistics rule without
+  branching on data (`torch.where`), without the warning.
+"""
+
+import math
+
+import torch
+
+from fastbn import ghost
+from fastbn.torch import _ops
+from fastbn.torch.functional import _check_sizes, _fold
+
+__all__ = ["GhostBatchNormFunction", "forward"]
+
+
+def forward(
+    input,
+    running_mean,
+    running_var,
+    weight,
+    bias,
+    virtual_batch_size,
+    momentum,
+    eps,
+    num_batches_tracked=None,
+    stacklevel=2,
+):
+    """y of a training forward with virtual batches; the running statistics take each slice.
+
+    Parameters
+    ----------
+    input : Tensor
+        (N, C, *) data; k = virtual_batch_size must divide N.
+    running_mean, running_var : Tensor of shape (C,) or None
+        Updated in place, slice after slice (None: not tracked).
+    weight, bias : Tensor of shape (C,) or None
+        Scale and shift.
+    virtual_batch_size : int
+        k, the examples in each virtual batch.
+    momentum : float or None
+        Weight of each slice's statistics; None (with a counter) the
+        cumulative average.
+    eps : float
+        Added to the variance.
+    num_batches_tracked : Tensor, optional
+        A module's counter, advanced by the number of slices when they are taken.
+    stacklevel : int
+        The warning's, counted as `fastbn.torch.functional.forward` counts it.
+
+    Returns
+    -------
+    Tensor
+        The output, of input's shape, dtype and memory format.
+    """
+    k = ghost.checked_virtual_batch_size(virtual_batch_size)
+    _check_batch(input.shape, k)
+    _check_sizes(input.shape[1], weight, bias, running_mean, running_var)
+    count = math.prod(input.shape[2:]) * k  # values per channel in a slice
+    if (
+        torch.compiler.is_compiling()
+        or not _ops.fast_path(input, weight, bias, running_mean, running_var)
+        or input.numel() == 0
+    ):
+        y, mean, var = _formula(input, weight, bias, k, eps)
+        if running_mean is not None:
+            _fold_formula(
+                running_mean, running_var, mean, var, momentum, num_batches_tracked, count
+            )
+        return y
+    stats = []
+    y = GhostBatchNormFunction.apply(input, weight, bias, k, eps, stats)
+    if running_mean is not None:
+        mean, invstd = stats[0]
+        _fold_slices(
+            running_mean, running_var, mean, invstd, eps, momentum, num_batches_tracked, count,
+            stacklevel + 1,
+        )  # fmt: skip
+    return y
+
+
+def _check_batch(size, k):
+    """k divides the batch size, and each slice has more than one value per channel."""
+    if size[0] % k:
+        raise ValueError(
+            f"virtual_batch_size={k} does not divide the batch size {size[0]} "
+            f"(input size {tuple(size)}): use a batch size that is a multiple of {k}"
+        )
+    if k * math.prod(size[2:]) == 1:
+        raise ValueError(
+            f"Expected more than 1 value per channel when training, got input size "
+            f"{tuple(size)} with virtual_batch_size={k}"
+        )
+
+
+def _fold_slices(
+    running_mean, running_var, mean, invstd, eps, momentum, counter, count, stacklevel
+):
+    """Eager: each slice's (G, C) statistics folded in order by torch's rule, all or none.
+
+    Into clones, which replace the buffers and counter once every slice was
+    taken; `_fold` warns of a slice that was not, with ``stacklevel``.
+    """
+    new_mean, new_var = running_mean.clone(), running_var.clone()
+    new_counter = None if counter is None else counter.clone()
+    for g in range(mean.shape[0]):
+        taken = _fold(
+            new_mean, new_var, mean[g], invstd[g], eps, momentum, new_counter, count, stacklevel
+        )
+        if not taken:
+            return
+    running_mean.copy_(new_mean)
+    running_var.copy_(new_var)
+    if counter is not None:
+        counter.copy_(new_counter)
+
+
+def _formula(input, weight, bias, k, eps):
+    """(y, mean, biased var) in torch ops; mean and var (G, C) in the accumulation dtype.
+
+    The accumulation dtype is float64 on the CPU, else at least float32. The
+    output keeps input's memory format: the (G, k, C, *) view of a
+    channels-last tensor is dense, so the element-wise results keep its strides.
+    """
+    n_slices = input.shape[0] // k
+    accumulate = torch.float64 if input.is_cpu else torch.promote_types(input.dtype, torch.float32)
+    x = input.reshape(n_slices, k, *input.shape[1:]).to(accumulate)
+    var, mean = torch.var_mean(x, dim=[1, *range(3, x.dim())], correction=0, keepdim=True)
+    y = (x - mean) * torch.rsqrt(var + eps)
+    channel = [1, 1, -1] + [1] * (input.dim() - 2)
+    if weight is not None:
+        y = y * weight.to(accumulate).view(channel)
+    if bias is not None:
+        y = y + bias.to(accumulate).view(channel)
+    y = y.to(input.dtype).reshape(input.shape)
+    return y, mean.reshape(n_slices, -1), var.reshape(n_slices, -1)
+
+
+def _fold_formula(running_mean, running_var, mean, var, momentum, counter, count):
+    """Each slice folded in order by torch's rule, all or none, without branching on data."""
+    with torch.no_grad():
+        var = var * (count / (count - 1))
+        new_mean, new_var = running_mean, running_var
+        for g in range(mean.shape[0]):
+            if momentum is None:
+                factor = 0.0 if counter is None else 1.0 / (counter + (g + 1)).to(torch.float64)
+            else:
+                factor = momentum
+            new_mean = ((1.0 - factor) * new_mean.to(torch.float64) + factor * mean[g]).to(
+                running_mean.dtype
+            )
+            new_var = ((1.0 - factor) * new_var.to(torch.float64) + factor * var[g]).to(
+                running_var.dtype
+            )
+        # A slice that is not finite leaves NaN or inf in every later result.
+        taken = torch.isfinite(new_mean).all() & torch.isfinite(new_var).all()
+        running_mean.copy_(torch.where(taken, new_mean, running_mean))
+        running_var.copy_(torch.where(taken, new_var, running_var))
+        if counter is not None:
+            counter.add_(taken.to(counter.dtype) * mean.shape[0])
+
+
+class GhostBatchNormFunction(torch.autograd.Function):
+    """Each virtual batch normalized with its own statistics, on fastbn's ghost kernels.
+
+    ``apply(input, weight, bias, virtual_batch_size, eps, stats)``: the
+    float64 (G, C) mean and invstd are appended to the list ``stats`` for
+    the caller's running-statistics update. A double backward
+    (``create_graph=True``) differentiates `_formula` instead.
+    """
+
+    @staticmethod
+    def forward(ctx, input, weight, bias, virtual_batch_size, eps, stats):
+        x, axis, last = _ops._as_array(input)
+        gamma = _ops.vector(weight)
+        x, plan = ghost.planned(x, axis, virtual_batch_size)
+        y, mean, invstd = ghost.train(x, plan, gamma, _ops.vector(bias), eps, None)
+        stats.append((mean, invstd))
+        ctx.save_for_backward(input, weight, bias)
+        ctx.virtual_batch_size, ctx.eps = virtual_batch_size, eps
+        ctx.arrays = (x, plan, last, mean, invstd, gamma)
+        return _ops._as_tensor(y, last)
+
+    @staticmethod
+    def backward(ctx, grad):
+        needs = ctx.needs_input_grad[:3]
+        if torch.is_grad_enabled():  # create_graph=True: a differentiable gradient
+            input, weight, bias = ctx.saved_tensors
+            wanted = [t for t, need in zip((input, weight, bias), needs, strict=True) if need]
+            y = _formula(input, weight, bias, ctx.virtual_batch_size, ctx.eps)[0]
+            found = iter(torch.autograd.grad(y, wanted, grad, create_graph=True))
+            return (*(next(found) if need else None for need in needs), None, None, None)
+        x, plan, last, mean, invstd, gamma = ctx.arrays
+        dx, dgamma, dbeta = ghost.backward(
+            _ops._grad_array(grad, last), x, plan, mean, invstd, gamma, None
+        )
+        return (
+            _ops._as_tensor(dx, last) if needs[0] else None,
+            _ops._param_grad(dgamma, x.dtype) if needs[1] else None,
+            _ops._param_grad(dbeta, x.dtype) if needs[2] else None,
+            None,
+            None,
+            None,
+        )

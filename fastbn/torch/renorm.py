@@ -1,0 +1,343 @@
+"""BatchRenorm1d, BatchRenorm2d, BatchRenorm3d: Batch Renormalization (Ioffe, 2017) for PyTorch.
+
+In training mode the output is batch norm's corrected toward the running
+statistics, ``y = weight * (x_hat * r + d) + bias`` with
+
+    r = clip(sigma_B / sigma, rmin, rmax),    d = clip((mu_B - mu) / sigma, -dmax, dmax)
+
+from the batch's mean mu_B and biased variance (sigma_B = sqrt(var_B + eps))
+and the running statistics before this batch's update (sigma =
+sqrt(running_var + eps)); r and d are constants for autograd. Eval mode is
+batch norm with the running statistics (`fastbn.torch.batch_norm`).
+
+Three paths compute the training forward:
+
+- eager, CPU float32/float64 tensors (parameters and buffers alike):
+  `BatchRenormFunction`, fastbn's functional `batch_renorm_train` and
+  `batch_renorm_backward` on NumPy views of the tensors (channels_last
+  without copies, as `fastbn.torch._ops` hands tensors to the kernels);
+- other devices and dtypes, and graphs under `torch.compile`: the same
+  formula in torch ops (`_torch_train`), statistics accumulated in float64
+  on the CPU, r and d detached (computed by an op of their own,
+  ``fastbn::batch_renorm_corrections``, which torch.compile cannot recompute).
+
+The running statistics follow torch's rule (momentum, or the cumulative
+average when momentum is None; the unbiased variance into running_var;
+num_batches_tracked), with fastbn's one difference: a batch whose
+statistics are not finite leaves them and the counter unchanged (eagerly
+with a RuntimeWarning naming the features).
+
+The modules are not scriptable with torch.jit (their forward is Python
+that TorchScript does not compile); torch.compile takes them whole.
+"""
+
+from collections.abc import Mapping
+
+import torch
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from fastbn import functional as fastbn_functional
+from fastbn import renorm
+from fastbn.torch import _ops, functional
+from fastbn.torch.modules import forward_state
+
+__all__ = ["BatchRenorm1d", "BatchRenorm2d", "BatchRenorm3d", "BatchRenormFunction"]
+
+_CLIPPING_KEYS = ("rmax", "rmin", "dmax")
+# The paper's final limits; rmin None means 1 / rmax, following rmax as it changes.
+_DEFAULT_CLIPPING = {"rmax": 3.0, "rmin": None, "dmax": 5.0}
+_LIMIT_NAMES = ("rmax", "dmax", "rmin")
+
+
+def _renorm_limits(rmax, rmin, dmax):
+    """(r_min, r_max, d_max) checked by `renorm.clip_limits`, errors naming the attributes."""
+    return renorm.clip_limits(rmax, dmax, rmin, names=_LIMIT_NAMES)
+
+
+class BatchRenormFunction(torch.autograd.Function):
+    """Batch Renormalization's training output on fastbn's kernels (CPU float32/float64).
+
+    ``apply(input, weight, bias, running_mean, running_var, eps, limits, stats)``:
+    limits is (r_min, r_max, d_max); the float64 batch (mean, invstd) are
+    appended to the list ``stats`` for the caller's running-statistics update.
+    """
+
+    @staticmethod
+    def forward(ctx, input, weight, bias, running_mean, running_var, eps, limits, stats):
+        x, axis, last = _ops._as_array(input)
+        x, plan = fastbn_functional._planned(x, axis, training=True)
+        gamma = _ops.vector(weight)
+        y, mean, invstd, r, d = renorm._train(
+            x, plan, running_mean.numpy(), running_var.numpy(), gamma, _ops.vector(bias),
+            limits, eps, None,
+        )  # fmt: skip
+        stats.append((mean, invstd))
+        ctx.save_for_backward(input, weight, bias)
+        ctx.eps = eps
+        ctx.arrays = (x, plan, last, mean, invstd, r, d, gamma)
+        return _ops._as_tensor(y, last)
+
+    @staticmethod
+    def backward(ctx, grad):
+        if torch.is_grad_enabled():  # create_graph=True: a differentiable gradient
+            return (*_double_backward_grads(ctx, grad), None, None, None, None, None)
+        x, plan, last, mean, invstd, r, d, gamma = ctx.arrays
+        need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
+        dx, dgamma, dbeta = renorm._backward(
+            _ops._grad_array(grad, last), x, mean, invstd, r, d, gamma, plan.axis, None,
+            forward_plan=plan, input_grad=need_input,
+        )  # fmt: skip
+        return (
+            None if dx is None else _ops._as_tensor(dx, last),
+            _ops._param_grad(dgamma, x.dtype) if need_weight else None,
+            _ops._param_grad(dbeta, x.dtype) if need_bias else None,
+            None,
+            None,
+            None,
+            None,
+            None,
+        )
+
+
+def _double_backward_grads(ctx, grad):
+    """The forward's gradients in differentiable torch ops, r and d the forward's constants."""
+    input, weight, bias = ctx.saved_tensors
+    _, _, _, _, _, r, d, _ = ctx.arrays
+    wanted = [
+        t for t, need in zip((input, weight, bias), ctx.needs_input_grad[:3], strict=True) if need
+    ]
+    mean, var = _batch_moments(input)
+    y = _renorm_output(
+        input, weight, bias, mean, var, torch.from_numpy(r), torch.from_numpy(d), ctx.eps
+    )
+    found = iter(torch.autograd.grad(y, wanted, grad, create_graph=True, allow_unused=True))
+    return tuple(next(found) if need else None for need in ctx.needs_input_grad[:3])
+
+
+# ------------------------------------------------------------- torch ops
+
+
+def _accumulation_dtype(input):
+    """float64 on the CPU, as fastbn's statistics; elsewhere at least float32 (MPS: no float64)."""
+    if input.is_cpu:
+        return torch.float64
+    return torch.promote_types(input.dtype, torch.float32)
+
+
+def _batch_moments(input):
+    """The batch mean and biased variance per channel (dimension 1), differentiable."""
+    x = input.to(_accumulation_dtype(input))
+    dims = [0, *range(2, input.dim())]
+    mean = x.mean(dims)
+    var = (x - mean.view(_ops._channel_shape(input))).square().mean(dims)
+    return mean, var
+
+
+def _renorm_output(input, weight, bias, mean, var, r, d, eps):
+    """weight * (x_hat * r + d) + bias in input's dtype; mean, var in the accumulation dtype."""
+    shape = _ops._channel_shape(input)
+    x_hat = (input.to(mean.dtype) - mean.view(shape)) * torch.rsqrt(var + eps).view(shape)
+    y = x_hat * r.view(shape) + d.view(shape)
+    if weight is not None:
+        y = y * weight.view(shape)
+    if bias is not None:
+        y = y + bias.view(shape)
+    return y.to(input.dtype)
+
+
+# An op of its own, opaque to torch.compile: its partitioner would otherwise
+# recompute r and d in the backward from the running statistics, which the
+# forward has updated in place by then (wrong gradients; pytorch/pytorch#197039).
+@torch.library.custom_op("fastbn::batch_renorm_corrections", mutates_args=())
+def _corrections(
+    mean: torch.Tensor,
+    var: torch.Tensor,
+    running_mean: torch.Tensor,
+    running_var: torch.Tensor,
+    eps: float,
+    r_min: float,
+    r_max: float,
+    d_max: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """r and d in torch ops, in mean's dtype, from batch and running statistics (constants)."""
+    sigma = torch.sqrt(running_var.to(mean.dtype) + eps)
+    r = torch.clamp(torch.sqrt(var + eps) / sigma, r_min, r_max)
+    d = torch.clamp((mean - running_mean.to(mean.dtype)) / sigma, -d_max, d_max)
+    return r, d
+
+
+@_corrections.register_fake
+def _(mean, var, running_mean, running_var, eps, r_min, r_max, d_max):
+    return torch.empty_like(mean), torch.empty_like(mean)
+
+
+def _torch_train(input, weight, bias, running_mean, running_var, eps, limits, momentum, counter):
+    """The training forward in torch ops, and the running statistics' update in place."""
+    mean, var = _batch_moments(input)
+    r, d = _corrections(mean.detach(), var.detach(), running_mean, running_var, eps, *limits)
+    y = _renorm_output(input, weight, bias, mean, var, r, d, eps)
+    count = input.numel() // input.shape[1]
+    _fold_torch(running_mean, running_var, mean.detach(), var.detach(), momentum, counter, count)
+    return y
+
+
+def _fold_torch(running_mean, running_var, mean, var, momentum, counter, count):
+    """torch's running-statistics rule, all or nothing, without branching on data."""
+    with torch.no_grad():
+        if momentum is None:
+            factor = 0.0 if counter is None else 1.0 / (counter + 1).to(mean.dtype)
+        else:
+            factor = momentum
+        unbiased = var * (count / (count - 1))
+        new_mean = ((1.0 - factor) * running_mean.to(mean.dtype) + factor * mean).to(
+            running_mean.dtype
+        )
+        new_var = ((1.0 - factor) * running_var.to(var.dtype) + factor * unbiased).to(
+            running_var.dtype
+        )
+        taken = torch.isfinite(new_mean).all() & torch.isfinite(new_var).all()
+        running_mean.copy_(torch.where(taken, new_mean, running_mean))
+        running_var.copy_(torch.where(taken, new_var, running_var))
+        if counter is not None:
+            counter.add_(taken.to(counter.dtype))
+
+
+# --------------------------------------------------------------- modules
+
+
+class _BatchRenorm(_BatchNorm):
+    """torch's _BatchNorm with Batch Renormalization in training mode.
+
+    Parameters
+    ----------
+    num_features : int
+        C, the channels (dimension 1 of the input).
+    eps, momentum, affine, track_running_stats, device, dtype
+        As for ``torch.nn.BatchNorm2d``; track_running_stats must be True
+        (renormalization corrects toward the running statistics).
+    renorm_clipping : dict, optional
+        Keras's ``BatchNormalization(renorm_clipping=...)``: the keys
+        ``"rmax"`` (>= 1), ``"rmin"`` (in [0, 1]) and ``"dmax"`` (>= 0),
+        real numbers, inf for no limit. A key left out (all of them for
+        None) takes its default, rmax=3, rmin=1/rmax, dmax=5, the paper's
+        final limits; Keras sets it to inf, 0, inf instead (no clipping).
+        Keras's separate ``renorm_momentum`` has no counterpart: the running
+        statistics are the module's own, updated with ``momentum``.
+    **kwargs
+        Other keyword arguments of torch's constructor (``bias=`` in the
+        torch versions that have it).
+
+    Attributes
+    ----------
+    rmax, rmin, dmax : float, float or None, float
+        The limits of r (``[rmin, rmax]``, rmin None meaning 1 / rmax) and
+        of d (``[-dmax, dmax]``). They may be changed between training steps
+        (the paper raises them from 1 and 0 over the first epochs); each
+        training forward checks them.
+    """
+
+    def __init__(
+        self,
+        num_features,
+        eps=1e-5,
+        momentum=0.1,
+        affine=True,
+        track_running_stats=True,
+        device=None,
+        dtype=None,
+        *,
+        renorm_clipping=None,
+        **kwargs,
+    ):
+        if not track_running_stats:
+            raise ValueError(
+                "Batch Renormalization needs track_running_stats=True: it corrects "
+                "the batch statistics toward the running ones"
+            )
+        if renorm_clipping is None:
+            renorm_clipping = {}
+        elif not isinstance(renorm_clipping, Mapping):
+            raise TypeError(
+                f"renorm_clipping must be a dict or None, got {type(renorm_clipping).__name__}"
+            )
+        unknown = sorted(str(key) for key in renorm_clipping if key not in _CLIPPING_KEYS)
+        if unknown:
+            raise ValueError(
+                f"renorm_clipping has unknown keys {unknown}; its keys are 'rmax', 'rmin', 'dmax'"
+            )
+        clipping = {**_DEFAULT_CLIPPING, **renorm_clipping}
+        r_min, r_max, d_max = _renorm_limits(clipping["rmax"], clipping["rmin"], clipping["dmax"])
+        super().__init__(
+            num_features, eps, momentum, affine, track_running_stats, device, dtype, **kwargs
+        )
+        self.rmax = r_max
+        self.rmin = None if clipping["rmin"] is None else r_min
+        self.dmax = d_max
+
+    def extra_repr(self):
+        return f"{super().extra_repr()}, rmax={self.rmax}, rmin={self.rmin}, dmax={self.dmax}"
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        self._check_input_dim(input)
+        weight, bias, running_mean, running_var, counter, momentum = forward_state(self)
+        if not self.training:
+            return functional.forward(
+                input, running_mean, running_var, weight, bias, False, momentum, self.eps,
+            )[0]  # fmt: skip
+        limits = _renorm_limits(self.rmax, self.rmin, self.dmax)
+        functional.verify_batch_size(input.size())
+        functional._check_sizes(input.shape[1], weight, bias, running_mean, running_var)
+        if (
+            torch.compiler.is_compiling()
+            or input.numel() == 0
+            or not _ops.fast_path(input, weight, bias, running_mean, running_var)
+        ):
+            return _torch_train(
+                input, weight, bias, running_mean, running_var, self.eps, limits, momentum, counter
+            )
+        stats = []
+        y = BatchRenormFunction.apply(
+            input, weight, bias, running_mean, running_var, self.eps, limits, stats
+        )
+        mean, invstd = stats[0]
+        functional._fold(
+            running_mean, running_var, mean, invstd, self.eps, momentum, counter,
+            input.numel() // input.shape[1], stacklevel=5,
+        )  # fmt: skip
+        return y
+
+
+class BatchRenorm1d(_BatchRenorm):
+    """Batch Renormalization of (N, C) and (N, C, L) input.
+
+    torch.nn.BatchNorm1d's arguments plus ``renorm_clipping``, and the
+    attributes rmax, rmin, dmax: see `_BatchRenorm`.
+    """
+
+    def _check_input_dim(self, input):
+        if input.dim() != 2 and input.dim() != 3:
+            raise ValueError(f"expected 2D or 3D input (got {input.dim()}D input)")
+
+
+class BatchRenorm2d(_BatchRenorm):
+    """Batch Renormalization of (N, C, H, W) input, contiguous or channels_last.
+
+    torch.nn.BatchNorm2d's arguments plus ``renorm_clipping``, and the
+    attributes rmax, rmin, dmax: see `_BatchRenorm`.
+    """
+
+    def _check_input_dim(self, input):
+        if input.dim() != 4:
+            raise ValueError(f"expected 4D input (got {input.dim()}D input)")
+
+
+class BatchRenorm3d(_BatchRenorm):
+    """Batch Renormalization of (N, C, D, H, W) input, contiguous or channels_last_3d.
+
+    torch.nn.BatchNorm3d's arguments plus ``renorm_clipping``, and the
+    attributes rmax, rmin, dmax: see `_BatchRenorm`.
+    """
+
+    def _check_input_dim(self, input):
+        if input.dim() != 5:
+            raise ValueError(f"expected 5D input (got {input.dim()}D input)")
