@@ -112,6 +112,19 @@ def scale_centered(x, out, start, n, mean_hi, mean_lo, scale, shift, relu=None):
 
 
 @njit(fastmath=EXACT_MATH)
+def passed_scaled(dy, x, out, start, n, scale, relu, c):
+    """dx = scale * dy where the fused ReLU passed (`relu_passes`, feature c), else 0.
+
+    The backward through running statistics and a ReLU; dy is not mixed with
+    x_hat, so an infinite x whose output passed gives a finite dx.
+    """
+    o = np.uint64(start)
+    zero = dy.dtype.type(0)
+    for i in range(np.uint64(n)):
+        out[o + i] = scale * (dy[o + i] if relu_passes(x[o + i], relu, c) else zero)
+
+
+@njit(fastmath=EXACT_MATH)
 def input_gradient(
     dy, x, out, start, n, scale, invstd, mean_hi, mean_lo, k_xhat, k0, relu=None, c=0
 ):

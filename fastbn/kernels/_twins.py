@@ -18,15 +18,20 @@ serial twin compiles without Numba's warning that parallel=True found no
 parallel loop (there is none by design).
 """
 
+from __future__ import annotations
+
 import types
 import warnings
+from typing import Any
 
 from numba import njit
+from numba.core.dispatcher import Dispatcher
 from numba.core.errors import NumbaPerformanceWarning
 
 __all__ = ["Twins", "serial_twin"]
 
-_SERIAL = {}  # parallel-capable dispatcher -> its serial twin, across modules
+# parallel-capable dispatcher -> its serial twin, across modules
+_SERIAL: dict[Dispatcher[Any], Dispatcher[Any]] = {}
 
 
 def serial_twin(kernel):

@@ -333,6 +333,31 @@ def _apply(x, out, mean_hi, mean_lo, scale, shift, relu=None):
     _scale_block(x, out, width, groups, groups + 1, 0, tail, mean_hi, mean_lo, scale, shift, relu)
 
 
+@njit(fastmath=EXACT_MATH)
+def _passed_scaled_block(dy, x, out, width, g0, g1, n, scale, relu):
+    """dx = scale * dy per position where the fused ReLU passed, else 0, over groups g0..g1."""
+    w = np.uint64(width)
+    zero = out.dtype.type(0)
+    for g in range(g0, g1):
+        o = np.uint64(g) * w
+        for i in range(np.uint64(n)):
+            out[o + i] = scale[i] * (dy[o + i] if relu_passes(x[o + i], relu, i) else zero)
+
+
+@twin(parallel=True)
+def _passed_scaled(dy, x, out, scale, relu):
+    """dx = scale * dy where the fused ReLU passed, else 0, with per-position scale of length W."""
+    width = scale.size
+    groups, per_block, blocks = _memory_grid(x.size, width)
+    for u in prange(blocks):
+        g0 = u * per_block
+        _passed_scaled_block(
+            dy, x, out, width, g0, min(g0 + per_block, groups), width, scale, relu
+        )
+    tail = x.size - groups * width
+    _passed_scaled_block(dy, x, out, width, groups, groups + 1, tail, scale, relu)
+
+
 @twin(parallel=True)
 def _input_gradient(dy, x, out, coefficients, relu=None):
     """dx from per-position (scale, invstd, mean_hi, mean_lo, k_xhat, k0) of length W.
@@ -479,11 +504,9 @@ def _backward(dy, x, n_features, run, width, mean, invstd, gamma, training, out,
     elif relu is None:
         zero = np.zeros(n_features)
         _apply_per_feature(dy, out, n_features, run, width, zero, gamma * invstd, zero)
-    else:  # dx = gamma * invstd * dy where the ReLU passed: no batch terms
-        no_sums = np.zeros(n_features)
-        _train_dx(
-            dy, x, n_features, run, width, mean, invstd, gamma, no_sums, no_sums, 1, out, relu
-        )
+    else:
+        scale = tile((gamma * invstd).astype(x.dtype), n_features, run, width)
+        _passed_scaled(dy, x, out, scale, relu)
     return dgamma, dbeta
 
 

@@ -23,6 +23,7 @@ from fastbn.kernels._common import (
     forward_moments,
     in_dtype,
     input_gradient,
+    passed_scaled,
     relu_params,
     row_sums,
     scale_centered,
@@ -178,6 +179,19 @@ def _input_gradient(dy, x, out, shape, coefficients, relu=None):
             start = stop
 
 
+@twin(parallel=True)
+def _passed_scaled(dy, x, out, shape, scale, relu):
+    """dx = scale * dy per feature where the fused ReLU passed, else 0 (flat arrays)."""
+    C, Q = shape[1], shape[2]
+    for u in prange(-(-x.size // RUN_CHUNK)):
+        start = u * RUN_CHUNK
+        end = min(start + RUN_CHUNK, x.size)
+        while start < end:
+            stop, c = _piece(start, end, Q, C)
+            passed_scaled(dy, x, out, start, stop - start, scale[c], relu, c)
+            start = stop
+
+
 @njit(inline="always")
 def _train_feature(x, shape, c, gamma, beta, eps, out, mean, invstd, relu):
     """Statistics of feature c, then its output (then relu), while it is in cache."""
@@ -228,12 +242,9 @@ def _backward_feature(dy, x, shape, c, mean, invstd, gamma, training, out, dgamm
     elif relu is None:
         for p in range(P):
             scale_centered(dy, out, (p * C + c) * Q, Q, t(0), t(0), y_scale, t(0))
-    else:  # dx = y_scale * dy where the ReLU passed: the training form with no batch terms
+    else:
         for p in range(P):
-            start = (p * C + c) * Q
-            input_gradient(
-                dy, x, out, start, Q, y_scale, t(invstd[c]), mean_hi, mean_lo, t(0), t(0), relu, c
-            )
+            passed_scaled(dy, x, out, (p * C + c) * Q, Q, y_scale, relu, c)
 
 
 @twin(parallel=True)
@@ -367,9 +378,8 @@ def _backward(dy, x, mean, invstd, gamma, training, out, relu):
         zero = np.zeros_like(in_dtype(mean, x))
         scale = in_dtype(gamma * invstd, x)
         _apply(flat_dy, flat_out, shape, zero, zero, scale, zero)
-    else:  # dx = gamma * invstd * dy where the ReLU passed: no batch terms
-        no_sums = np.zeros_like(mean)
-        _train_dx(dy, x, mean, invstd, gamma, no_sums, no_sums, 1, out, relu)
+    else:
+        _passed_scaled(flat_dy, flat, flat_out, shape, in_dtype(gamma * invstd, x), relu)
     return dgamma, dbeta
 
 

@@ -47,6 +47,8 @@ class _FastBatchNorm:
         return super().extra_repr() + ("" if k is None else f", virtual_batch_size={k}")
 
     fused_relu = False  # True in the BatchNormReLU modules: a ReLU follows, in the same kernels
+    # TorchScript sees class attributes only as constants; this mixin comes first in the MRO.
+    __constants__ = (*torch.nn.modules.batchnorm._BatchNorm.__constants__, "fused_relu")
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if torch.jit.is_scripting():
@@ -199,7 +201,7 @@ def _replace(module, table):
 
 def _swap_pairs(module, table, follower, replacement):
     """In every Sequential, a module of a type in table directly followed by a `follower` type
-    takes the table's class, and the follower is replaced by ``replacement()`` at its index.
+    takes the table's class, and the follower is replaced by ``replacement(first, follower)``.
     """
     for child in module.children():
         _swap_pairs(child, table, follower, replacement)
@@ -208,7 +210,18 @@ def _swap_pairs(module, table, follower, replacement):
         for first, second in itertools.pairwise(list(layers)):
             if type(layers[first]) in table and type(layers[second]) is follower:
                 layers[first].__class__ = table[type(layers[first])]
-                layers[second] = replacement()
+                layers[second] = replacement(layers[first], layers[second])
+
+
+def _identity_for(bn, relu):
+    """nn.Identity in place of a fused ReLU; the BatchNorm remembers the ReLU's inplace flag."""
+    bn._relu_inplace = relu.inplace
+    return torch.nn.Identity()
+
+
+def _relu_for(bn, identity):
+    """The nn.ReLU that `_identity_for` replaced, with its inplace flag."""
+    return torch.nn.ReLU(inplace=bn.__dict__.pop("_relu_inplace", False))
 
 
 def convert(module, fuse_relu=False):
@@ -235,7 +248,7 @@ def convert(module, fuse_relu=False):
         module itself.
     """
     if fuse_relu:
-        _swap_pairs(module, _FUSED, torch.nn.ReLU, torch.nn.Identity)
+        _swap_pairs(module, _FUSED, torch.nn.ReLU, _identity_for)
     return _replace(module, _FAST)
 
 
@@ -245,5 +258,5 @@ def revert(module):
     A BatchNormReLU that `convert` fused (followed by Identity in a
     Sequential) gets its nn.ReLU back; one made directly is left alone.
     """
-    _swap_pairs(module, _UNFUSED, torch.nn.Identity, torch.nn.ReLU)
+    _swap_pairs(module, _UNFUSED, torch.nn.Identity, _relu_for)
     return _replace(module, _TORCH)
