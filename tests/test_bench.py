@@ -69,7 +69,8 @@ def test_a_floor_beaten_by_more_than_ten_percent_is_reported_broken():
 
 def test_features_first_rows_in_l2_are_held_to_rw_not_to_r_plus_rw():
     def row(shape, layout):
-        return {"shape": shape, "layout": layout, "nbytes": 4 * shape[0] * shape[1]}
+        nbytes = 4 * shape[0] * shape[1]
+        return {"shape": shape, "layout": layout, "nbytes": nbytes, "pass": "train"}
 
     fits = row((4096, 4096), "ff")  # 16 KiB rows
     long_rows = row((64, 262144), "ff")  # 1 MiB rows: the kernels read them twice
@@ -79,3 +80,23 @@ def test_features_first_rows_in_l2_are_held_to_rw_not_to_r_plus_rw():
     for l2 in (512 * 1024, 1 << 20, 1 << 21):
         assert report.rows_in_l2(rows, l2) == [fits]
         assert report.streamed_rows(rows, l2) == [long_rows, batch_first]
+
+
+def test_a_row_read_once_is_held_to_rw_in_the_mid_range():
+    def row(shape, layout, rw, r_plus_rw):
+        kernels = {"RW": {"seconds": rw}, "R": {"seconds": r_plus_rw - rw}}
+        return {
+            "shape": shape,
+            "layout": layout,
+            "nbytes": 4 * shape[0] * shape[1],
+            "pass": "train",
+            "seconds": {"fastbn-out": 1.0},
+            "roofline_kernels": kernels,
+            "vs_roofline": 1.0 / r_plus_rw,
+        }
+
+    once = row((1024, 256), "ff", 0.8, 1.6)  # 1 KiB features: read once
+    twice = row((256, 1024), "bf", 0.8, 1.6)
+    ratio = report.floor_ratio(512 * 1024)
+    assert ratio(once) == 1.0 / 0.8
+    assert ratio(twice) == 1.0 / 1.6
