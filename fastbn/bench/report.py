@@ -282,6 +282,7 @@ def evaluate_targets(results):
     mid = [r for r in rows if in_mid_range(r)]
     in_l2 = rows_in_l2(rows, l2)
     streamed = streamed_rows(rows, l2)
+    once_kib = min(l2, rows_kernels.FEATURE_BYTES) // 1024
 
     def of_pass(chosen, p):
         return [r for r in chosen if r["pass"] == p]
@@ -313,13 +314,13 @@ def evaluate_targets(results):
         ),
         floor_row("> 8 MiB, eval / RW", of_pass(large, "eval"), vs_roofline, 1.1),
         floor_row(
-            f"ff > 8 MiB, rows in L2 (<= {min(l2, rows_kernels.FEATURE_BYTES) // 1024} KiB), train / RW",
+            f"ff > 8 MiB, rows in L2 (<= {once_kib} KiB), train / RW",
             of_pass(in_l2, "train"),
             kernel_ratio("RW"),
             1.25,
         ),
         floor_row(
-            f"ff > 8 MiB, rows in L2 (<= {min(l2, rows_kernels.FEATURE_BYTES) // 1024} KiB), backward / R2W",
+            f"ff > 8 MiB, rows in L2 (<= {once_kib} KiB), backward / R2W",
             of_pass(in_l2, "backward"),
             kernel_ratio("R2W"),
             1.25,
