@@ -9,10 +9,15 @@ layout. Long runs (Q >= ROWS_MIN_RUN) go to the rows family, the rest
 (batch-first, channels-last) to the columns family.
 """
 
+from __future__ import annotations
+
 import dataclasses
 import math
+from collections.abc import Callable
+from typing import Any, SupportsIndex, TypeAlias, TypeVar, overload
 
 import numpy as np
+from numpy.typing import ArrayLike, NDArray
 
 from fastbn import _checks
 from fastbn._threading import kernel_guard
@@ -31,6 +36,13 @@ __all__ = [
 PARALLEL_MIN = 1 << 15  # values below which one thread beats a parallel launch
 ROWS_MIN_RUN = 16  # shorter runs are folded into the columns family's groups
 MAX_PLANS = 256  # plans kept; past that the cache starts over
+
+# The dtype of an ndarray x, in which its results come back (float32 or float64).
+_Float = TypeVar("_Float", bound=np.floating)
+# (y, mean, invstd) of a training forward and (dx, dgamma, dbeta) of a backward, in float32
+# or float64; for an ndarray x, the first overload of each function says which.
+_Forward: TypeAlias = tuple[NDArray[np.floating], NDArray[np.float64], NDArray[np.float64]]
+_Gradients: TypeAlias = tuple[NDArray[np.floating], NDArray[np.floating], NDArray[np.floating]]
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -68,15 +80,15 @@ class _Plan:
     n_features: int
     transposed: bool
     copied: bool
-    shape: tuple
-    pcq: tuple
+    shape: tuple[int, ...]
+    pcq: tuple[int, ...]
     lead_axis: bool
     rows: bool
     serial: bool
-    columns_args: tuple
+    columns_args: tuple[int, int, int]
 
     @classmethod
-    def of(cls, x, axis, training):
+    def of(cls, x: NDArray[np.floating], axis: SupportsIndex, training: bool) -> _Plan:
         """The plan of x (checked by `_checks.data`) and axis, checking them."""
         axis = _checks.feature_axis(axis, x)
         n_features, _ = _checks.counts(x, axis, training)
@@ -102,7 +114,7 @@ class _Plan:
             columns_args=(n_features, run, columns.group_width(n_features, run)),
         )
 
-    def kernel_x(self, x):
+    def kernel_x(self, x: NDArray[np.floating]) -> NDArray[np.floating]:
         """x (an array of the plan's key) as the kernels take it."""
         if self.transposed:
             x = x.T
@@ -111,12 +123,12 @@ class _Plan:
         x = self.view(x)
         return x if x.flags.writeable else _checks.kernel_input(x)
 
-    def kernel_input(self, a):
+    def kernel_input(self, a: NDArray[np.floating]) -> NDArray[np.floating]:
         """Another array of the caller's shape, in any memory order, as the kernels take it."""
         a = np.ascontiguousarray(a.T if self.transposed else a)
         return _checks.kernel_input(self.view(a))
 
-    def view(self, a):
+    def view(self, a: NDArray[np.floating]) -> NDArray[np.floating]:
         """A C-contiguous array of `shape` as the kernels take it: (P, C, Q) or flat."""
         # Each view costs a good part of a small call: a[None] and ravel (a view
         # of a C-contiguous array) take half the time of reshape.
@@ -124,7 +136,9 @@ class _Plan:
             return a.ravel()
         return a[None] if self.lead_axis else a.reshape(self.pcq)
 
-    def output(self, out, dtype):
+    def output(
+        self, out: NDArray[np.floating] | None, dtype: np.dtype[Any]
+    ) -> tuple[NDArray[np.floating], bool]:
         """The C-contiguous buffer the kernel writes, and whether it must be copied into out.
 
         That is out itself (or its transpose) when its layout fits, else a new array.
@@ -135,7 +149,9 @@ class _Plan:
                 return target, False
         return np.empty(self.shape, dtype), out is not None
 
-    def result(self, buffer, out, copy_back):
+    def result(
+        self, buffer: NDArray[np.floating], out: NDArray[np.floating] | None, copy_back: bool
+    ) -> NDArray[np.floating]:
         """The result in the caller's layout: out (copied into if need be) or the buffer."""
         if out is None:
             return buffer.T if self.transposed else buffer
@@ -144,16 +160,20 @@ class _Plan:
         return out
 
 
-_PLANS = {}
+# (dtype, shape, strides, axis, training) of an ndarray x and an int axis.
+_PlanKey: TypeAlias = tuple[np.dtype[Any], tuple[int, ...], tuple[int, ...], int, bool]
+_PLANS: dict[_PlanKey, _Plan] = {}
 
 
-def _planned(x, axis, training):
+def _planned(
+    x: ArrayLike, axis: SupportsIndex, training: bool
+) -> tuple[NDArray[np.floating], _Plan]:
     """x checked as data (`_checks.data`) and its `_Plan` for axis and training.
 
     Raises the errors of x, the axis and the counts of values. ``training``
     is part of the key because M == 1 is an error there only.
     """
-    key = None
+    key: _PlanKey | None = None
     # The common case, an ndarray and an int axis, looks its plan up before
     # any check: a key is stored only once its checks have passed.
     if isinstance(x, np.ndarray) and type(axis) is int:
@@ -170,7 +190,7 @@ def _planned(x, axis, training):
     return x, plan
 
 
-def _launch(serial, kernel, *args):
+def _launch(serial: bool, kernel: Callable[..., Any], *args: Any) -> Any:
     """kernel(*args), or its one-thread twin; a parallel launch under `kernel_guard`."""
     if serial:  # no parallel region: the guard would do nothing but cost
         return serial_twin(kernel)(*args)
@@ -178,14 +198,42 @@ def _launch(serial, kernel, *args):
         return kernel(*args)
 
 
-def _cached_plan(x, axis, training):
+def _cached_plan(x: object, axis: object, training: bool) -> _Plan | None:
     """The `_Plan` stored for x and axis (so they passed `_planned`'s checks), or None."""
     if isinstance(x, np.ndarray) and type(axis) is int:
         return _PLANS.get((x.dtype, x.shape, x.strides, axis, training))
     return None
 
 
-def batch_norm_train(x, gamma=None, beta=None, *, axis=0, eps=1e-5, out=None):
+@overload
+def batch_norm_train(
+    x: NDArray[_Float],
+    gamma: ArrayLike | None = ...,
+    beta: ArrayLike | None = ...,
+    *,
+    axis: SupportsIndex = ...,
+    eps: float = ...,
+    out: NDArray[_Float] | None = ...,
+) -> tuple[NDArray[_Float], NDArray[np.float64], NDArray[np.float64]]: ...
+@overload
+def batch_norm_train(
+    x: ArrayLike,
+    gamma: ArrayLike | None = ...,
+    beta: ArrayLike | None = ...,
+    *,
+    axis: SupportsIndex = ...,
+    eps: float = ...,
+    out: NDArray[np.floating] | None = ...,
+) -> _Forward: ...
+def batch_norm_train(
+    x: ArrayLike,
+    gamma: ArrayLike | None = None,
+    beta: ArrayLike | None = None,
+    *,
+    axis: SupportsIndex = 0,
+    eps: float = 1e-5,
+    out: NDArray[np.floating] | None = None,
+) -> _Forward:
     """Normalize with the statistics of the batch (training mode).
 
     Parameters
@@ -213,7 +261,35 @@ def batch_norm_train(x, gamma=None, beta=None, *, axis=0, eps=1e-5, out=None):
     return _train(x, plan, gamma, beta, eps, out)
 
 
-def batch_norm_relu_train(x, gamma=None, beta=None, *, axis=0, eps=1e-5, out=None):
+@overload
+def batch_norm_relu_train(
+    x: NDArray[_Float],
+    gamma: ArrayLike | None = ...,
+    beta: ArrayLike | None = ...,
+    *,
+    axis: SupportsIndex = ...,
+    eps: float = ...,
+    out: NDArray[_Float] | None = ...,
+) -> tuple[NDArray[_Float], NDArray[np.float64], NDArray[np.float64]]: ...
+@overload
+def batch_norm_relu_train(
+    x: ArrayLike,
+    gamma: ArrayLike | None = ...,
+    beta: ArrayLike | None = ...,
+    *,
+    axis: SupportsIndex = ...,
+    eps: float = ...,
+    out: NDArray[np.floating] | None = ...,
+) -> _Forward: ...
+def batch_norm_relu_train(
+    x: ArrayLike,
+    gamma: ArrayLike | None = None,
+    beta: ArrayLike | None = None,
+    *,
+    axis: SupportsIndex = 0,
+    eps: float = 1e-5,
+    out: NDArray[np.floating] | None = None,
+) -> _Forward:
     """`batch_norm_train` followed by a ReLU, in the same passes over memory.
 
     Parameters and errors are those of `batch_norm_train`.
@@ -229,7 +305,15 @@ def batch_norm_relu_train(x, gamma=None, beta=None, *, axis=0, eps=1e-5, out=Non
     return _train(x, plan, gamma, beta, eps, out, relu=True)
 
 
-def _train(x, plan, gamma, beta, eps, out, relu=False):
+def _train(
+    x: NDArray[np.floating],
+    plan: _Plan,
+    gamma: ArrayLike | None,
+    beta: ArrayLike | None,
+    eps: float,
+    out: NDArray[np.floating] | None,
+    relu: bool = False,
+) -> _Forward:
     """`batch_norm_train` (with relu: `batch_norm_relu_train`) once x and the axis are planned."""
     n_features, axis = plan.n_features, plan.axis
     dtype = _checks.vector_dtype(x, gamma, beta)
@@ -251,9 +335,41 @@ def _train(x, plan, gamma, beta, eps, out, relu=False):
     return plan.result(buffer, out, copy_back), mean, invstd
 
 
+@overload
 def batch_norm_eval(
-    x, running_mean, running_var, gamma=None, beta=None, *, axis=0, eps=1e-5, out=None
-):
+    x: NDArray[_Float],
+    running_mean: ArrayLike,
+    running_var: ArrayLike,
+    gamma: ArrayLike | None = ...,
+    beta: ArrayLike | None = ...,
+    *,
+    axis: SupportsIndex = ...,
+    eps: float = ...,
+    out: NDArray[_Float] | None = ...,
+) -> NDArray[_Float]: ...
+@overload
+def batch_norm_eval(
+    x: ArrayLike,
+    running_mean: ArrayLike,
+    running_var: ArrayLike,
+    gamma: ArrayLike | None = ...,
+    beta: ArrayLike | None = ...,
+    *,
+    axis: SupportsIndex = ...,
+    eps: float = ...,
+    out: NDArray[np.floating] | None = ...,
+) -> NDArray[np.floating]: ...
+def batch_norm_eval(
+    x: ArrayLike,
+    running_mean: ArrayLike,
+    running_var: ArrayLike,
+    gamma: ArrayLike | None = None,
+    beta: ArrayLike | None = None,
+    *,
+    axis: SupportsIndex = 0,
+    eps: float = 1e-5,
+    out: NDArray[np.floating] | None = None,
+) -> NDArray[np.floating]:
     """Normalize with running statistics (inference mode).
 
     Parameters
@@ -280,9 +396,41 @@ def batch_norm_eval(
     return _eval(x, plan, running_mean, running_var, gamma, beta, eps, out)
 
 
+@overload
 def batch_norm_relu_eval(
-    x, running_mean, running_var, gamma=None, beta=None, *, axis=0, eps=1e-5, out=None
-):
+    x: NDArray[_Float],
+    running_mean: ArrayLike,
+    running_var: ArrayLike,
+    gamma: ArrayLike | None = ...,
+    beta: ArrayLike | None = ...,
+    *,
+    axis: SupportsIndex = ...,
+    eps: float = ...,
+    out: NDArray[_Float] | None = ...,
+) -> NDArray[_Float]: ...
+@overload
+def batch_norm_relu_eval(
+    x: ArrayLike,
+    running_mean: ArrayLike,
+    running_var: ArrayLike,
+    gamma: ArrayLike | None = ...,
+    beta: ArrayLike | None = ...,
+    *,
+    axis: SupportsIndex = ...,
+    eps: float = ...,
+    out: NDArray[np.floating] | None = ...,
+) -> NDArray[np.floating]: ...
+def batch_norm_relu_eval(
+    x: ArrayLike,
+    running_mean: ArrayLike,
+    running_var: ArrayLike,
+    gamma: ArrayLike | None = None,
+    beta: ArrayLike | None = None,
+    *,
+    axis: SupportsIndex = 0,
+    eps: float = 1e-5,
+    out: NDArray[np.floating] | None = None,
+) -> NDArray[np.floating]:
     """`batch_norm_eval` followed by a ReLU, in one pass over memory.
 
     Parameters and errors are those of `batch_norm_eval`.
@@ -296,7 +444,17 @@ def batch_norm_relu_eval(
     return _eval(x, plan, running_mean, running_var, gamma, beta, eps, out, relu=True)
 
 
-def _eval(x, plan, running_mean, running_var, gamma, beta, eps, out, relu=False):
+def _eval(
+    x: NDArray[np.floating],
+    plan: _Plan,
+    running_mean: ArrayLike,
+    running_var: ArrayLike,
+    gamma: ArrayLike | None,
+    beta: ArrayLike | None,
+    eps: float,
+    out: NDArray[np.floating] | None,
+    relu: bool = False,
+) -> NDArray[np.floating]:
     """`batch_norm_eval` (or with relu, `batch_norm_relu_eval`) once x and the axis are planned."""
     n_features, axis = plan.n_features, plan.axis
     dtype = _checks.vector_dtype(x, running_mean, running_var, gamma, beta)
@@ -335,7 +493,41 @@ def _eval(x, plan, running_mean, running_var, gamma, beta, eps, out, relu=False)
     return plan.result(buffer, out, copy_back)
 
 
-def batch_norm_backward(dy, x, mean, invstd, gamma=None, *, axis=0, training=True, out=None):
+@overload
+def batch_norm_backward(
+    dy: NDArray[_Float],
+    x: NDArray[_Float],
+    mean: ArrayLike,
+    invstd: ArrayLike,
+    gamma: ArrayLike | None = ...,
+    *,
+    axis: SupportsIndex = ...,
+    training: bool = ...,
+    out: NDArray[_Float] | None = ...,
+) -> tuple[NDArray[_Float], NDArray[_Float], NDArray[_Float]]: ...
+@overload
+def batch_norm_backward(
+    dy: ArrayLike,
+    x: ArrayLike,
+    mean: ArrayLike,
+    invstd: ArrayLike,
+    gamma: ArrayLike | None = ...,
+    *,
+    axis: SupportsIndex = ...,
+    training: bool = ...,
+    out: NDArray[np.floating] | None = ...,
+) -> _Gradients: ...
+def batch_norm_backward(
+    dy: ArrayLike,
+    x: ArrayLike,
+    mean: ArrayLike,
+    invstd: ArrayLike,
+    gamma: ArrayLike | None = None,
+    *,
+    axis: SupportsIndex = 0,
+    training: bool = True,
+    out: NDArray[np.floating] | None = None,
+) -> _Gradients:
     """Gradients of y = gamma * (x - mean) * invstd + beta.
 
     Parameters
@@ -364,13 +556,50 @@ def batch_norm_backward(dy, x, mean, invstd, gamma=None, *, axis=0, training=Tru
     dgamma, dbeta : ndarray of shape (C,)
         ``sum(dy * x_hat)`` and ``sum(dy)`` over each feature, in x's dtype.
     """
+    x = _checks.data("x", x)
     dx, dgamma, dbeta = _backward(dy, x, mean, invstd, gamma, axis, training, out)
+    assert dx is not None  # input_grad: dx is computed
     return dx, dgamma.astype(dx.dtype, copy=False), dbeta.astype(dx.dtype, copy=False)
 
 
+@overload
 def batch_norm_relu_backward(
-    dy, x, mean, invstd, gamma=None, beta=None, *, axis=0, training=True, out=None
-):
+    dy: NDArray[_Float],
+    x: NDArray[_Float],
+    mean: ArrayLike,
+    invstd: ArrayLike,
+    gamma: ArrayLike | None = ...,
+    beta: ArrayLike | None = ...,
+    *,
+    axis: SupportsIndex = ...,
+    training: bool = ...,
+    out: NDArray[_Float] | None = ...,
+) -> tuple[NDArray[_Float], NDArray[_Float], NDArray[_Float]]: ...
+@overload
+def batch_norm_relu_backward(
+    dy: ArrayLike,
+    x: ArrayLike,
+    mean: ArrayLike,
+    invstd: ArrayLike,
+    gamma: ArrayLike | None = ...,
+    beta: ArrayLike | None = ...,
+    *,
+    axis: SupportsIndex = ...,
+    training: bool = ...,
+    out: NDArray[np.floating] | None = ...,
+) -> _Gradients: ...
+def batch_norm_relu_backward(
+    dy: ArrayLike,
+    x: ArrayLike,
+    mean: ArrayLike,
+    invstd: ArrayLike,
+    gamma: ArrayLike | None = None,
+    beta: ArrayLike | None = None,
+    *,
+    axis: SupportsIndex = 0,
+    training: bool = True,
+    out: NDArray[np.floating] | None = None,
+) -> _Gradients:
     """Gradients of y = max(gamma * (x - mean) * invstd + beta, 0).
 
     The ReLU's mask is recomputed from x, the statistics, gamma and beta
@@ -394,19 +623,32 @@ def batch_norm_relu_backward(
         ``sum(dz * x_hat)`` and ``sum(dz)``, dz being dy where y > 0 and 0
         elsewhere, in x's dtype.
     """
+    x = _checks.data("x", x)
     dx, dgamma, dbeta = _backward(
         dy, x, mean, invstd, gamma, axis, training, out, relu=True, beta=beta
     )
+    assert dx is not None  # input_grad: dx is computed
     return dx, dgamma.astype(dx.dtype, copy=False), dbeta.astype(dx.dtype, copy=False)
 
 
 def _backward(
-    dy, x, mean, invstd, gamma, axis, training, out, forward_plan=None, input_grad=True,
-    relu=False, beta=None,
-):  # fmt: skip
+    dy: ArrayLike,
+    x: NDArray[np.floating],
+    mean: ArrayLike,
+    invstd: ArrayLike,
+    gamma: ArrayLike | None,
+    axis: SupportsIndex,
+    training: bool,
+    out: NDArray[np.floating] | None,
+    forward_plan: _Plan | None = None,
+    input_grad: bool = True,
+    relu: bool = False,
+    beta: ArrayLike | None = None,
+) -> tuple[NDArray[np.floating] | None, NDArray[np.float64], NDArray[np.float64]]:
     """`batch_norm_backward` with dgamma and dbeta in float64, as the kernels return them.
 
-    The layer rounds them into its own arrays, with no conversion in between.
+    x is checked as data (`_checks.data`) by the caller. The layer rounds
+    dgamma and dbeta into its own arrays, with no conversion in between.
     It also passes ``forward_plan``, the plan of the forward that made mean
     and invstd from this x: then x is checked and planned already, and mean
     and invstd are writable C-contiguous float64 vectors of length C, so
@@ -415,8 +657,8 @@ def _backward(
     With ``relu=True`` it is `batch_norm_relu_backward`'s, beta the
     forward's shift (dx is then always computed).
     """
-    if forward_plan is None:
-        x = _checks.data("x", x)
+    mean64: ArrayLike
+    invstd64: ArrayLike
     dy = _checks.float_array("dy", dy)
     _checks.same_shape("dy", dy, x)
     if dy.dtype != x.dtype:
@@ -430,7 +672,13 @@ def _backward(
     gamma_k = _checks.per_feature(
         "gamma", gamma, plan.n_features, x, plan.axis, 1.0, _checks.vector_dtype(x, gamma)
     )
-    inputs = (("dy", dy), ("x", x), ("mean", mean), ("invstd", invstd), ("gamma", gamma))
+    inputs: tuple[tuple[str, ArrayLike | None], ...] = (
+        ("dy", dy),
+        ("x", x),
+        ("mean", mean),
+        ("invstd", invstd),
+        ("gamma", gamma),
+    )
     if relu:
         beta_k = _checks.per_feature(
             "beta", beta, plan.n_features, x, plan.axis, 0.0, _checks.vector_dtype(x, beta)
@@ -486,7 +734,9 @@ def _backward(
 # which normalizes with statistics and gradient sums of every process's batch.
 
 
-def _moments(x, plan):
+def _moments(
+    x: NDArray[np.floating], plan: _Plan
+) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
     """float64 mean and biased variance per feature of x, checked and planned (`_planned`)."""
     x_k = plan.kernel_x(x)
     if plan.rows:
@@ -494,7 +744,17 @@ def _moments(x, plan):
     return _launch(plan.serial, columns.moments, x_k, *plan.columns_args)
 
 
-def _train_input_gradient(dy, x, plan, mean, invstd, gamma, dgamma, dbeta, count):
+def _train_input_gradient(
+    dy: NDArray[np.floating],
+    x: NDArray[np.floating],
+    plan: _Plan,
+    mean: NDArray[np.float64],
+    invstd: NDArray[np.float64],
+    gamma: ArrayLike | None,
+    dgamma: NDArray[np.float64],
+    dbeta: NDArray[np.float64],
+    count: int,
+) -> NDArray[np.floating]:
     """dx of the training formula from given float64 sums over count values per feature.
 
     x is checked and planned (`_planned`); mean, invstd, dgamma and dbeta are

@@ -18,18 +18,23 @@ Fortran-ordered x, else a copy of x in C order):
   being feature c of slice g; no kernel of its own.
 """
 
+from __future__ import annotations
+
 import dataclasses
 import numbers
+from typing import Any, SupportsIndex, TypeAlias, overload
 
 import numpy as np
+from numpy.typing import ArrayLike, NDArray
 
 from fastbn import _checks, functional
+from fastbn.functional import _Float
 from fastbn.kernels import ghost as kernels
 
 __all__ = ["ghost_batch_norm_backward", "ghost_batch_norm_train"]
 
 
-def checked_virtual_batch_size(virtual_batch_size):
+def checked_virtual_batch_size(virtual_batch_size: object) -> int:
     """virtual_batch_size as a positive int, or TypeError / ValueError."""
     if isinstance(virtual_batch_size, (bool, np.bool_)) or not isinstance(
         virtual_batch_size, numbers.Integral
@@ -73,15 +78,17 @@ class GhostPlan:
     n_slices: int
     slice_values: int
     transposed: bool
-    shape: tuple
+    shape: tuple[int, ...]
     stacked: bool
-    slice_plan: object
-    merged_shape: tuple
-    merged_axis: int
+    slice_plan: functional._Plan | None
+    merged_shape: tuple[int, ...] | None
+    merged_axis: int | None
     serial: bool
 
     @classmethod
-    def of(cls, x, axis, virtual_batch_size):
+    def of(
+        cls, x: NDArray[np.floating], axis: SupportsIndex, virtual_batch_size: int
+    ) -> GhostPlan:
         """The plan of x (checked by `_checks.data`), axis and k, checking them."""
         axis = _checks.feature_axis(axis, x)
         n_features, _ = _checks.counts(x, axis, training=True)
@@ -111,7 +118,9 @@ class GhostPlan:
             form_axis, form_examples = axis, examples_axis
         shape = x.shape[::-1] if transposed else x.shape
         n_slices = n_examples // k
-        slice_plan = merged_shape = merged_axis = None
+        slice_plan: functional._Plan | None = None
+        merged_shape: tuple[int, ...] | None = None
+        merged_axis: int | None = None
         stacked = form_examples == 0
         if stacked:
             # A slice's plan depends on its shape alone; this array has no other use.
@@ -134,19 +143,22 @@ class GhostPlan:
             serial=x.size < functional.PARALLEL_MIN,
         )
 
-    def form(self, a):
+    def form(self, a: NDArray[np.floating]) -> NDArray[np.floating]:
         """An array of x's shape (x, dy) in the plan's C-contiguous form, for the kernels."""
         if self.transposed:
             a = a.T
         return _checks.kernel_input(np.ascontiguousarray(a))
 
-    def stack(self, a):
+    def stack(self, a: NDArray[np.floating]) -> NDArray[np.floating]:
         """The C-contiguous form as the ghost kernels take it: (G, P, C, Q) or (G, S)."""
+        assert self.slice_plan is not None  # stacked
         if self.slice_plan.rows:
             return a.reshape((self.n_slices, *self.slice_plan.pcq))
         return a.reshape((self.n_slices, -1))
 
-    def output(self, out, dtype):
+    def output(
+        self, out: NDArray[np.floating] | None, dtype: np.dtype[Any]
+    ) -> tuple[NDArray[np.floating], bool]:
         """The C-contiguous buffer to write, and whether it must be copied into out."""
         if out is not None:
             target = out.T if self.transposed else out
@@ -154,7 +166,9 @@ class GhostPlan:
                 return target, False
         return np.empty(self.shape, dtype), out is not None
 
-    def result(self, buffer, out, copy_back):
+    def result(
+        self, buffer: NDArray[np.floating], out: NDArray[np.floating] | None, copy_back: bool
+    ) -> NDArray[np.floating]:
         """The result in the caller's layout: out (copied into if need be) or the buffer."""
         if out is None:
             return buffer.T if self.transposed else buffer
@@ -162,24 +176,28 @@ class GhostPlan:
             out[...] = buffer.T if self.transposed else buffer
         return out
 
-    def merged(self, per_slice):
+    def merged(self, per_slice: NDArray[np.float64]) -> NDArray[np.float64]:
         """(G, C) per-slice values as the C * G per-feature values of the merged view."""
         return np.ascontiguousarray(per_slice.T).reshape(-1)
 
-    def per_slice(self, merged):
+    def per_slice(self, merged: NDArray[np.float64]) -> NDArray[np.float64]:
         """C * G per-feature values of the merged view as (G, C) per-slice values."""
         return np.ascontiguousarray(merged.reshape(self.n_features, self.n_slices).T)
 
 
-_PLANS = {}
+# (dtype, shape, strides, axis, virtual_batch_size) of an ndarray x, an int axis and k.
+_PlanKey: TypeAlias = tuple[np.dtype[Any], tuple[int, ...], tuple[int, ...], int, int]
+_PLANS: dict[_PlanKey, GhostPlan] = {}
 
 
-def planned(x, axis, virtual_batch_size):
+def planned(
+    x: ArrayLike, axis: SupportsIndex, virtual_batch_size: int
+) -> tuple[NDArray[np.floating], GhostPlan]:
     """x checked as data (`_checks.data`) and its `GhostPlan`, made once per key.
 
     As `functional._planned`: a key is stored only once its checks have passed.
     """
-    key = None
+    key: _PlanKey | None = None
     if isinstance(x, np.ndarray) and type(axis) is int and type(virtual_batch_size) is int:
         key = (x.dtype, x.shape, x.strides, axis, virtual_batch_size)
         plan = _PLANS.get(key)
@@ -194,9 +212,38 @@ def planned(x, axis, virtual_batch_size):
     return x, plan
 
 
+@overload
 def ghost_batch_norm_train(
-    x, gamma=None, beta=None, *, virtual_batch_size, axis=0, eps=1e-5, out=None
-):
+    x: NDArray[_Float],
+    gamma: ArrayLike | None = ...,
+    beta: ArrayLike | None = ...,
+    *,
+    virtual_batch_size: int,
+    axis: SupportsIndex = ...,
+    eps: float = ...,
+    out: NDArray[_Float] | None = ...,
+) -> tuple[NDArray[_Float], NDArray[np.float64], NDArray[np.float64]]: ...
+@overload
+def ghost_batch_norm_train(
+    x: ArrayLike,
+    gamma: ArrayLike | None = ...,
+    beta: ArrayLike | None = ...,
+    *,
+    virtual_batch_size: int,
+    axis: SupportsIndex = ...,
+    eps: float = ...,
+    out: NDArray[np.floating] | None = ...,
+) -> functional._Forward: ...
+def ghost_batch_norm_train(
+    x: ArrayLike,
+    gamma: ArrayLike | None = None,
+    beta: ArrayLike | None = None,
+    *,
+    virtual_batch_size: int,
+    axis: SupportsIndex = 0,
+    eps: float = 1e-5,
+    out: NDArray[np.floating] | None = None,
+) -> functional._Forward:
     """Normalize each virtual batch of k examples with its own statistics (training mode).
 
     Parameters
@@ -236,7 +283,14 @@ def ghost_batch_norm_train(
     return train(x, plan, gamma, beta, eps, out)
 
 
-def train(x, plan, gamma, beta, eps, out):
+def train(
+    x: NDArray[np.floating],
+    plan: GhostPlan,
+    gamma: ArrayLike | None,
+    beta: ArrayLike | None,
+    eps: float,
+    out: NDArray[np.floating] | None,
+) -> functional._Forward:
     """`ghost_batch_norm_train` once x is checked and planned (`planned`)."""
     if plan.n_slices == 1:
         y, mean, invstd = functional.batch_norm_train(
@@ -254,6 +308,7 @@ def train(x, plan, gamma, beta, eps, out):
     x_form = plan.form(x)
     if plan.stacked:
         x_k, y_k, slice_plan = plan.stack(x_form), plan.stack(buffer), plan.slice_plan
+        assert slice_plan is not None  # stacked
         if slice_plan.rows:
             mean, invstd = functional._launch(
                 plan.serial, kernels.rows_train_forward, x_k, gamma_k, beta_k, eps, y_k
@@ -264,6 +319,7 @@ def train(x, plan, gamma, beta, eps, out):
                 gamma_k, beta_k, eps, y_k,
             )  # fmt: skip
     else:
+        assert plan.merged_shape is not None and plan.merged_axis is not None  # not stacked
         _, merged_mean, merged_invstd = functional.batch_norm_train(
             x_form.reshape(plan.merged_shape),
             np.repeat(gamma_k, plan.n_slices),
@@ -276,9 +332,41 @@ def train(x, plan, gamma, beta, eps, out):
     return plan.result(buffer, out, copy_back), mean, invstd
 
 
+@overload
 def ghost_batch_norm_backward(
-    dy, x, mean, invstd, gamma=None, *, virtual_batch_size, axis=0, out=None
-):
+    dy: NDArray[_Float],
+    x: NDArray[_Float],
+    mean: ArrayLike,
+    invstd: ArrayLike,
+    gamma: ArrayLike | None = ...,
+    *,
+    virtual_batch_size: int,
+    axis: SupportsIndex = ...,
+    out: NDArray[_Float] | None = ...,
+) -> tuple[NDArray[_Float], NDArray[_Float], NDArray[_Float]]: ...
+@overload
+def ghost_batch_norm_backward(
+    dy: ArrayLike,
+    x: ArrayLike,
+    mean: ArrayLike,
+    invstd: ArrayLike,
+    gamma: ArrayLike | None = ...,
+    *,
+    virtual_batch_size: int,
+    axis: SupportsIndex = ...,
+    out: NDArray[np.floating] | None = ...,
+) -> functional._Gradients: ...
+def ghost_batch_norm_backward(
+    dy: ArrayLike,
+    x: ArrayLike,
+    mean: ArrayLike,
+    invstd: ArrayLike,
+    gamma: ArrayLike | None = None,
+    *,
+    virtual_batch_size: int,
+    axis: SupportsIndex = 0,
+    out: NDArray[np.floating] | None = None,
+) -> functional._Gradients:
     """Gradients of `ghost_batch_norm_train`: each virtual batch's training backward.
 
     Parameters
@@ -312,7 +400,15 @@ def ghost_batch_norm_backward(
     return dx, dgamma.astype(dx.dtype, copy=False), dbeta.astype(dx.dtype, copy=False)
 
 
-def backward(dy, x, plan, mean, invstd, gamma, out):
+def backward(
+    dy: ArrayLike,
+    x: NDArray[np.floating],
+    plan: GhostPlan,
+    mean: ArrayLike,
+    invstd: ArrayLike,
+    gamma: ArrayLike | None,
+    out: NDArray[np.floating] | None,
+) -> tuple[NDArray[np.floating], NDArray[np.float64], NDArray[np.float64]]:
     """`ghost_batch_norm_backward` with float64 dgamma and dbeta, x checked and planned."""
     dy = _checks.float_array("dy", dy)
     _checks.same_shape("dy", dy, x)
@@ -321,7 +417,11 @@ def backward(dy, x, plan, mean, invstd, gamma, out):
     mean64 = _per_slice_stat("mean", mean, plan, x)
     invstd64 = _per_slice_stat("invstd", invstd, plan, x)
     if plan.n_slices == 1:
-        return functional._backward(dy, x, mean64[0], invstd64[0], gamma, plan.axis, True, out)
+        dx, dgamma, dbeta = functional._backward(
+            dy, x, mean64[0], invstd64[0], gamma, plan.axis, True, out
+        )
+        assert dx is not None  # input_grad: dx is computed
+        return dx, dgamma, dbeta
     gamma_k = _checks.per_feature(
         "gamma", gamma, plan.n_features, x, plan.axis, 1.0, _checks.vector_dtype(x, gamma)
     )
@@ -333,6 +433,7 @@ def backward(dy, x, plan, mean, invstd, gamma, out):
     if plan.stacked:
         dy_k, x_k, dx_k = plan.stack(dy_form), plan.stack(x_form), plan.stack(buffer)
         slice_plan = plan.slice_plan
+        assert slice_plan is not None  # stacked
         if slice_plan.rows:
             dgamma, dbeta = functional._launch(
                 plan.serial, kernels.rows_backward, dy_k, x_k, mean64, invstd64, gamma_k, dx_k
@@ -343,6 +444,7 @@ def backward(dy, x, plan, mean, invstd, gamma, out):
                 mean64, invstd64, gamma_k, dx_k,
             )  # fmt: skip
         return plan.result(buffer, out, copy_back), dgamma, dbeta
+    assert plan.merged_shape is not None and plan.merged_axis is not None  # not stacked
     merged_dy = dy_form.reshape(plan.merged_shape)
     # out is dy (which the caller may pass) and written in place: the functional
     # allows that when out is the very view it reads dy from.
@@ -363,7 +465,9 @@ def backward(dy, x, plan, mean, invstd, gamma, out):
     return plan.result(buffer, out, copy_back), dgamma, dbeta
 
 
-def _per_slice_stat(name, values, plan, x):
+def _per_slice_stat(
+    name: str, values: ArrayLike, plan: GhostPlan, x: NDArray[np.floating]
+) -> NDArray[np.float64]:
     """mean or invstd as a C-contiguous float64 (G, C) array, or ValueError naming its shape."""
     values = _checks.float_array(name, values)
     expected = (plan.n_slices, plan.n_features)

@@ -6,10 +6,15 @@ forward cache for backward, and the no-lost-state rule: a call that fails
 leaves every attribute as it was.
 """
 
+from __future__ import annotations
+
 import math
 import numbers
+from collections.abc import Mapping
+from typing import Any, Literal, TypeAlias
 
 import numpy as np
+from numpy.typing import ArrayLike, DTypeLike, NDArray
 
 from fastbn import _checks, _running, functional, ghost
 from fastbn import renorm as batch_renorm
@@ -18,16 +23,28 @@ __all__ = ["BatchNorm"]
 
 _LAYER_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
+_Array: TypeAlias = NDArray[np.floating]
+_Float64: TypeAlias = NDArray[np.float64]
+# The forward cache (see the end of __init__).
+_Cache: TypeAlias = tuple[
+    _Array,
+    _Float64,
+    _Float64,
+    bool,
+    functional._Plan | ghost.GhostPlan,
+    tuple[_Float64, _Float64] | None,
+]
 
-def _is_real(value):
+
+def _is_real(value: object) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
 
 
-def _is_int(value):
+def _is_int(value: object) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
 
 
-def _layer_dtype(dtype):
+def _layer_dtype(dtype: DTypeLike) -> np.dtype[Any]:
     """Return dtype as np.dtype float32 or float64, or raise TypeError."""
     try:
         # np.dtype(None) would be float64: None is no choice of dtype here.
@@ -130,20 +147,20 @@ class BatchNorm:
 
     def __init__(
         self,
-        num_features,
+        num_features: int,
         *,
-        axis=0,
-        eps=1e-5,
-        momentum=0.1,
-        affine=True,
-        track_running_stats=True,
-        dtype=np.float32,
-        virtual_batch_size=None,
-        renorm=False,
-        r_max=3.0,
-        d_max=5.0,
-        activation=None,
-    ):
+        axis: int = 0,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        dtype: DTypeLike = np.float32,
+        virtual_batch_size: int | None = None,
+        renorm: bool = False,
+        r_max: float = 3.0,
+        d_max: float = 5.0,
+        activation: Literal["relu"] | None = None,
+    ) -> None:
         if not _is_int(num_features):
             raise TypeError(f"num_features must be an int, got {num_features!r}")
         if num_features <= 0:
@@ -199,15 +216,15 @@ class BatchNorm:
 
         shape = (self.num_features,)
         if self.affine:
-            self.gamma = np.ones(shape, layer_dtype)
-            self.beta = np.zeros(shape, layer_dtype)
-            self.dgamma = np.zeros(shape, layer_dtype)
-            self.dbeta = np.zeros(shape, layer_dtype)
+            self.gamma: _Array | None = np.ones(shape, layer_dtype)
+            self.beta: _Array | None = np.zeros(shape, layer_dtype)
+            self.dgamma: _Array | None = np.zeros(shape, layer_dtype)
+            self.dbeta: _Array | None = np.zeros(shape, layer_dtype)
         else:
             self.gamma = self.beta = self.dgamma = self.dbeta = None
         if self.track_running_stats:
-            self.running_mean = np.zeros(shape, layer_dtype)
-            self.running_var = np.ones(shape, layer_dtype)
+            self.running_mean: _Array | None = np.zeros(shape, layer_dtype)
+            self.running_var: _Array | None = np.ones(shape, layer_dtype)
         else:
             self.running_mean = self.running_var = None
         self.num_batches_tracked = 0
@@ -216,11 +233,11 @@ class BatchNorm:
         # the forward normalized with batch statistics (the training formula of
         # backward), plan the functional plan of x, renorm_rd the float64 (r, d)
         # of a Batch Renormalization forward, else None.
-        self._cache = None
+        self._cache: _Cache | None = None
 
     # ------------------------------------------------------------------ modes
 
-    def train(self, mode=True):
+    def train(self, mode: bool = True) -> BatchNorm:
         """Set training mode (or eval mode for ``mode=False``).
 
         Parameters
@@ -238,7 +255,7 @@ class BatchNorm:
         self.training = bool(mode)
         return self
 
-    def eval(self):
+    def eval(self) -> BatchNorm:
         """Set eval mode, the same as ``train(False)``.
 
         Returns
@@ -250,7 +267,7 @@ class BatchNorm:
 
     # ---------------------------------------------------------- computation
 
-    def forward(self, x, out=None):
+    def forward(self, x: ArrayLike, out: _Array | None = None) -> _Array:
         """Normalize a batch.
 
         Training mode normalizes with the batch statistics and, when tracking,
@@ -308,6 +325,7 @@ class BatchNorm:
 
         # From here on, the functional passes' own work, on a plan that backward() reuses.
         if not batch_stats:
+            assert self.running_mean is not None and self.running_var is not None  # tracked
             y = functional._eval(
                 x,
                 plan,
@@ -326,6 +344,7 @@ class BatchNorm:
             return y
 
         if renorm:
+            assert self.running_mean is not None and self.running_var is not None  # tracked
             y, mean, invstd, r, d = batch_renorm._train(
                 x, plan, self.running_mean, self.running_var, self.gamma, self.beta, limits,
                 self.eps, out,
@@ -350,11 +369,11 @@ class BatchNorm:
         self._cache = (x, mean, invstd, True, plan, None)
         return y
 
-    def __call__(self, x, out=None):
+    def __call__(self, x: ArrayLike, out: _Array | None = None) -> _Array:
         """Apply the layer: the same as ``forward(x, out=out)``."""
         return self.forward(x, out=out)
 
-    def _update_running_stats(self, mean, invstd, m):
+    def _update_running_stats(self, mean: _Float64, invstd: _Float64, m: int) -> None:
         """Fold a batch's statistics into the running ones, or raise and change nothing."""
         count = self.num_batches_tracked + 1
         f = 1.0 / count if self.momentum is None else self.momentum
@@ -369,8 +388,9 @@ class BatchNorm:
             )
         self.num_batches_tracked = count
 
-    def _ghost_forward(self, x, out):
+    def _ghost_forward(self, x: _Array, out: _Array | None) -> _Array:
         """forward() in training mode with virtual batches (see ``virtual_batch_size``)."""
+        assert self.virtual_batch_size is not None  # forward() checked
         x, plan = ghost.planned(x, self.axis, self.virtual_batch_size)
         y, mean, invstd = ghost.train(x, plan, self.gamma, self.beta, self.eps, out)
         if self.track_running_stats:
@@ -387,12 +407,13 @@ class BatchNorm:
         self._cache = (x, mean, invstd, True, plan, None)
         return y
 
-    def _fold_virtual_batches(self, mean, invstd, m):
+    def _fold_virtual_batches(self, mean: _Float64, invstd: _Float64, m: int) -> None:
         """Fold each virtual batch's statistics (the rows of mean and invstd) in order.
 
         Into copies, which replace the running statistics once every slice
         passed: a slice that fails raises and leaves the layer unchanged.
         """
+        assert self.running_mean is not None and self.running_var is not None  # tracked
         running_mean, running_var = self.running_mean.copy(), self.running_var.copy()
         count = self.num_batches_tracked
         for g in range(mean.shape[0]):
@@ -411,7 +432,7 @@ class BatchNorm:
         self.running_var[...] = running_var
         self.num_batches_tracked = count
 
-    def backward(self, dy, out=None):
+    def backward(self, dy: ArrayLike, out: _Array | None = None) -> _Array:
         """Backpropagate through the last forward().
 
         Where that forward used batch statistics, their dependence on x is
@@ -451,6 +472,7 @@ class BatchNorm:
         # invstd are checked and planned already, and dgamma and dbeta come
         # back in float64, which the assignments below round to the layer's
         # dtype as astype would.
+        dx: _Array | None
         if isinstance(plan, ghost.GhostPlan):
             dx, dgamma, dbeta = ghost.backward(dy, x, plan, mean, invstd, self.gamma, out)
         elif renorm_rd is None:
@@ -463,11 +485,13 @@ class BatchNorm:
                 dy, x, mean, invstd, *renorm_rd, self.gamma, self.axis, out, forward_plan=plan
             )
         if self.affine:
+            assert self.dgamma is not None and self.dbeta is not None  # affine
             self.dgamma[...] = dgamma
             self.dbeta[...] = dbeta
+        assert dx is not None  # input_grad: dx is computed
         return dx
 
-    def step(self, lr):
+    def step(self, lr: float) -> None:
         """Take a gradient-descent step: gamma -= lr * dgamma, beta -= lr * dbeta, in place.
 
         Does nothing when affine=False.
@@ -482,12 +506,14 @@ class BatchNorm:
         if not math.isfinite(lr):
             raise ValueError(f"lr must be finite, got {lr!r}")
         if self.affine:
+            assert self.gamma is not None and self.dgamma is not None  # affine
+            assert self.beta is not None and self.dbeta is not None
             # A Python float keeps the arithmetic in the layer's dtype.
             lr = float(lr)
             self.gamma -= lr * self.dgamma
             self.beta -= lr * self.dbeta
 
-    def parameters(self):
+    def parameters(self) -> list[tuple[str, _Array, _Array]]:
         """List the learnable parameters with their gradients.
 
         Returns
@@ -498,28 +524,32 @@ class BatchNorm:
         """
         if not self.affine:
             return []
+        assert self.gamma is not None and self.dgamma is not None  # affine
+        assert self.beta is not None and self.dbeta is not None
         return [("gamma", self.gamma, self.dgamma), ("beta", self.beta, self.dbeta)]
 
     # ----------------------------------------------------------------- state
 
-    def reset_running_stats(self):
+    def reset_running_stats(self) -> None:
         """Reset running_mean to 0, running_var to 1 and num_batches_tracked to 0, in place."""
         if self.track_running_stats:
+            assert self.running_mean is not None and self.running_var is not None  # tracked
             self.running_mean.fill(0)
             self.running_var.fill(1)
             self.num_batches_tracked = 0
 
-    def reset_parameters(self):
+    def reset_parameters(self) -> None:
         """Reset the running statistics, gamma to 1 and beta to 0, in place.
 
         The gradients dgamma and dbeta are left as they are, as in PyTorch.
         """
         self.reset_running_stats()
         if self.affine:
+            assert self.gamma is not None and self.beta is not None  # affine
             self.gamma.fill(1)
             self.beta.fill(0)
 
-    def state_dict(self):
+    def state_dict(self) -> dict[str, _Array | int]:
         """Return copies of the layer's state under PyTorch's names.
 
         Returns
@@ -529,17 +559,19 @@ class BatchNorm:
             ``running_mean``, ``running_var`` and ``num_batches_tracked``
             (when tracking running statistics): arrays copied, the counter an int.
         """
-        state = {}
+        state: dict[str, _Array | int] = {}
         if self.affine:
+            assert self.gamma is not None and self.beta is not None  # affine
             state["weight"] = self.gamma.copy()
             state["bias"] = self.beta.copy()
         if self.track_running_stats:
+            assert self.running_mean is not None and self.running_var is not None  # tracked
             state["running_mean"] = self.running_mean.copy()
             state["running_var"] = self.running_var.copy()
             state["num_batches_tracked"] = self.num_batches_tracked
         return state
 
-    def load_state_dict(self, state_dict):
+    def load_state_dict(self, state_dict: Mapping[str, ArrayLike]) -> None:
         """Copy a state into the layer's arrays, in place, all or nothing.
 
         Parameters
@@ -576,13 +608,13 @@ class BatchNorm:
         count = None
         if self.track_running_stats:
             # Also a 0-d int64 array, which is what torch's counter becomes.
-            count = np.asarray(state_dict["num_batches_tracked"])
-            if count.ndim != 0 or count.dtype.kind not in "iu":
+            counter = np.asarray(state_dict["num_batches_tracked"])
+            if counter.ndim != 0 or counter.dtype.kind not in "iu":
                 raise TypeError(
                     "state_dict['num_batches_tracked'] must be an integer, got "
                     f"{state_dict['num_batches_tracked']!r}"
                 )
-            count = int(count)
+            count = int(counter)
             if count < 0:
                 raise ValueError(f"state_dict['num_batches_tracked'] must be >= 0, got {count}")
         # Everything is checked: now copy, into the arrays optimizers may hold.
@@ -593,11 +625,13 @@ class BatchNorm:
             "running_var": self.running_var,
         }
         for key, value in arrays.items():
-            targets[key][...] = value
+            target = targets[key]
+            assert target is not None  # state_dict() has the layer's arrays only
+            target[...] = value
         if count is not None:
             self.num_batches_tracked = count
 
-    def _converted_state(self, key, value):
+    def _converted_state(self, key: str, value: ArrayLike) -> _Array:
         """Return a state_dict array checked and converted to the layer's dtype."""
         array = np.asarray(value)
         if array.dtype not in _LAYER_DTYPES:
@@ -616,7 +650,7 @@ class BatchNorm:
 
     # ------------------------------------------------------------ plumbing
 
-    def _checked_dtype(self, array, name):
+    def _checked_dtype(self, array: ArrayLike, name: str) -> _Array:
         """Return array as an ndarray of the layer's dtype, or raise TypeError naming the fix."""
         array = np.asarray(array)
         if array.dtype != self.dtype:
@@ -631,7 +665,9 @@ class BatchNorm:
             )
         return array
 
-    def _checked_input(self, x, batch_stats):
+    def _checked_input(
+        self, x: ArrayLike, batch_stats: bool
+    ) -> tuple[_Array, functional._Plan | None]:
         """Return x as an array of the layer's dtype with num_features along axis, and its plan.
 
         The plan is the functional one of x for the layer's axis and
@@ -653,7 +689,7 @@ class BatchNorm:
             )
         return x, plan
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         # The renorm options only when on: a plain layer reads as it always has.
         renorm = f", renorm=True, r_max={self.r_max}, d_max={self.d_max}" if self.renorm else ""
         k = self.virtual_batch_size
@@ -667,7 +703,7 @@ class BatchNorm:
             f"dtype=np.{self.dtype}{virtual}{renorm})"
         )
 
-    def __getstate__(self):
+    def __getstate__(self) -> dict[str, Any]:
         # The forward cache references the caller's batch: transient, not the
         # layer's state, so copies and pickles leave it out (as torch modules
         # hold no autograd graph).

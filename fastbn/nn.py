@@ -711,10 +711,12 @@ def fold_batch_norm(dense: Dense, bn: BatchNorm) -> Dense:
             "bn has no running statistics (track_running_stats=False): it normalizes "
             "with batch statistics in eval mode too, which no Dense can compute"
         )
+    assert bn.running_mean is not None and bn.running_var is not None  # tracked
     running_mean = bn.running_mean.astype(np.float64)
     scale = 1.0 / np.sqrt(bn.running_var.astype(np.float64) + bn.eps)
     shift = np.zeros(dense.n_out)
     if bn.affine:
+        assert bn.gamma is not None and bn.beta is not None  # affine
         scale *= bn.gamma
         shift += bn.beta
     bias = np.zeros(dense.n_out) if dense.b is None else dense.b.astype(np.float64)

@@ -17,23 +17,38 @@ gamma * r and gamma * d + beta, in float64 whatever the data's dtype (which
 keeps the mean's precision for float32 data).
 """
 
+from __future__ import annotations
+
 import numbers
+from typing import SupportsIndex, TypeAlias, cast, overload
 
 import numpy as np
+from numpy.typing import ArrayLike, NDArray
 
 from fastbn import _checks, functional
+from fastbn.functional import _Float
 
 __all__ = ["batch_renorm_backward", "batch_renorm_train", "clip_limits", "corrections"]
 
+# (r_min, r_max, d_max), from `clip_limits`.
+_Limits: TypeAlias = tuple[float, float, float]
+_Float64: TypeAlias = NDArray[np.float64]
 
-def _real(name, value):
+
+def _real(name: str, value: object) -> float:
     """value as a float, or TypeError naming it."""
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {value!r}")
     return float(value)
 
 
-def clip_limits(r_max, d_max, r_min=None, *, names=("r_max", "d_max", "r_min")):
+def clip_limits(
+    r_max: float,
+    d_max: float,
+    r_min: float | None = None,
+    *,
+    names: tuple[str, str, str] = ("r_max", "d_max", "r_min"),
+) -> _Limits:
     """Check the limits of r and d; return (r_min, r_max, d_max) as floats.
 
     Parameters
@@ -68,7 +83,14 @@ def clip_limits(r_max, d_max, r_min=None, *, names=("r_max", "d_max", "r_min")):
     return r_min, r_max, d_max
 
 
-def corrections(mean, var, running_mean, running_var, eps, limits):
+def corrections(
+    mean: NDArray[np.floating],
+    var: NDArray[np.floating],
+    running_mean: NDArray[np.floating],
+    running_var: NDArray[np.floating],
+    eps: float,
+    limits: _Limits,
+) -> tuple[_Float64, _Float64]:
     """The float64 vectors r and d from batch and running statistics (float64 vectors).
 
     ``limits`` is (r_min, r_max, d_max) from `clip_limits`; a NaN statistic
@@ -81,20 +103,50 @@ def corrections(mean, var, running_mean, running_var, eps, limits):
     return r, d
 
 
+@overload
 def batch_renorm_train(
-    x,
-    running_mean,
-    running_var,
-    gamma=None,
-    beta=None,
+    x: NDArray[_Float],
+    running_mean: ArrayLike,
+    running_var: ArrayLike,
+    gamma: ArrayLike | None = ...,
+    beta: ArrayLike | None = ...,
     *,
-    r_max=3.0,
-    d_max=5.0,
-    r_min=None,
-    axis=0,
-    eps=1e-5,
-    out=None,
-):
+    r_max: float = ...,
+    d_max: float = ...,
+    r_min: float | None = ...,
+    axis: SupportsIndex = ...,
+    eps: float = ...,
+    out: NDArray[_Float] | None = ...,
+) -> tuple[NDArray[_Float], _Float64, _Float64, _Float64, _Float64]: ...
+@overload
+def batch_renorm_train(
+    x: ArrayLike,
+    running_mean: ArrayLike,
+    running_var: ArrayLike,
+    gamma: ArrayLike | None = ...,
+    beta: ArrayLike | None = ...,
+    *,
+    r_max: float = ...,
+    d_max: float = ...,
+    r_min: float | None = ...,
+    axis: SupportsIndex = ...,
+    eps: float = ...,
+    out: NDArray[np.floating] | None = ...,
+) -> tuple[NDArray[np.floating], _Float64, _Float64, _Float64, _Float64]: ...
+def batch_renorm_train(
+    x: ArrayLike,
+    running_mean: ArrayLike,
+    running_var: ArrayLike,
+    gamma: ArrayLike | None = None,
+    beta: ArrayLike | None = None,
+    *,
+    r_max: float = 3.0,
+    d_max: float = 5.0,
+    r_min: float | None = None,
+    axis: SupportsIndex = 0,
+    eps: float = 1e-5,
+    out: NDArray[np.floating] | None = None,
+) -> tuple[NDArray[np.floating], _Float64, _Float64, _Float64, _Float64]:
     """Batch Renormalization's training forward: batch norm corrected by r and d.
 
     The running statistics are read, not updated: a training loop folds the
@@ -137,7 +189,17 @@ def batch_renorm_train(
     return _train(x, plan, running_mean, running_var, gamma, beta, limits, eps, out)
 
 
-def _train(x, plan, running_mean, running_var, gamma, beta, limits, eps, out):
+def _train(
+    x: NDArray[np.floating],
+    plan: functional._Plan,
+    running_mean: ArrayLike,
+    running_var: ArrayLike,
+    gamma: ArrayLike | None,
+    beta: ArrayLike | None,
+    limits: _Limits,
+    eps: float,
+    out: NDArray[np.floating] | None,
+) -> tuple[NDArray[np.floating], _Float64, _Float64, _Float64, _Float64]:
     """`batch_renorm_train` once x and the axis are planned and the limits checked."""
     n_features, axis = plan.n_features, plan.axis
     mean_run = _checks.per_feature("running_mean", running_mean, n_features, x, axis)
@@ -160,7 +222,44 @@ def _train(x, plan, running_mean, running_var, gamma, beta, limits, eps, out):
     return y, mean, 1.0 / np.sqrt(var + eps), r, d
 
 
-def batch_renorm_backward(dy, x, mean, invstd, r, d, gamma=None, *, axis=0, out=None):
+@overload
+def batch_renorm_backward(
+    dy: NDArray[_Float],
+    x: NDArray[_Float],
+    mean: ArrayLike,
+    invstd: ArrayLike,
+    r: ArrayLike,
+    d: ArrayLike,
+    gamma: ArrayLike | None = ...,
+    *,
+    axis: SupportsIndex = ...,
+    out: NDArray[_Float] | None = ...,
+) -> tuple[NDArray[_Float], NDArray[_Float], NDArray[_Float]]: ...
+@overload
+def batch_renorm_backward(
+    dy: ArrayLike,
+    x: ArrayLike,
+    mean: ArrayLike,
+    invstd: ArrayLike,
+    r: ArrayLike,
+    d: ArrayLike,
+    gamma: ArrayLike | None = ...,
+    *,
+    axis: SupportsIndex = ...,
+    out: NDArray[np.floating] | None = ...,
+) -> functional._Gradients: ...
+def batch_renorm_backward(
+    dy: ArrayLike,
+    x: ArrayLike,
+    mean: ArrayLike,
+    invstd: ArrayLike,
+    r: ArrayLike,
+    d: ArrayLike,
+    gamma: ArrayLike | None = None,
+    *,
+    axis: SupportsIndex = 0,
+    out: NDArray[np.floating] | None = None,
+) -> functional._Gradients:
     """Gradients of Batch Renormalization's training forward, r and d held constant.
 
     dx is batch norm's training gradient with ``gamma * r`` in place of
@@ -202,12 +301,26 @@ def batch_renorm_backward(dy, x, mean, invstd, r, d, gamma=None, *, axis=0, out=
             ("d", d),
             ("gamma", gamma),
         )
-        _checks.output(out, x, inputs, may_be=("dy", dy))
+        # out is dy only if dy is an ndarray: no other is a view of out's memory.
+        _checks.output(out, x, inputs, may_be=("dy", cast("NDArray[np.floating]", dy)))
     dx, dgamma, dbeta = _backward(dy, x, mean, invstd, r64, d64, gamma, plan.axis, out)
+    assert dx is not None  # input_grad: dx is computed
     return dx, dgamma.astype(dx.dtype, copy=False), dbeta.astype(dx.dtype, copy=False)
 
 
-def _backward(dy, x, mean, invstd, r, d, gamma, axis, out, forward_plan=None, input_grad=True):
+def _backward(
+    dy: ArrayLike,
+    x: NDArray[np.floating],
+    mean: ArrayLike,
+    invstd: ArrayLike,
+    r: NDArray[np.floating],
+    d: NDArray[np.floating],
+    gamma: ArrayLike | None,
+    axis: int,
+    out: NDArray[np.floating] | None,
+    forward_plan: functional._Plan | None = None,
+    input_grad: bool = True,
+) -> tuple[NDArray[np.floating] | None, _Float64, _Float64]:
     """`batch_renorm_backward` with dgamma and dbeta in float64.
 
     r and d are checked float64 vectors of length C; ``forward_plan`` and

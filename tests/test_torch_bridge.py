@@ -856,3 +856,16 @@ def test_float32_batch_first_statistics_meet_section_7(gen):
     # torch's float32 statistics here are off by far more than that (documented, and stable).
     _, torch_var_error, torch_y_error = errors(nn.BatchNorm1d(2, momentum=1.0))
     assert torch_var_error > 1e-3 and torch_y_error > 1e-3
+
+
+@pytest.mark.parametrize("given", ["running_mean", "running_var"])
+def test_one_running_statistic_without_the_other_raises_torchs_value_error(given):
+    stats = {"running_mean": torch.zeros(3), "running_var": None}
+    if given == "running_var":
+        stats = {"running_mean": None, "running_var": torch.ones(3)}
+    x = torch.randn(4, 3)
+    message = "running_mean and running_var must either both be None or neither be None"
+    with pytest.raises(ValueError, match=message):
+        torch.nn.functional.batch_norm(x, **stats, training=True)
+    with pytest.raises(ValueError, match=message):
+        fbt.batch_norm(x, **stats, training=True)

@@ -352,7 +352,7 @@ class Settings:
     dtypes: list
     models: list
     budget: float
-    numba_layer: str = None
+    numba_layer: str | None = None
     rounds: int = ROUNDS
 
 

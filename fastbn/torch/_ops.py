@@ -25,12 +25,26 @@ kernels (`fastbn.batch_norm_relu_train`); the compiled graph applies
 torch.relu to the op's output instead, which inductor fuses itself.
 """
 
+# No `from __future__ import annotations`: torch.library.custom_op reads the
+# annotations of the ops below as objects.
+from collections.abc import Callable
+from typing import Any, TypeAlias, cast, overload
+
 import numpy as np
 import torch
+from numpy.typing import NDArray
 
 from fastbn import functional
+from fastbn.functional import _Plan
 
 __all__ = ["BatchNormFunction", "eval_arrays", "fast_path", "train_arrays"]
+
+_Array: TypeAlias = NDArray[np.floating]
+_Float64: TypeAlias = NDArray[np.float64]
+# A batch's float64 (mean, invstd) per channel, which a caller's list `stats` receives.
+_Stats: TypeAlias = tuple[_Float64, _Float64]
+# Gradients of a forward's inputs, None where none is needed.
+_Grads: TypeAlias = tuple[torch.Tensor | None, ...]
 
 _CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
 # Permutations between (N, C, *spatial) and channels-last memory order, and back.
@@ -38,7 +52,7 @@ _TO_LAST = {4: (0, 2, 3, 1), 5: (0, 2, 3, 4, 1)}
 _FROM_LAST = {4: (0, 3, 1, 2), 5: (0, 4, 1, 2, 3)}
 
 
-def fast_path(input, *tensors):
+def fast_path(input: torch.Tensor, *tensors: torch.Tensor | None) -> bool:
     """Whether fastbn's kernels take this call: CPU float32/float64, parameters alike.
 
     Everything else (other devices and dtypes, tracing for torch.jit or
@@ -53,13 +67,13 @@ def fast_path(input, *tensors):
     return not torch.jit.is_tracing()
 
 
-def _channels_last(input):
+def _channels_last(input: torch.Tensor) -> bool:
     """Whether input's memory is channels-last (and not also plain contiguous)."""
     fmt = _CHANNELS_LAST.get(input.dim())
     return fmt is not None and not input.is_contiguous() and input.is_contiguous(memory_format=fmt)
 
 
-def _as_array(input):
+def _as_array(input: torch.Tensor) -> tuple[_Array, int, bool]:
     """(array over input's memory, feature axis, whether it is the channels-last permutation)."""
     x = input.detach()
     if _channels_last(x):
@@ -67,27 +81,33 @@ def _as_array(input):
     return x.numpy(), 1, False
 
 
-def _as_tensor(array, last):
+def _as_tensor(array: _Array, last: bool) -> torch.Tensor:
     """A tensor over array, permuted back to (N, C, ...) if it is channels-last."""
     t = torch.from_numpy(array)
     return t.permute(_FROM_LAST[t.dim()]) if last else t
 
 
-def _grad_array(grad, last):
+def _grad_array(grad: torch.Tensor, last: bool) -> _Array:
     """The upstream gradient in the same arrangement as the input's array."""
     if grad.requires_grad:
         grad = grad.detach()
     return grad.permute(_TO_LAST[grad.dim()]).numpy() if last else grad.numpy()
 
 
-def vector(t):
+@overload
+def vector(t: torch.Tensor) -> _Array: ...
+@overload
+def vector(t: torch.Tensor | None) -> _Array | None: ...
+def vector(t: torch.Tensor | None) -> _Array | None:
     """A (C,) tensor's memory as an array (None stays None)."""
     if t is None:
         return None
     return t.detach().numpy() if t.requires_grad else t.numpy()
 
 
-def train_arrays(input, gamma, beta, eps, relu=False):
+def train_arrays(
+    input: torch.Tensor, gamma: _Array | None, beta: _Array | None, eps: float, relu: bool = False
+) -> tuple[torch.Tensor, _Float64, _Float64, _Plan, _Array, bool]:
     """Batch-statistics forward: (y tensor, mean, invstd float64 arrays, plan, x array, last).
 
     gamma and beta are the weight's and bias's arrays (`vector`); relu fuses a ReLU.
@@ -98,7 +118,15 @@ def train_arrays(input, gamma, beta, eps, relu=False):
     return _as_tensor(y, last), mean, invstd, plan, x, last
 
 
-def eval_arrays(input, running_mean, running_var, weight, bias, eps, relu=False):
+def eval_arrays(
+    input: torch.Tensor,
+    running_mean: torch.Tensor,
+    running_var: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float,
+    relu: bool = False,
+) -> tuple[torch.Tensor, _Plan, _Array, bool]:
     """Running-statistics forward: (y tensor, plan, x array, last); relu fuses a ReLU."""
     x, axis, last = _as_array(input)
     x, plan = functional._planned(x, axis, training=False)
@@ -110,8 +138,18 @@ def eval_arrays(input, running_mean, running_var, weight, bias, eps, relu=False)
 
 
 def backward_arrays(
-    grad, x, plan, last, mean, invstd, gamma, training, input_grad=True, relu=False, beta=None
-):
+    grad: torch.Tensor,
+    x: _Array,
+    plan: _Plan,
+    last: bool,
+    mean: _Float64,
+    invstd: _Float64,
+    gamma: _Array | None,
+    training: bool,
+    input_grad: bool = True,
+    relu: bool = False,
+    beta: _Array | None = None,
+) -> tuple[torch.Tensor | None, _Float64, _Float64]:
     """(dx tensor or None, dgamma, dbeta float64 arrays) from the kernels; gamma an array or None.
 
     Without ``input_grad`` dx is not computed (None). With relu, through the
@@ -124,7 +162,7 @@ def backward_arrays(
     return (None if dx is None else _as_tensor(dx, last)), dgamma, dbeta
 
 
-def moments_arrays(input):
+def moments_arrays(input: torch.Tensor) -> tuple[_Float64, _Float64, int, _Plan, _Array, bool]:
     """(mean, biased var float64 arrays, values per channel, plan, x array, last) of input."""
     x, axis, last = _as_array(input)
     x, plan = functional._planned(x, axis, training=True)
@@ -132,7 +170,18 @@ def moments_arrays(input):
     return mean, var, x.size // plan.n_features, plan, x, last
 
 
-def input_gradient_arrays(grad, x, plan, last, mean, invstd, gamma, dgamma, dbeta, count):
+def input_gradient_arrays(
+    grad: torch.Tensor,
+    x: _Array,
+    plan: _Plan,
+    last: bool,
+    mean: _Float64,
+    invstd: _Float64,
+    gamma: _Array | None,
+    dgamma: _Float64,
+    dbeta: _Float64,
+    count: int,
+) -> torch.Tensor:
     """dx tensor of the training formula from given float64 sums over count values per channel.
 
     With the sums and count of every process's batch, this is a synchronized
@@ -145,12 +194,20 @@ def input_gradient_arrays(grad, x, plan, last, mean, invstd, gamma, dgamma, dbet
     return _as_tensor(dx, last)
 
 
-def _param_grad(values, dtype):
+def _param_grad(values: _Float64, dtype: np.dtype[Any]) -> torch.Tensor:
     """A float64 per-feature array as a tensor of dtype (a NumPy dtype)."""
     return torch.from_numpy(values.astype(dtype, copy=False))
 
 
-def _torch_batch_norm(input, weight, bias, running_mean, running_var, eps, relu=False):
+def _torch_batch_norm(
+    input: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    eps: float,
+    relu: bool = False,
+) -> torch.Tensor:
     """y with differentiable torch ops: batch statistics if running_mean is None."""
     reduce = [0, *range(2, input.dim())]
     shape = _channel_shape(input)
@@ -158,6 +215,7 @@ def _torch_batch_norm(input, weight, bias, running_mean, running_var, eps, relu=
         mean = input.mean(reduce, keepdim=True)
         var = (input - mean).square().mean(reduce, keepdim=True)
     else:
+        assert running_var is not None  # given with running_mean
         mean, var = running_mean.view(shape), running_var.view(shape)
     y = (input - mean) * torch.rsqrt(var + eps)
     if weight is not None:
@@ -167,7 +225,7 @@ def _torch_batch_norm(input, weight, bias, running_mean, running_var, eps, relu=
     return torch.relu(y) if relu else y
 
 
-def _double_backward_grads(ctx, grad):
+def _double_backward_grads(ctx: Any, grad: torch.Tensor) -> _Grads:
     """Differentiable gradients (create_graph=True): torch's ops on the saved inputs."""
     input, weight, bias, running_mean, running_var = ctx.saved_tensors
     wanted = [
@@ -192,12 +250,24 @@ class BatchNormFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, input, weight, bias, running_mean, running_var, eps, stats, relu):
+    def forward(
+        ctx: Any,
+        input: torch.Tensor,
+        weight: torch.Tensor | None,
+        bias: torch.Tensor | None,
+        running_mean: torch.Tensor | None,
+        running_var: torch.Tensor | None,
+        eps: float,
+        stats: list[_Stats] | None,
+        relu: bool,
+    ) -> torch.Tensor:
         gamma, beta = vector(weight), vector(bias)
         if running_mean is None:
             y, mean, invstd, plan, x, last = train_arrays(input, gamma, beta, eps, relu)
+            assert stats is not None  # given with batch statistics
             stats.append((mean, invstd))
         else:
+            assert running_var is not None  # given with running_mean
             y, plan, x, last = eval_arrays(
                 input, running_mean, running_var, weight, bias, eps, relu
             )
@@ -210,7 +280,7 @@ class BatchNormFunction(torch.autograd.Function):
         return y
 
     @staticmethod
-    def backward(ctx, grad):
+    def backward(ctx: Any, grad: torch.Tensor) -> _Grads:
         if torch.is_grad_enabled():
             return (*_double_backward_grads(ctx, grad), None, None, None, None, None)
         x, plan, last, mean, invstd, gamma, beta, training = ctx.arrays
@@ -274,36 +344,55 @@ def batch_norm_backward(
     dx, dgamma, dbeta = backward_arrays(
         grad, x, plan, last, mean64, invstd64, vector(weight), training
     )
+    assert dx is not None  # input_grad: dx is computed
     return dx, _param_grad(dgamma, x.dtype), _param_grad(dbeta, x.dtype)
 
 
-def _stat_like(input):
+def _stat_like(input: torch.Tensor) -> torch.Tensor:
     return input.new_empty((input.shape[1],), dtype=torch.float64)
 
 
 @batch_norm_train.register_fake
-def _(input, weight, bias, eps):
+def _(
+    input: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return torch.empty_like(input), _stat_like(input), _stat_like(input)
 
 
 @batch_norm_eval.register_fake
-def _(input, running_mean, running_var, weight, bias, eps):
+def _(
+    input: torch.Tensor,
+    running_mean: torch.Tensor,
+    running_var: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float,
+) -> torch.Tensor:
     return torch.empty_like(input)
 
 
 @batch_norm_backward.register_fake
-def _(grad, input, mean, invstd, weight, training):
+def _(
+    grad: torch.Tensor,
+    input: torch.Tensor,
+    mean: torch.Tensor,
+    invstd: torch.Tensor,
+    weight: torch.Tensor | None,
+    training: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     c = input.shape[1]
     return torch.empty_like(input), input.new_empty((c,)), input.new_empty((c,))
 
 
-def _setup_train(ctx, inputs, output):
+def _setup_train(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor, ...]) -> None:
     input, weight, _, _ = inputs
     _, mean, invstd = output
     ctx.save_for_backward(input, weight, mean, invstd)
 
 
-def _backward_train(ctx, grad, grad_mean, grad_invstd):
+def _backward_train(
+    ctx: Any, grad: torch.Tensor, grad_mean: torch.Tensor | None, grad_invstd: torch.Tensor | None
+) -> _Grads:
     input, weight, mean, invstd = ctx.saved_tensors
     dx, dweight, dbias = batch_norm_backward(grad, input, mean, invstd, weight, True)
     if ctx.needs_input_grad[0] and (grad_mean is not None or grad_invstd is not None):
@@ -311,7 +400,13 @@ def _backward_train(ctx, grad, grad_mean, grad_invstd):
     return (*_needed(ctx, dx, dweight, dbias), None)
 
 
-def _statistics_grad(input, mean, invstd, grad_mean, grad_invstd):
+def _statistics_grad(
+    input: torch.Tensor,
+    mean: torch.Tensor,
+    invstd: torch.Tensor,
+    grad_mean: torch.Tensor | None,
+    grad_invstd: torch.Tensor | None,
+) -> torch.Tensor:
     """The input gradient through the outputs mean and invstd (a caller that used them).
 
     d mean / dx = 1 / M and d invstd / dx = -invstd**3 * (x - mean) / M, per channel.
@@ -327,12 +422,19 @@ def _statistics_grad(input, mean, invstd, grad_mean, grad_invstd):
     return total.to(input.dtype)
 
 
-def _channel_shape(input):
+def _channel_shape(input: torch.Tensor) -> list[int]:
     """The shape that broadcasts a (C,) vector over input's channel axis 1."""
     return [1, -1] + [1] * (input.dim() - 2)
 
 
-def _torch_backward(grad, input, mean, invstd, weight, training):
+def _torch_backward(
+    grad: torch.Tensor,
+    input: torch.Tensor,
+    mean: torch.Tensor,
+    invstd: torch.Tensor,
+    weight: torch.Tensor | None,
+    training: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`batch_norm_backward` in differentiable torch ops (for its own gradient)."""
     reduce = [0, *range(2, input.dim())]
     shape = _channel_shape(input)
@@ -348,22 +450,33 @@ def _torch_backward(grad, input, mean, invstd, weight, training):
     return dx.to(input.dtype), dweight.to(input.dtype), dbias.to(input.dtype)
 
 
-def _setup_backward(ctx, inputs, output):
+def _setup_backward(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor, ...]) -> None:
     grad, input, mean, invstd, weight, training = inputs
     ctx.save_for_backward(grad, input, mean, invstd, weight)
     ctx.training = training
 
 
-def _backward_backward(ctx, grad_dx, grad_dweight, grad_dbias):
+def _backward_backward(
+    ctx: Any,
+    grad_dx: torch.Tensor | None,
+    grad_dweight: torch.Tensor | None,
+    grad_dbias: torch.Tensor | None,
+) -> _Grads:
     """The gradient of `batch_norm_backward` (double backward), by torch.func.vjp."""
     grad, input, mean, invstd, weight = ctx.saved_tensors
     primals = (grad, input, mean, invstd) + (() if weight is None else (weight,))
 
-    def formula(*tensors):
-        given = (*tensors, None) if weight is None else tensors
-        return _torch_backward(*given, ctx.training)
+    def formula(
+        grad: torch.Tensor,
+        input: torch.Tensor,
+        mean: torch.Tensor,
+        invstd: torch.Tensor,
+        weight: torch.Tensor | None = None,  # not a primal when None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return _torch_backward(grad, input, mean, invstd, weight, ctx.training)
 
-    outputs, vjp = torch.func.vjp(formula, *primals)
+    # Without has_aux, vjp returns (outputs, vjp function); its annotation allows the aux too.
+    outputs, vjp = cast("tuple[Any, Callable[..., Any]]", torch.func.vjp(formula, *primals))
     cotangents = tuple(
         torch.zeros_like(o) if g is None else g
         for o, g in zip(outputs, (grad_dx, grad_dweight, grad_dbias), strict=True)
@@ -372,13 +485,13 @@ def _backward_backward(ctx, grad_dx, grad_dweight, grad_dbias):
     return (*grads, *((None,) if weight is None else ()), None)
 
 
-def _setup_eval(ctx, inputs, output):
+def _setup_eval(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
     input, running_mean, running_var, weight, _, eps = inputs
     ctx.save_for_backward(input, running_mean, running_var, weight)
     ctx.eps = eps
 
 
-def _backward_eval(ctx, grad):
+def _backward_eval(ctx: Any, grad: torch.Tensor) -> _Grads:
     input, running_mean, running_var, weight = ctx.saved_tensors
     mean = running_mean.to(torch.float64)
     invstd = torch.rsqrt(running_var.to(torch.float64) + ctx.eps)
@@ -387,7 +500,13 @@ def _backward_eval(ctx, grad):
     return dx, None, None, dweight, dbias, None
 
 
-def _needed(ctx, dx, dweight, dbias, first=(0, 1, 2)):
+def _needed(
+    ctx: Any,
+    dx: torch.Tensor,
+    dweight: torch.Tensor,
+    dbias: torch.Tensor,
+    first: tuple[int, int, int] = (0, 1, 2),
+) -> _Grads:
     """The gradients of the inputs at positions ``first`` that need one, else None."""
     needs = ctx.needs_input_grad
     return tuple(g if needs[i] else None for g, i in zip((dx, dweight, dbias), first, strict=True))
@@ -401,7 +520,16 @@ batch_norm_backward.register_autograd(_backward_backward, setup_context=_setup_b
 _apply_function = torch._C._FunctionBase.__dict__["apply"].__get__(None, BatchNormFunction)
 
 
-def apply(input, weight, bias, running_mean, running_var, eps, stats, relu=False):
+def apply(
+    input: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    eps: float,
+    stats: list[_Stats] | None,
+    relu: bool = False,
+) -> torch.Tensor:
     """`BatchNormFunction.apply`, straight to the C entry when no functorch transform runs."""
     args = (input, weight, bias, running_mean, running_var, eps, stats, relu)
     if torch._C._are_functorch_transforms_active():

@@ -8,10 +8,15 @@ Under torch.compile the same rule is computed without branching on data
 (`torch.where`), and the warning is left out.
 """
 
+from __future__ import annotations
+
 import math
 import warnings
+from collections.abc import Sequence
 
+import numpy as np
 import torch
+from numpy.typing import NDArray
 
 from fastbn import _running
 from fastbn.torch import _ops
@@ -20,15 +25,15 @@ __all__ = ["batch_norm"]
 
 
 def batch_norm(
-    input,
-    running_mean,
-    running_var,
-    weight=None,
-    bias=None,
-    training=False,
-    momentum=0.1,
-    eps=1e-5,
-):
+    input: torch.Tensor,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    training: bool = False,
+    momentum: float | None = 0.1,
+    eps: float = 1e-5,
+) -> torch.Tensor:
     """Batch normalization over channel axis 1, as `torch.nn.functional.batch_norm`.
 
     Parameters
@@ -58,7 +63,7 @@ def batch_norm(
     )[0]
 
 
-def verify_batch_size(size):
+def verify_batch_size(size: Sequence[int]) -> None:
     """torch's check: training needs more than one value per channel."""
     if size[0] == 1 and (len(size) == 2 or math.prod(size[2:]) == 1):
         raise ValueError(
@@ -66,7 +71,13 @@ def verify_batch_size(size):
         )
 
 
-def _check_sizes(n_channels, weight, bias, running_mean, running_var):
+def _check_sizes(
+    n_channels: int,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+) -> None:
     """torch's check of the per-channel tensors, with its RuntimeError."""
     for name, t in (
         ("weight", weight),
@@ -78,7 +89,9 @@ def _check_sizes(n_channels, weight, bias, running_mean, running_var):
             raise RuntimeError(f"{name} should contain {n_channels} elements not {t.numel()}")
 
 
-def _needs_grad(input, weight, bias):
+def _needs_grad(
+    input: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None
+) -> bool:
     return torch.is_grad_enabled() and (
         input.requires_grad
         or (weight is not None and weight.requires_grad)
@@ -87,18 +100,18 @@ def _needs_grad(input, weight, bias):
 
 
 def forward(
-    input,
-    running_mean,
-    running_var,
-    weight,
-    bias,
-    training,
-    momentum,
-    eps,
-    num_batches_tracked=None,
-    stacklevel=2,
-    relu=False,
-):
+    input: torch.Tensor,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    training: bool,
+    momentum: float | None,
+    eps: float,
+    num_batches_tracked: torch.Tensor | None = None,
+    stacklevel: int = 2,
+    relu: bool = False,
+) -> tuple[torch.Tensor, bool | torch.Tensor]:
     """(y, whether the running statistics took the batch) for `batch_norm` and the modules.
 
     With ``num_batches_tracked`` (a module's counter) it is incremented when
@@ -108,6 +121,11 @@ def forward(
     (two levels below this one), so that it names the user's line. With
     ``relu``, y is followed by a ReLU (fused in the kernels).
     """
+    taken: bool | torch.Tensor
+    if (running_mean is None) is not (running_var is None):
+        raise ValueError(
+            "running_mean and running_var must either both be None or neither be None"
+        )  # torch's error
     compiling = torch.compiler.is_compiling()
     # fast_path first: under torch.jit.trace, numel() would warn of a traced value.
     if (
@@ -132,11 +150,12 @@ def forward(
     if not training:
         if grad:
             y = _ops.apply(input, weight, bias, running_mean, running_var, eps, None, relu)
-        else:
+        else:  # torch's op took the call if running_mean is None; running_var comes with it
+            assert running_mean is not None and running_var is not None
             y = _ops.eval_arrays(input, running_mean, running_var, weight, bias, eps, relu)[0]
         return y, False
     if grad:
-        stats = []
+        stats: list[_ops._Stats] = []
         y = _ops.apply(input, weight, bias, None, None, eps, stats, relu)
         mean, invstd = stats[0]
     else:
@@ -145,6 +164,7 @@ def forward(
         )
     if running_mean is None:
         return y, False
+    assert running_var is not None  # given with running_mean
     taken = _fold(
         running_mean, running_var, mean, invstd, eps, momentum, num_batches_tracked,
         input.numel() // input.shape[1], stacklevel,
@@ -152,11 +172,21 @@ def forward(
     return y, taken
 
 
-def _fold(running_mean, running_var, mean, invstd, eps, momentum, counter, count, stacklevel):
+def _fold(
+    running_mean: torch.Tensor,
+    running_var: torch.Tensor,
+    mean: NDArray[np.float64],
+    invstd: NDArray[np.float64],
+    eps: float,
+    momentum: float | None,
+    counter: torch.Tensor | None,
+    count: int,
+    stacklevel: int,
+) -> bool:
     """Eager running-statistics update in place: all features and the counter, or nothing."""
     counter_array = None if counter is None else counter.numpy()
     if momentum is None:
-        momentum = 0.0 if counter is None else 1.0 / (int(counter_array) + 1)
+        momentum = 0.0 if counter_array is None else 1.0 / (int(counter_array) + 1)
     bad = _running.fold_batch_stats(
         running_mean.numpy(), running_var.numpy(), mean, invstd, eps, momentum, count / (count - 1)
     )
@@ -175,8 +205,16 @@ def _fold(running_mean, running_var, mean, invstd, eps, momentum, counter, count
 
 
 def _torch_forward(
-    input, running_mean, running_var, weight, bias, training, momentum, eps, counter
-):
+    input: torch.Tensor,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    training: bool,
+    momentum: float | None,
+    eps: float,
+    counter: torch.Tensor | None,
+) -> tuple[torch.Tensor, bool]:
     """torch's own op, with torch's rule for the running statistics (the fallback)."""
     if counter is not None:
         counter.add_(1)
@@ -188,7 +226,17 @@ def _torch_forward(
     return y, True
 
 
-def _compiled(input, running_mean, running_var, weight, bias, training, momentum, eps, counter):
+def _compiled(
+    input: torch.Tensor,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    training: bool,
+    momentum: float | None,
+    eps: float,
+    counter: torch.Tensor | None,
+) -> tuple[torch.Tensor, bool | torch.Tensor]:
     """The torch.library ops, and the running-statistics rule without data-dependent branches."""
     if not training:
         y = torch.ops.fastbn.batch_norm_eval(input, running_mean, running_var, weight, bias, eps)
@@ -196,6 +244,7 @@ def _compiled(input, running_mean, running_var, weight, bias, training, momentum
     y, mean, invstd = torch.ops.fastbn.batch_norm_train(input, weight, bias, eps)
     if running_mean is None:
         return y, False
+    assert running_var is not None  # given with running_mean
     count = input.numel() // input.shape[1]
     with torch.no_grad():
         var = (invstd.reciprocal().square() - eps).clamp_min(0.0) * (count / (count - 1))

@@ -18,9 +18,15 @@ num_batches_tracked unchanged, here for the whole batch (all slices or none).
   branching on data (`torch.where`), without the warning.
 """
 
-import math
+from __future__ import annotations
 
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
 import torch
+from numpy.typing import NDArray
 
 from fastbn import ghost
 from fastbn.torch import _ops
@@ -30,17 +36,17 @@ __all__ = ["GhostBatchNormFunction", "forward"]
 
 
 def forward(
-    input,
-    running_mean,
-    running_var,
-    weight,
-    bias,
-    virtual_batch_size,
-    momentum,
-    eps,
-    num_batches_tracked=None,
-    stacklevel=2,
-):
+    input: torch.Tensor,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    virtual_batch_size: int,
+    momentum: float | None,
+    eps: float,
+    num_batches_tracked: torch.Tensor | None = None,
+    stacklevel: int = 2,
+) -> torch.Tensor:
     """y of a training forward with virtual batches; the running statistics take each slice.
 
     Parameters
@@ -79,22 +85,24 @@ def forward(
     ):
         y, mean, var = _formula(input, weight, bias, k, eps)
         if running_mean is not None:
+            assert running_var is not None  # given with running_mean
             _fold_formula(
                 running_mean, running_var, mean, var, momentum, num_batches_tracked, count
             )
         return y
-    stats = []
+    stats: list[_ops._Stats] = []
     y = GhostBatchNormFunction.apply(input, weight, bias, k, eps, stats)
     if running_mean is not None:
-        mean, invstd = stats[0]
+        assert running_var is not None  # given with running_mean
+        mean_array, invstd_array = stats[0]
         _fold_slices(
-            running_mean, running_var, mean, invstd, eps, momentum, num_batches_tracked, count,
-            stacklevel + 1,
+            running_mean, running_var, mean_array, invstd_array, eps, momentum,
+            num_batches_tracked, count, stacklevel + 1,
         )  # fmt: skip
     return y
 
 
-def _check_batch(size, k):
+def _check_batch(size: Sequence[int], k: int) -> None:
     """k divides the batch size, and each slice has more than one value per channel."""
     if size[0] % k:
         raise ValueError(
@@ -109,8 +117,16 @@ def _check_batch(size, k):
 
 
 def _fold_slices(
-    running_mean, running_var, mean, invstd, eps, momentum, counter, count, stacklevel
-):
+    running_mean: torch.Tensor,
+    running_var: torch.Tensor,
+    mean: NDArray[np.float64],
+    invstd: NDArray[np.float64],
+    eps: float,
+    momentum: float | None,
+    counter: torch.Tensor | None,
+    count: int,
+    stacklevel: int,
+) -> None:
     """Eager: each slice's (G, C) statistics folded in order by torch's rule, all or none.
 
     Into clones, which replace the buffers and counter once every slice was
@@ -127,10 +143,17 @@ def _fold_slices(
     running_mean.copy_(new_mean)
     running_var.copy_(new_var)
     if counter is not None:
+        assert new_counter is not None  # its clone
         counter.copy_(new_counter)
 
 
-def _formula(input, weight, bias, k, eps):
+def _formula(
+    input: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    k: int,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(y, mean, biased var) in torch ops; mean and var (G, C) in the accumulation dtype.
 
     The accumulation dtype is float64 on the CPU, else at least float32. The
@@ -151,7 +174,15 @@ def _formula(input, weight, bias, k, eps):
     return y, mean.reshape(n_slices, -1), var.reshape(n_slices, -1)
 
 
-def _fold_formula(running_mean, running_var, mean, var, momentum, counter, count):
+def _fold_formula(
+    running_mean: torch.Tensor,
+    running_var: torch.Tensor,
+    mean: torch.Tensor,
+    var: torch.Tensor,
+    momentum: float | None,
+    counter: torch.Tensor | None,
+    count: int,
+) -> None:
     """Each slice folded in order by torch's rule, all or none, without branching on data."""
     with torch.no_grad():
         var = var * (count / (count - 1))
@@ -185,7 +216,15 @@ class GhostBatchNormFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, input, weight, bias, virtual_batch_size, eps, stats):
+    def forward(
+        ctx: Any,
+        input: torch.Tensor,
+        weight: torch.Tensor | None,
+        bias: torch.Tensor | None,
+        virtual_batch_size: int,
+        eps: float,
+        stats: list[_ops._Stats],
+    ) -> torch.Tensor:
         x, axis, last = _ops._as_array(input)
         gamma = _ops.vector(weight)
         x, plan = ghost.planned(x, axis, virtual_batch_size)
@@ -197,7 +236,7 @@ class GhostBatchNormFunction(torch.autograd.Function):
         return _ops._as_tensor(y, last)
 
     @staticmethod
-    def backward(ctx, grad):
+    def backward(ctx: Any, grad: torch.Tensor) -> _ops._Grads:
         needs = ctx.needs_input_grad[:3]
         if torch.is_grad_enabled():  # create_graph=True: a differentiable gradient
             input, weight, bias = ctx.saved_tensors

@@ -13,9 +13,15 @@ running statistics in turn, num_batches_tracked counting the slices. Eval
 mode is unchanged. A scripted module ignores it (torch's own forward).
 """
 
+# No `from __future__ import annotations`: torch.jit.script reads the annotations
+# of the modules' forward.
 import itertools
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar
 
 import torch
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.types import Device
 
 from fastbn.ghost import checked_virtual_batch_size
 from fastbn.torch import functional, ghost
@@ -33,22 +39,52 @@ __all__ = [
 ]
 
 
-class _FastBatchNorm:
+_TensorOrNone: TypeAlias = torch.Tensor | None
+# (weight, bias, running_mean, running_var, counter, momentum): see `forward_state`.
+_ForwardState: TypeAlias = tuple[
+    _TensorOrNone, _TensorOrNone, _TensorOrNone, _TensorOrNone, _TensorOrNone, float | None
+]
+_ModuleT = TypeVar("_ModuleT", bound=torch.nn.Module)
+# Module classes to swap in: torch's BatchNorm classes and fastbn's.
+_Table: TypeAlias = Mapping[type[torch.nn.Module], type[torch.nn.Module]]
+
+if TYPE_CHECKING:
+    # What the mixin is mixed into (ahead of it in the bases): its attributes are torch's.
+    _MixinBase = _BatchNorm
+else:
+    _MixinBase = object
+
+
+class _FastBatchNorm(_MixinBase):
     """The forward shared by the three modules: torch's module logic on `functional.forward`."""
 
-    def __init__(self, *args, virtual_batch_size=None, **kwargs):
-        super().__init__(*args, **kwargs)
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        device: Device = None,
+        dtype: torch.dtype | None = None,
+        *,
+        virtual_batch_size: int | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(
+            num_features, eps, momentum, affine, track_running_stats, device, dtype, **kwargs
+        )
         if virtual_batch_size is not None:
             virtual_batch_size = checked_virtual_batch_size(virtual_batch_size)
         self.virtual_batch_size = virtual_batch_size
 
-    def extra_repr(self):
+    def extra_repr(self) -> str:
         k = self.__dict__.get("virtual_batch_size")
         return super().extra_repr() + ("" if k is None else f", virtual_batch_size={k}")
 
     fused_relu = False  # True in the BatchNormReLU modules: a ReLU follows, in the same kernels
     # TorchScript sees class attributes only as constants; this mixin comes first in the MRO.
-    __constants__ = (*torch.nn.modules.batchnorm._BatchNorm.__constants__, "fused_relu")
+    __constants__ = [*_BatchNorm.__constants__, "fused_relu"]  # noqa: RUF012 (torch's is a list)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if torch.jit.is_scripting():
@@ -78,7 +114,7 @@ class _FastBatchNorm:
         )
 
     @torch.jit.unused
-    def _fast_forward(self, input):
+    def _fast_forward(self, input: torch.Tensor) -> torch.Tensor:
         self._check_input_dim(input)
         weight, bias, running_mean, running_var, counter, momentum = forward_state(self)
         batch_stats = self.training or (running_mean is None and running_var is None)
@@ -109,7 +145,7 @@ class _FastBatchNorm:
         )[0]
 
 
-def forward_state(module):
+def forward_state(module: _BatchNorm) -> _ForwardState:
     """A BatchNorm module's tensors for a forward, by torch's module rule.
 
     Returns (weight, bias, running_mean, running_var, counter, momentum):
@@ -119,8 +155,8 @@ def forward_state(module):
     not its attributes: Module.__getattr__ costs about 0.5 us a tensor.
     """
     parameters, buffers = module._parameters, module._buffers
-    counter = None
-    momentum = 0.0 if module.momentum is None else module.momentum
+    counter: torch.Tensor | None = None
+    momentum: float | None = 0.0 if module.momentum is None else module.momentum
     if module.training and module.track_running_stats:
         counter = buffers.get("num_batches_tracked")
         if counter is not None:
@@ -170,36 +206,40 @@ class BatchNormReLU3d(BatchNorm3d):
     fused_relu = True
 
 
-_FAST = {
+_FAST: _Table = {
     torch.nn.BatchNorm1d: BatchNorm1d,
     torch.nn.BatchNorm2d: BatchNorm2d,
     torch.nn.BatchNorm3d: BatchNorm3d,
 }
-_TORCH = {fast: theirs for theirs, fast in _FAST.items()}
+_TORCH: _Table = {fast: theirs for theirs, fast in _FAST.items()}
 # A BatchNorm directly followed by a ReLU in a Sequential, torch's or fastbn's, fuses into these.
-_FUSED = {
+_FUSED: _Table = {
     **{bn: BatchNormReLU1d for bn in (torch.nn.BatchNorm1d, BatchNorm1d)},
     **{bn: BatchNormReLU2d for bn in (torch.nn.BatchNorm2d, BatchNorm2d)},
     **{bn: BatchNormReLU3d for bn in (torch.nn.BatchNorm3d, BatchNorm3d)},
 }
-_UNFUSED = {
+_UNFUSED: _Table = {
     BatchNormReLU1d: torch.nn.BatchNorm1d,
     BatchNormReLU2d: torch.nn.BatchNorm2d,
     BatchNormReLU3d: torch.nn.BatchNorm3d,
 }
 
 
-def _replace(module, table):
+def _replace(module: torch.nn.Module, table: _Table) -> None:
     swapped = table.get(type(module))
     if swapped is not None:
         module.__class__ = swapped
-        return module
+        return
     for child in module.children():
         _replace(child, table)
-    return module
 
 
-def _swap_pairs(module, table, follower, replacement):
+def _swap_pairs(
+    module: torch.nn.Module,
+    table: _Table,
+    follower: type[torch.nn.Module],
+    replacement: Callable[[Any, Any], torch.nn.Module],
+) -> None:
     """In every Sequential, a module of a type in table directly followed by a `follower` type
     takes the table's class, and the follower is replaced by ``replacement(first, follower)``.
     """
@@ -213,18 +253,18 @@ def _swap_pairs(module, table, follower, replacement):
                 layers[second] = replacement(layers[first], layers[second])
 
 
-def _identity_for(bn, relu):
+def _identity_for(bn: torch.nn.Module, relu: torch.nn.ReLU) -> torch.nn.Identity:
     """nn.Identity in place of a fused ReLU; the BatchNorm remembers the ReLU's inplace flag."""
-    bn._relu_inplace = relu.inplace
+    bn.__dict__["_relu_inplace"] = relu.inplace  # a plain attribute, as `_relu_for` reads it
     return torch.nn.Identity()
 
 
-def _relu_for(bn, identity):
+def _relu_for(bn: torch.nn.Module, identity: torch.nn.Identity) -> torch.nn.ReLU:
     """The nn.ReLU that `_identity_for` replaced, with its inplace flag."""
     return torch.nn.ReLU(inplace=bn.__dict__.pop("_relu_inplace", False))
 
 
-def convert(module, fuse_relu=False):
+def convert(module: _ModuleT, fuse_relu: bool = False) -> _ModuleT:
     """Make every torch BatchNorm1d/2d/3d in module fastbn's, in place; return module.
 
     Layers are converted in place (their class changes), so parameters,
@@ -249,14 +289,16 @@ def convert(module, fuse_relu=False):
     """
     if fuse_relu:
         _swap_pairs(module, _FUSED, torch.nn.ReLU, _identity_for)
-    return _replace(module, _FAST)
+    _replace(module, _FAST)
+    return module
 
 
-def revert(module):
+def revert(module: torch.nn.Module) -> torch.nn.Module:
     """Make every fastbn BatchNorm in module torch's own again, in place; return module.
 
     A BatchNormReLU that `convert` fused (followed by Identity in a
     Sequential) gets its nn.ReLU back; one made directly is left alone.
     """
     _swap_pairs(module, _UNFUSED, torch.nn.Identity, _relu_for)
-    return _replace(module, _TORCH)
+    _replace(module, _TORCH)
+    return module

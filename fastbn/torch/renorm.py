@@ -31,10 +31,14 @@ The modules are not scriptable with torch.jit (their forward is Python
 that TorchScript does not compile); torch.compile takes them whole.
 """
 
+# No `from __future__ import annotations`: torch.library.custom_op reads the
+# annotations of `_corrections` as objects.
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.types import Device
 
 from fastbn import functional as fastbn_functional
 from fastbn import renorm
@@ -49,7 +53,7 @@ _DEFAULT_CLIPPING = {"rmax": 3.0, "rmin": None, "dmax": 5.0}
 _LIMIT_NAMES = ("rmax", "dmax", "rmin")
 
 
-def _renorm_limits(rmax, rmin, dmax):
+def _renorm_limits(rmax: float, rmin: float | None, dmax: float) -> renorm._Limits:
     """(r_min, r_max, d_max) checked by `renorm.clip_limits`, errors naming the attributes."""
     return renorm.clip_limits(rmax, dmax, rmin, names=_LIMIT_NAMES)
 
@@ -63,7 +67,17 @@ class BatchRenormFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, input, weight, bias, running_mean, running_var, eps, limits, stats):
+    def forward(
+        ctx: Any,
+        input: torch.Tensor,
+        weight: torch.Tensor | None,
+        bias: torch.Tensor | None,
+        running_mean: torch.Tensor,
+        running_var: torch.Tensor,
+        eps: float,
+        limits: renorm._Limits,
+        stats: list[_ops._Stats],
+    ) -> torch.Tensor:
         x, axis, last = _ops._as_array(input)
         x, plan = fastbn_functional._planned(x, axis, training=True)
         gamma = _ops.vector(weight)
@@ -78,7 +92,7 @@ class BatchRenormFunction(torch.autograd.Function):
         return _ops._as_tensor(y, last)
 
     @staticmethod
-    def backward(ctx, grad):
+    def backward(ctx: Any, grad: torch.Tensor) -> _ops._Grads:
         if torch.is_grad_enabled():  # create_graph=True: a differentiable gradient
             return (*_double_backward_grads(ctx, grad), None, None, None, None, None)
         x, plan, last, mean, invstd, r, d, gamma = ctx.arrays
@@ -99,7 +113,7 @@ class BatchRenormFunction(torch.autograd.Function):
         )
 
 
-def _double_backward_grads(ctx, grad):
+def _double_backward_grads(ctx: Any, grad: torch.Tensor) -> _ops._Grads:
     """The forward's gradients in differentiable torch ops, r and d the forward's constants."""
     input, weight, bias = ctx.saved_tensors
     _, _, _, _, _, r, d, _ = ctx.arrays
@@ -117,14 +131,14 @@ def _double_backward_grads(ctx, grad):
 # ------------------------------------------------------------- torch ops
 
 
-def _accumulation_dtype(input):
+def _accumulation_dtype(input: torch.Tensor) -> torch.dtype:
     """float64 on the CPU, as fastbn's statistics; elsewhere at least float32 (MPS: no float64)."""
     if input.is_cpu:
         return torch.float64
     return torch.promote_types(input.dtype, torch.float32)
 
 
-def _batch_moments(input):
+def _batch_moments(input: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The batch mean and biased variance per channel (dimension 1), differentiable."""
     x = input.to(_accumulation_dtype(input))
     dims = [0, *range(2, input.dim())]
@@ -133,7 +147,16 @@ def _batch_moments(input):
     return mean, var
 
 
-def _renorm_output(input, weight, bias, mean, var, r, d, eps):
+def _renorm_output(
+    input: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    mean: torch.Tensor,
+    var: torch.Tensor,
+    r: torch.Tensor,
+    d: torch.Tensor,
+    eps: float,
+) -> torch.Tensor:
     """weight * (x_hat * r + d) + bias in input's dtype; mean, var in the accumulation dtype."""
     shape = _ops._channel_shape(input)
     x_hat = (input.to(mean.dtype) - mean.view(shape)) * torch.rsqrt(var + eps).view(shape)
@@ -167,11 +190,30 @@ def _corrections(
 
 
 @_corrections.register_fake
-def _(mean, var, running_mean, running_var, eps, r_min, r_max, d_max):
+def _(
+    mean: torch.Tensor,
+    var: torch.Tensor,
+    running_mean: torch.Tensor,
+    running_var: torch.Tensor,
+    eps: float,
+    r_min: float,
+    r_max: float,
+    d_max: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.empty_like(mean), torch.empty_like(mean)
 
 
-def _torch_train(input, weight, bias, running_mean, running_var, eps, limits, momentum, counter):
+def _torch_train(
+    input: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    running_mean: torch.Tensor,
+    running_var: torch.Tensor,
+    eps: float,
+    limits: renorm._Limits,
+    momentum: float | None,
+    counter: torch.Tensor | None,
+) -> torch.Tensor:
     """The training forward in torch ops, and the running statistics' update in place."""
     mean, var = _batch_moments(input)
     r, d = _corrections(mean.detach(), var.detach(), running_mean, running_var, eps, *limits)
@@ -181,7 +223,15 @@ def _torch_train(input, weight, bias, running_mean, running_var, eps, limits, mo
     return y
 
 
-def _fold_torch(running_mean, running_var, mean, var, momentum, counter, count):
+def _fold_torch(
+    running_mean: torch.Tensor,
+    running_var: torch.Tensor,
+    mean: torch.Tensor,
+    var: torch.Tensor,
+    momentum: float | None,
+    counter: torch.Tensor | None,
+    count: int,
+) -> None:
     """torch's running-statistics rule, all or nothing, without branching on data."""
     with torch.no_grad():
         if momentum is None:
@@ -238,17 +288,17 @@ class _BatchRenorm(_BatchNorm):
 
     def __init__(
         self,
-        num_features,
-        eps=1e-5,
-        momentum=0.1,
-        affine=True,
-        track_running_stats=True,
-        device=None,
-        dtype=None,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        device: Device = None,
+        dtype: torch.dtype | None = None,
         *,
-        renorm_clipping=None,
-        **kwargs,
-    ):
+        renorm_clipping: Mapping[str, float] | None = None,
+        **kwargs: Any,
+    ) -> None:
         if not track_running_stats:
             raise ValueError(
                 "Batch Renormalization needs track_running_stats=True: it corrects "
@@ -265,7 +315,8 @@ class _BatchRenorm(_BatchNorm):
             raise ValueError(
                 f"renorm_clipping has unknown keys {unknown}; its keys are 'rmax', 'rmin', 'dmax'"
             )
-        clipping = {**_DEFAULT_CLIPPING, **renorm_clipping}
+        # The user's values, of any type: _renorm_limits checks them.
+        clipping: dict[str, Any] = {**_DEFAULT_CLIPPING, **renorm_clipping}
         r_min, r_max, d_max = _renorm_limits(clipping["rmax"], clipping["rmin"], clipping["dmax"])
         super().__init__(
             num_features, eps, momentum, affine, track_running_stats, device, dtype, **kwargs
@@ -274,7 +325,7 @@ class _BatchRenorm(_BatchNorm):
         self.rmin = None if clipping["rmin"] is None else r_min
         self.dmax = d_max
 
-    def extra_repr(self):
+    def extra_repr(self) -> str:
         return f"{super().extra_repr()}, rmax={self.rmax}, rmin={self.rmin}, dmax={self.dmax}"
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
@@ -284,6 +335,8 @@ class _BatchRenorm(_BatchNorm):
             return functional.forward(
                 input, running_mean, running_var, weight, bias, False, momentum, self.eps,
             )[0]  # fmt: skip
+        # Tracked: the constructor requires track_running_stats=True.
+        assert running_mean is not None and running_var is not None
         limits = _renorm_limits(self.rmax, self.rmin, self.dmax)
         functional.verify_batch_size(input.size())
         functional._check_sizes(input.shape[1], weight, bias, running_mean, running_var)
@@ -295,7 +348,7 @@ class _BatchRenorm(_BatchNorm):
             return _torch_train(
                 input, weight, bias, running_mean, running_var, self.eps, limits, momentum, counter
             )
-        stats = []
+        stats: list[_ops._Stats] = []
         y = BatchRenormFunction.apply(
             input, weight, bias, running_mean, running_var, self.eps, limits, stats
         )
@@ -314,7 +367,7 @@ class BatchRenorm1d(_BatchRenorm):
     attributes rmax, rmin, dmax: see `_BatchRenorm`.
     """
 
-    def _check_input_dim(self, input):
+    def _check_input_dim(self, input: torch.Tensor) -> None:
         if input.dim() != 2 and input.dim() != 3:
             raise ValueError(f"expected 2D or 3D input (got {input.dim()}D input)")
 
@@ -326,7 +379,7 @@ class BatchRenorm2d(_BatchRenorm):
     attributes rmax, rmin, dmax: see `_BatchRenorm`.
     """
 
-    def _check_input_dim(self, input):
+    def _check_input_dim(self, input: torch.Tensor) -> None:
         if input.dim() != 4:
             raise ValueError(f"expected 4D input (got {input.dim()}D input)")
 
@@ -338,6 +391,6 @@ class BatchRenorm3d(_BatchRenorm):
     attributes rmax, rmin, dmax: see `_BatchRenorm`.
     """
 
-    def _check_input_dim(self, input):
+    def _check_input_dim(self, input: torch.Tensor) -> None:
         if input.dim() != 5:
             raise ValueError(f"expected 5D input (got {input.dim()}D input)")

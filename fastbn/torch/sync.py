@@ -19,13 +19,19 @@ The module subclasses ``torch.nn.modules.batchnorm._BatchNorm``, not
 ``torch.nn.SyncBatchNorm``, so that DistributedDataParallel takes it.
 """
 
+from __future__ import annotations
+
 import warnings
+from collections.abc import Sequence
+from typing import Any, TypeAlias
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from numpy.typing import NDArray
 from torch.autograd.function import once_differentiable
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.types import Device
 
 from fastbn import _checks, _running
 from fastbn.torch import _ops
@@ -33,8 +39,18 @@ from fastbn.torch.modules import _FastBatchNorm, forward_state
 
 __all__ = ["SyncBatchNorm"]
 
+_Float64: TypeAlias = NDArray[np.float64]
+# The global (mean, invstd, count) of a forward, None when every rank's batch is empty.
+_GlobalStats: TypeAlias = tuple[_Float64, _Float64, int] | None
 
-def _exchange(count, mean, var, group, world_size):
+
+def _exchange(
+    count: int,
+    mean: _Float64,
+    var: _Float64,
+    group: dist.ProcessGroup | None,
+    world_size: int,
+) -> _Float64:
     """All ranks' (count, mean, M2) per channel: a (world_size, 1 + 2C) float64 array, rank order.
 
     One ``all_gather`` of a flat float64 tensor ``[count, mean..., M2...]``
@@ -51,7 +67,7 @@ def _exchange(count, mean, var, group, world_size):
     return gathered.numpy()
 
 
-def _merge(gathered):
+def _merge(gathered: _Float64) -> tuple[int, _Float64, _Float64]:
     """(count, mean, biased var) of the union, merged in rank order (Chan et al.).
 
     Every rank runs this on the same gathered values in the same order, with
@@ -77,11 +93,11 @@ def _merge(gathered):
     return int(n), mean, var
 
 
-def _reduced_dims(input):
+def _reduced_dims(input: torch.Tensor) -> list[int]:
     return [0, *range(2, input.dim())]
 
 
-def _channel_shape(input):
+def _channel_shape(input: torch.Tensor) -> list[int]:
     return [1, -1] + [1] * (input.dim() - 2)
 
 
@@ -96,7 +112,17 @@ class _SyncBatchNormFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, input, weight, bias, eps, group, world_size, fast, stats):
+    def forward(
+        ctx: Any,
+        input: torch.Tensor,
+        weight: torch.Tensor | None,
+        bias: torch.Tensor | None,
+        eps: float,
+        group: dist.ProcessGroup | None,
+        world_size: int,
+        fast: bool,
+        stats: list[_GlobalStats],
+    ) -> torch.Tensor:
         c = input.shape[1]
         local_count = input.numel() // c if c else 0
         if fast:
@@ -158,7 +184,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad):
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         input, weight = ctx.saved_tensors
         group, count, fast, empty = ctx.sync
         need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
@@ -209,7 +235,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         return dx, dweight, dbias, None, None, None, None, None
 
 
-def _warn_nonfinite(bad, dtype, stacklevel):
+def _warn_nonfinite(bad: Sequence[int], dtype: torch.dtype, stacklevel: int) -> None:
     warnings.warn(
         f"the global batch statistics of features {_running.feature_list(bad)} are not finite "
         f"(or overflow {dtype}): running_mean, running_var and num_batches_tracked were left "
@@ -219,7 +245,16 @@ def _warn_nonfinite(bad, dtype, stacklevel):
     )
 
 
-def _fold(running_mean, running_var, mean, invstd, eps, momentum, counter, count):
+def _fold(
+    running_mean: torch.Tensor,
+    running_var: torch.Tensor,
+    mean: _Float64,
+    invstd: _Float64,
+    eps: float,
+    momentum: float | None,
+    counter: torch.Tensor | None,
+    count: int,
+) -> None:
     """Fold the global statistics into the running ones: all features and the counter, or nothing.
 
     torch's rule (momentum None: the cumulative average over
@@ -312,25 +347,25 @@ class SyncBatchNorm(_FastBatchNorm, _BatchNorm):
 
     def __init__(
         self,
-        num_features,
-        eps=1e-5,
-        momentum=0.1,
-        affine=True,
-        track_running_stats=True,
-        process_group=None,
-        device=None,
-        dtype=None,
-    ):
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        process_group: dist.ProcessGroup | None = None,
+        device: Device = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
         super().__init__(
             num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype
         )
         self.process_group = process_group
 
-    def _check_input_dim(self, input):
+    def _check_input_dim(self, input: torch.Tensor) -> None:
         if input.dim() < 2:
             raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
 
-    def forward(self, input):
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
         self._check_input_dim(input)
         buffers = self._buffers
         batch_stats = self.training or (
@@ -343,7 +378,9 @@ class SyncBatchNorm(_FastBatchNorm, _BatchNorm):
                 return self._sync_forward(input, group, world_size)
         return self._fast_forward(input)
 
-    def _sync_forward(self, input, group, world_size):
+    def _sync_forward(
+        self, input: torch.Tensor, group: dist.ProcessGroup | None, world_size: int
+    ) -> torch.Tensor:
         """The synchronized forward: checks first, then the op, then the running statistics."""
         weight, bias, running_mean, running_var, counter, momentum = forward_state(self)
         if self.training and not self.track_running_stats:
@@ -365,18 +402,23 @@ class SyncBatchNorm(_FastBatchNorm, _BatchNorm):
         eps = _checks.positive_eps(self.eps)
         fast = _ops.fast_path(input, weight, bias)
 
-        stats = []
+        stats: list[_GlobalStats] = []
         y = _SyncBatchNormFunction.apply(input, weight, bias, eps, group, world_size, fast, stats)
-        if running_mean is not None and stats[0] is None:  # no values on any rank: torch's rule
-            if counter is not None:
-                counter.add_(1)
-        elif running_mean is not None:
-            mean, invstd, count = stats[0]
-            _fold(running_mean, running_var, mean, invstd, eps, momentum, counter, count)
+        if running_mean is not None:
+            global_stats = stats[0]
+            if global_stats is None:  # no values on any rank: torch's rule
+                if counter is not None:
+                    counter.add_(1)
+            else:
+                assert running_var is not None  # given with running_mean
+                mean, invstd, count = global_stats
+                _fold(running_mean, running_var, mean, invstd, eps, momentum, counter, count)
         return y
 
     @classmethod
-    def convert_sync_batchnorm(cls, module, process_group=None):
+    def convert_sync_batchnorm(
+        cls, module: torch.nn.Module, process_group: dist.ProcessGroup | None = None
+    ) -> torch.nn.Module:
         """Replace every BatchNorm layer in module with a SyncBatchNorm; return the result.
 
         Converts torch's BatchNorm1d/2d/3d and SyncBatchNorm, fastbn's
@@ -419,7 +461,7 @@ class SyncBatchNorm(_FastBatchNorm, _BatchNorm):
                 converted.add_module(name, cls.convert_sync_batchnorm(child, process_group))
             return converted
         for name, child in module.named_children():
-            converted = cls.convert_sync_batchnorm(child, process_group)
-            if converted is not child:
-                setattr(module, name, converted)
+            new_child = cls.convert_sync_batchnorm(child, process_group)
+            if new_child is not child:
+                setattr(module, name, new_child)
         return module
