@@ -34,6 +34,8 @@ def _calls(dtype):
     shift64 = np.zeros(WIDTH)
     partials = np.zeros(2 * WIDTH)
     one = t(1)
+    relu = np.ones((4, WIDTH), dtype)  # a fused ReLU's per-feature or per-position parameters
+    groups = N // WIDTH
     return [
         ("roofline.read", roofline.read, (x,)),
         ("roofline.read_write", roofline.read_write, (x, one, one, out)),
@@ -47,6 +49,18 @@ def _calls(dtype):
             _common.input_gradient,
             (dy, x, out, 0, N, one, one, one, one, one, one),
         ),
+        ("rows: centered_dot, relu", _common.centered_dot, (dy, x, 0, N, 0.0, relu, 0)),
+        (
+            "rows: scale_centered, relu",
+            _common.scale_centered,
+            (x, out, 0, N, one, one, one, one, True),
+        ),
+        (
+            "rows: input_gradient, relu",
+            _common.input_gradient,
+            (dy, x, out, 0, N, one, one, one, one, one, one, relu, 0),
+        ),
+        ("rows: passed_scaled", _common.passed_scaled, (dy, x, out, 0, N, one, relu, 0)),
         (
             "columns: moments",
             columns._moments_block,
@@ -55,23 +69,54 @@ def _calls(dtype):
         (
             "columns: gradient sums",
             columns._grad_sums_block,
-            (dy, x, WIDTH, 0, N // WIDTH, 0, WIDTH, shift64, partials, partials, 0),
+            (dy, x, WIDTH, 0, groups, 0, WIDTH, shift64, partials, partials, 0, None),
+        ),
+        (
+            "columns: gradient sums, relu",
+            columns._grad_sums_block,
+            (dy, x, WIDTH, 0, groups, 0, WIDTH, shift64, partials, partials, 0, relu),
         ),
         (
             "columns: scale",
             columns._scale_block,
-            (x, out, WIDTH, 0, N // WIDTH, 0, WIDTH, *per_position[:4]),
+            (x, out, WIDTH, 0, groups, 0, WIDTH, *per_position[:4], None),
+        ),
+        (
+            "columns: scale, relu",
+            columns._scale_block,
+            (x, out, WIDTH, 0, groups, 0, WIDTH, *per_position[:4], True),
         ),
         (
             "columns: input gradient",
             columns._input_gradient_block,
-            (dy, x, out, WIDTH, 0, N // WIDTH, 0, WIDTH, tuple(per_position)),
+            (dy, x, out, WIDTH, 0, groups, 0, WIDTH, tuple(per_position), None),
+        ),
+        (
+            "columns: input gradient, relu",
+            columns._input_gradient_block,
+            (dy, x, out, WIDTH, 0, groups, 0, WIDTH, tuple(per_position), relu),
+        ),
+        (
+            "columns: passed scaled",
+            columns._passed_scaled_block,
+            (dy, x, out, WIDTH, 0, groups, WIDTH, per_position[0], relu),
         ),
     ]
 
 
+# Known scalar: the columns family's backward loops with a fused ReLU, whose mask
+# parameters vary per position (the rows family's are per feature and vectorize).
+# Measured cost: the fused backward of (256, 2048) batch-first float32 takes 1.2x
+# the plain backward. A strict xfail: the day they vectorize, this says so.
+SCALAR = {"columns: gradient sums, relu", "columns: input gradient, relu"}
+
 CASES = [
-    pytest.param(dtype, name, id=f"{name}-{dtype}")
+    pytest.param(
+        dtype,
+        name,
+        id=f"{name}-{dtype}",
+        marks=pytest.mark.xfail(name in SCALAR, reason="known scalar loop", strict=True),
+    )
     for dtype in ("float32", "float64")
     for name, _, _ in _calls(dtype)
 ]

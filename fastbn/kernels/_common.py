@@ -41,7 +41,7 @@ def shifted_sums(x, start, n, shift):
 
 # A ReLU fused after the normalization (`relu`): the forward kernels take None
 # or True, and write max(y, 0); the backward kernels take None or the
-# forward's (mean_hi, mean_lo, scale, shift) arrays (`relu_params`) and let
+# forward's (mean_hi, mean_lo, scale, shift) as rows of one array (`relu_params`) and let
 # dy through where the forward's y was positive, recomputed from x
 # (`relu_passes`). None is a type of its own to Numba: the same loop compiles
 # without the ReLU, at no cost. No function returns None in one branch and a
@@ -72,13 +72,13 @@ def activated(y, relu, zero):
 def relu_passes(v, relu, k):
     """Whether the fused ReLU let the output of value v through (always without one).
 
-    relu is None or the forward's (mean_hi, mean_lo, scale, shift) arrays,
-    whose entry k is v's: the output passed where y > 0, so not at y == 0
-    (ReLU's subgradient there is 0).
+    relu is None or the forward's (mean_hi, mean_lo, scale, shift) as the rows
+    of one array, whose column k is v's: the output passed where y > 0, so not
+    at y == 0 (ReLU's subgradient there is 0).
     """
     if relu is None:
         return True
-    return normalized(v, relu[0][k], relu[1][k], relu[2][k], relu[3][k]) > 0
+    return normalized(v, relu[0, k], relu[1, k], relu[2, k], relu[3, k]) > 0
 
 
 @njit(fastmath=REDUCE_MATH)
@@ -185,10 +185,15 @@ def relu_params(mean, invstd, gamma, beta, like):
     """The forward's per-feature (mean_hi, mean_lo, scale, shift) in like's dtype.
 
     The mask of a fused ReLU (`relu_passes`), as the train and eval forwards
-    computed their parameters.
+    computed their parameters: a (4, C) array.
     """
     mean_hi, mean_lo = split_mean(mean, like)
-    return mean_hi, mean_lo, in_dtype(gamma * invstd, like), in_dtype(beta, like)
+    params = np.empty((4, mean.size), like.dtype)  # one array: one pointer for LLVM's alias checks
+    params[0] = mean_hi
+    params[1] = mean_lo
+    params[2] = in_dtype(gamma * invstd, like)
+    params[3] = in_dtype(beta, like)
+    return params
 
 
 @njit

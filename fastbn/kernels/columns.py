@@ -306,7 +306,7 @@ def _moments(x, shift, width):
 def _grad_sums(dy, x, mean, width, relu=None):
     """Partial rows (blocks + 1, W) of dy and dy * (x - mean); the last row is the tail.
 
-    relu: None, or the forward's per-position rows for a fused ReLU (`_tiled_relu`).
+    relu: None, or a fused ReLU's `relu_params` tiled to (4, W) (`tile_rows`).
     """
     grid = _grid(x.size, width)
     groups, _, blocks, position_blocks = grid
@@ -372,16 +372,6 @@ def _input_gradient(dy, x, out, coefficients, relu=None):
         _input_gradient_block(dy, x, out, width, g0, g1, 0, width, coefficients, relu)
     tail = x.size - groups * width
     _input_gradient_block(dy, x, out, width, groups, groups + 1, 0, tail, coefficients, relu)
-
-
-@njit
-def _tiled_relu(relu, n_features, run, width):
-    """A fused ReLU's per-feature (mean_hi, mean_lo, scale, shift) (`relu_params`) as rows of W."""
-    params = np.empty((4, n_features), relu[0].dtype)
-    for k in range(4):
-        params[k] = relu[k]
-    p = tile_rows(params, n_features, run, width)
-    return p[0], p[1], p[2], p[3]
 
 
 @twin()
@@ -462,7 +452,7 @@ def eval_forward_relu(x, n_features, run, width, running_mean, running_var, gamm
 def _param_sums(dy, x, n_features, run, width, mean, invstd, relu=None):
     """float64 dgamma = sum(dy * x_hat) and dbeta = sum(dy) per feature, without dx.
 
-    relu: None, or a fused ReLU's rows of W (`_tiled_relu`).
+    relu: None, or a fused ReLU's `relu_params` tiled to (4, W) (`tile_rows`).
     """
     s1, s2 = _grad_sums(dy, x, tile(mean, n_features, run, width), width, relu)
     return fold(s2, n_features, run) * invstd, fold(s1, n_features, run)
@@ -494,7 +484,7 @@ def _train_dx(
 
 @twin()
 def _backward(dy, x, n_features, run, width, mean, invstd, gamma, training, out, relu):
-    """backward; with relu (`_tiled_relu`, not None), through the ReLU fused after the forward."""
+    """backward; with relu (`relu_params` as (4, W) rows), through the fused ReLU."""
     dgamma, dbeta = _param_sums(dy, x, n_features, run, width, mean, invstd, relu)
     if training:
         count = x.size // n_features
@@ -519,7 +509,7 @@ def backward(dy, x, n_features, run, width, mean, invstd, gamma, training, out):
 @twin(entry=True)
 def backward_relu(dy, x, n_features, run, width, mean, invstd, gamma, beta, training, out):
     """backward through the forward followed by a ReLU (its mask recomputed from x)."""
-    relu = _tiled_relu(relu_params(mean, invstd, gamma, beta, x), n_features, run, width)
+    relu = tile_rows(relu_params(mean, invstd, gamma, beta, x), n_features, run, width)
     return _backward(dy, x, n_features, run, width, mean, invstd, gamma, training, out, relu)
 
 
