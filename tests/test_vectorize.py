@@ -69,12 +69,7 @@ def _calls(dtype):
         (
             "columns: gradient sums",
             columns._grad_sums_block,
-            (dy, x, WIDTH, 0, groups, 0, WIDTH, shift64, partials, partials, 0, None),
-        ),
-        (
-            "columns: gradient sums, relu",
-            columns._grad_sums_block,
-            (dy, x, WIDTH, 0, groups, 0, WIDTH, shift64, partials, partials, 0, relu),
+            (dy, x, WIDTH, 0, groups, 0, WIDTH, shift64, partials, partials, 0),
         ),
         (
             "columns: scale",
@@ -89,12 +84,7 @@ def _calls(dtype):
         (
             "columns: input gradient",
             columns._input_gradient_block,
-            (dy, x, out, WIDTH, 0, groups, 0, WIDTH, tuple(per_position), None),
-        ),
-        (
-            "columns: input gradient, relu",
-            columns._input_gradient_block,
-            (dy, x, out, WIDTH, 0, groups, 0, WIDTH, tuple(per_position), relu),
+            (dy, x, out, WIDTH, 0, groups, 0, WIDTH, tuple(per_position)),
         ),
         (
             "columns: passed scaled",
@@ -104,19 +94,8 @@ def _calls(dtype):
     ]
 
 
-# Known scalar: the columns family's backward loops with a fused ReLU, whose mask
-# parameters vary per position (the rows family's are per feature and vectorize).
-# Measured cost: the fused backward of (256, 2048) batch-first float32 takes 1.2x
-# the plain backward. A strict xfail: the day they vectorize, this says so.
-SCALAR = {"columns: gradient sums, relu", "columns: input gradient, relu"}
-
 CASES = [
-    pytest.param(
-        dtype,
-        name,
-        id=f"{name}-{dtype}",
-        marks=pytest.mark.xfail(name in SCALAR, reason="known scalar loop", strict=True),
-    )
+    pytest.param(dtype, name, id=f"{name}-{dtype}")
     for dtype in ("float32", "float64")
     for name, _, _ in _calls(dtype)
 ]

@@ -160,18 +160,9 @@ def _moments_block(x, width, g0, g1, j0, n, shift, s1, s2, row):
         g += 1
 
 
-@njit(inline="always")
-def _passed(dy, v, relu, p):
-    """dy in float64 where the fused ReLU passed v's output (`relu_passes`, position p), else 0."""
-    return np.float64(dy) if relu_passes(v, relu, p) else 0.0
-
-
 @njit(fastmath=REDUCE_MATH)
-def _grad_sums_block(dy, x, width, g0, g1, j0, n, mean, s1, s2, row, relu):
-    """Add dy and dy * (x - mean), down groups g0..g1, to the partial row at row*width + j0.
-
-    relu: None, or the forward's per-position rows for a fused ReLU.
-    """
+def _grad_sums_block(dy, x, width, g0, g1, j0, n, mean, s1, s2, row):
+    """Add dy and dy * (x - mean), down groups g0..g1, to the partial row at row*width + j0."""
     w = np.uint64(width)
     w2 = w + w  # offsets stay unsigned: an int literal times a uint64 is a float in Numba
     w3 = w2 + w
@@ -181,33 +172,29 @@ def _grad_sums_block(dy, x, width, g0, g1, j0, n, mean, s1, s2, row, relu):
     while g + 4 <= g1:
         o = np.uint64(g) * w + oj
         for i in range(np.uint64(n)):
-            p = oj + i
-            m = mean[p]
-            v0, v1, v2, v3 = x[o + i], x[o + w + i], x[o + w2 + i], x[o + w3 + i]
-            e0 = _passed(dy[o + i], v0, relu, p)
-            e1 = _passed(dy[o + w + i], v1, relu, p)
-            e2 = _passed(dy[o + w2 + i], v2, relu, p)
-            e3 = _passed(dy[o + w3 + i], v3, relu, p)
+            m = mean[oj + i]
+            e0 = np.float64(dy[o + i])
+            e1 = np.float64(dy[o + w + i])
+            e2 = np.float64(dy[o + w2 + i])
+            e3 = np.float64(dy[o + w3 + i])
             s1[oa + i] += (e0 + e1) + (e2 + e3)
-            s2[oa + i] += (e0 * (np.float64(v0) - m) + e1 * (np.float64(v1) - m)) + (
-                e2 * (np.float64(v2) - m) + e3 * (np.float64(v3) - m)
-            )
+            s2[oa + i] += (
+                e0 * (np.float64(x[o + i]) - m) + e1 * (np.float64(x[o + w + i]) - m)
+            ) + (e2 * (np.float64(x[o + w2 + i]) - m) + e3 * (np.float64(x[o + w3 + i]) - m))
         g += 4
     while g < g1:
         o = np.uint64(g) * w + oj
         for i in range(np.uint64(n)):
-            v = x[o + i]
-            e = _passed(dy[o + i], v, relu, oj + i)
+            e = np.float64(dy[o + i])
             s1[oa + i] += e
-            s2[oa + i] += e * (np.float64(v) - mean[oj + i])
+            s2[oa + i] += e * (np.float64(x[o + i]) - mean[oj + i])
         g += 1
 
 
 @njit(fastmath=EXACT_MATH, inline="always")
-def _input_grad(dy, v, scale, invstd, mean_hi, mean_lo, k_xhat, k0, relu, p, zero):
-    g = dy if relu_passes(v, relu, p) else zero
+def _input_grad(dy, v, scale, invstd, mean_hi, mean_lo, k_xhat, k0):
     x_hat = ((v - mean_hi) - mean_lo) * invstd
-    return scale * (g + x_hat * k_xhat + k0)
+    return scale * (dy + x_hat * k_xhat + k0)
 
 
 # The element-wise blocks also take four groups a step: each load of a
@@ -248,42 +235,31 @@ def _scale_block(x, out, width, g0, g1, j0, n, mean_hi, mean_lo, scale, shift, r
 
 
 @njit(fastmath=EXACT_MATH)
-def _input_gradient_block(dy, x, out, width, g0, g1, j0, n, coefficients, relu):
-    """dx = scale * (dy + x_hat * k_xhat + k0) per position, over groups g0..g1.
-
-    relu: None, or the forward's per-position rows for a fused ReLU.
-    """
+def _input_gradient_block(dy, x, out, width, g0, g1, j0, n, coefficients):
+    """dx = scale * (dy + x_hat * k_xhat + k0) per position, over groups g0..g1."""
     scale, invstd, mean_hi, mean_lo, k_xhat, k0 = coefficients
     w = np.uint64(width)
     w2 = w + w
     w3 = w2 + w
     oj = np.uint64(j0)
-    zero = out.dtype.type(0)
     g = g0
     while g + 4 <= g1:
         o = np.uint64(g) * w + oj
         for i in range(np.uint64(n)):
             p = oj + i
             s, v, h, lo, kx, kc = scale[p], invstd[p], mean_hi[p], mean_lo[p], k_xhat[p], k0[p]
-            out[o + i] = _input_grad(dy[o + i], x[o + i], s, v, h, lo, kx, kc, relu, p, zero)
-            out[o + w + i] = _input_grad(
-                dy[o + w + i], x[o + w + i], s, v, h, lo, kx, kc, relu, p, zero
-            )
-            out[o + w2 + i] = _input_grad(
-                dy[o + w2 + i], x[o + w2 + i], s, v, h, lo, kx, kc, relu, p, zero
-            )
-            out[o + w3 + i] = _input_grad(
-                dy[o + w3 + i], x[o + w3 + i], s, v, h, lo, kx, kc, relu, p, zero
-            )
+            out[o + i] = _input_grad(dy[o + i], x[o + i], s, v, h, lo, kx, kc)
+            out[o + w + i] = _input_grad(dy[o + w + i], x[o + w + i], s, v, h, lo, kx, kc)
+            out[o + w2 + i] = _input_grad(dy[o + w2 + i], x[o + w2 + i], s, v, h, lo, kx, kc)
+            out[o + w3 + i] = _input_grad(dy[o + w3 + i], x[o + w3 + i], s, v, h, lo, kx, kc)
         g += 4
     while g < g1:
         o = np.uint64(g) * w + oj
         for i in range(np.uint64(n)):
             p = oj + i
             out[o + i] = _input_grad(
-                dy[o + i], x[o + i], scale[p], invstd[p], mean_hi[p], mean_lo[p], k_xhat[p],
-                k0[p], relu, p, zero,
-            )  # fmt: skip
+                dy[o + i], x[o + i], scale[p], invstd[p], mean_hi[p], mean_lo[p], k_xhat[p], k0[p]
+            )
         g += 1
 
 
@@ -303,20 +279,17 @@ def _moments(x, shift, width):
 
 
 @twin(parallel=True)
-def _grad_sums(dy, x, mean, width, relu=None):
-    """Partial rows (blocks + 1, W) of dy and dy * (x - mean); the last row is the tail.
-
-    relu: None, or a fused ReLU's `relu_params` tiled to (4, W) (`tile_rows`).
-    """
+def _grad_sums(dy, x, mean, width):
+    """Partial rows (blocks + 1, W) of dy and dy * (x - mean); the last row is the tail."""
     grid = _grid(x.size, width)
     groups, _, blocks, position_blocks = grid
     s1 = zeros((blocks + 1) * width)
     s2 = zeros((blocks + 1) * width)
     for u in prange(blocks * position_blocks):
         b, g0, g1, j0, j1 = _unit(u, width, grid)
-        _grad_sums_block(dy, x, width, g0, g1, j0, j1 - j0, mean, s1, s2, b, relu)
+        _grad_sums_block(dy, x, width, g0, g1, j0, j1 - j0, mean, s1, s2, b)
     tail = x.size - groups * width
-    _grad_sums_block(dy, x, width, groups, groups + 1, 0, tail, mean, s1, s2, blocks, relu)
+    _grad_sums_block(dy, x, width, groups, groups + 1, 0, tail, mean, s1, s2, blocks)
     return s1.reshape((blocks + 1, width)), s2.reshape((blocks + 1, width))
 
 
@@ -359,19 +332,16 @@ def _passed_scaled(dy, x, out, scale, relu):
 
 
 @twin(parallel=True)
-def _input_gradient(dy, x, out, coefficients, relu=None):
-    """dx from per-position (scale, invstd, mean_hi, mean_lo, k_xhat, k0) of length W.
-
-    relu as for `_grad_sums`.
-    """
+def _input_gradient(dy, x, out, coefficients):
+    """dx from per-position (scale, invstd, mean_hi, mean_lo, k_xhat, k0) of length W."""
     width = coefficients[0].size
     groups, per_block, blocks = _memory_grid(x.size, width)
     for u in prange(blocks):
         g0 = u * per_block
         g1 = min(g0 + per_block, groups)
-        _input_gradient_block(dy, x, out, width, g0, g1, 0, width, coefficients, relu)
+        _input_gradient_block(dy, x, out, width, g0, g1, 0, width, coefficients)
     tail = x.size - groups * width
-    _input_gradient_block(dy, x, out, width, groups, groups + 1, 0, tail, coefficients, relu)
+    _input_gradient_block(dy, x, out, width, groups, groups + 1, 0, tail, coefficients)
 
 
 @twin()
@@ -449,19 +419,14 @@ def eval_forward_relu(x, n_features, run, width, running_mean, running_var, gamm
 
 
 @twin()
-def _param_sums(dy, x, n_features, run, width, mean, invstd, relu=None):
-    """float64 dgamma = sum(dy * x_hat) and dbeta = sum(dy) per feature, without dx.
-
-    relu: None, or a fused ReLU's `relu_params` tiled to (4, W) (`tile_rows`).
-    """
-    s1, s2 = _grad_sums(dy, x, tile(mean, n_features, run, width), width, relu)
+def _param_sums(dy, x, n_features, run, width, mean, invstd):
+    """float64 dgamma = sum(dy * x_hat) and dbeta = sum(dy) per feature, without dx."""
+    s1, s2 = _grad_sums(dy, x, tile(mean, n_features, run, width), width)
     return fold(s2, n_features, run) * invstd, fold(s1, n_features, run)
 
 
 @twin()
-def _train_dx(
-    dy, x, n_features, run, width, mean, invstd, gamma, dgamma, dbeta, count, out, relu=None
-):
+def _train_dx(dy, x, n_features, run, width, mean, invstd, gamma, dgamma, dbeta, count, out):
     """dx of the training formula from given sums dgamma, dbeta over count values per feature.
 
     backward() passes this batch's sums; a synchronized batch norm passes
@@ -479,38 +444,43 @@ def _train_dx(
         params[4, c] = k_xhat[c]
         params[5, c] = k0[c]
     p = tile_rows(params, n_features, run, width)
-    _input_gradient(dy, x, out, (p[0], p[1], p[2], p[3], p[4], p[5]), relu)
+    _input_gradient(dy, x, out, (p[0], p[1], p[2], p[3], p[4], p[5]))
 
 
 @twin()
-def _backward(dy, x, n_features, run, width, mean, invstd, gamma, training, out, relu):
-    """backward; with relu (`relu_params` as (4, W) rows), through the fused ReLU."""
-    dgamma, dbeta = _param_sums(dy, x, n_features, run, width, mean, invstd, relu)
+def _backward(dy, x, n_features, run, width, mean, invstd, gamma, training, out):
+    """backward's body (entries must not call entries: see `Twins`)."""
+    dgamma, dbeta = _param_sums(dy, x, n_features, run, width, mean, invstd)
     if training:
-        count = x.size // n_features
         _train_dx(
-            dy, x, n_features, run, width, mean, invstd, gamma, dgamma, dbeta, count, out, relu
-        )
-    elif relu is None:
+            dy, x, n_features, run, width, mean, invstd, gamma, dgamma, dbeta,
+            x.size // n_features, out,
+        )  # fmt: skip
+    else:
         zero = np.zeros(n_features)
         _apply_per_feature(dy, out, n_features, run, width, zero, gamma * invstd, zero)
-    else:
-        scale = tile((gamma * invstd).astype(x.dtype), n_features, run, width)
-        _passed_scaled(dy, x, out, scale, relu)
     return dgamma, dbeta
 
 
 @twin(entry=True)
 def backward(dy, x, n_features, run, width, mean, invstd, gamma, training, out):
     """dx into out; returns float64 dgamma and dbeta, x_hat recomputed from x."""
-    return _backward(dy, x, n_features, run, width, mean, invstd, gamma, training, out, None)
+    return _backward(dy, x, n_features, run, width, mean, invstd, gamma, training, out)
 
 
 @twin(entry=True)
 def backward_relu(dy, x, n_features, run, width, mean, invstd, gamma, beta, training, out):
-    """backward through the forward followed by a ReLU (its mask recomputed from x)."""
+    """backward through the forward followed by a ReLU (its mask recomputed from x).
+
+    Here dy is masked into a buffer first, and backward runs on that: one
+    pass and one input-sized buffer more than the rows family's fused loops,
+    whose mask parameters are per feature. With per-position parameters the
+    fused loops stayed scalar (LLVM here) and ran 4x the plain backward.
+    """
     relu = tile_rows(relu_params(mean, invstd, gamma, beta, x), n_features, run, width)
-    return _backward(dy, x, n_features, run, width, mean, invstd, gamma, training, out, relu)
+    passed = np.empty_like(dy)  # not out: in place, the backward's loops run scalar
+    _passed_scaled(dy, x, passed, np.ones(width, x.dtype), relu)
+    return _backward(passed, x, n_features, run, width, mean, invstd, gamma, training, out)
 
 
 @twin(entry=True)
