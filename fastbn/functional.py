@@ -143,21 +143,45 @@ class _Plan:
 
         That is out itself (or its transpose) when its layout fits, else a new array.
         """
-        if out is not None:
-            target = out.T if self.transposed else out
-            if target.flags.c_contiguous:
-                return target, False
-        return np.empty(self.shape, dtype), out is not None
+        return output_buffer(out, dtype, self.shape, self.transposed)
 
     def result(
         self, buffer: NDArray[np.floating], out: NDArray[np.floating] | None, copy_back: bool
     ) -> NDArray[np.floating]:
         """The result in the caller's layout: out (copied into if need be) or the buffer."""
-        if out is None:
-            return buffer.T if self.transposed else buffer
-        if copy_back:
-            out[...] = buffer.T if self.transposed else buffer
-        return out
+        return in_caller_layout(buffer, out, copy_back, self.transposed)
+
+
+def output_buffer(
+    out: NDArray[np.floating] | None,
+    dtype: np.dtype[Any],
+    shape: tuple[int, ...],
+    transposed: bool,
+) -> tuple[NDArray[np.floating], bool]:
+    """The C-contiguous buffer of shape a kernel writes, and whether it must be copied into out.
+
+    That is out itself (or its transpose, for a Fortran-ordered caller) when
+    its layout fits, else a new array.
+    """
+    if out is not None:
+        target = out.T if transposed else out
+        if target.flags.c_contiguous:
+            return target, False
+    return np.empty(shape, dtype), out is not None
+
+
+def in_caller_layout(
+    buffer: NDArray[np.floating],
+    out: NDArray[np.floating] | None,
+    copy_back: bool,
+    transposed: bool,
+) -> NDArray[np.floating]:
+    """A result in the caller's layout: out (copied into if need be) or the buffer."""
+    if out is None:
+        return buffer.T if transposed else buffer
+    if copy_back:
+        out[...] = buffer.T if transposed else buffer
+    return out
 
 
 # (dtype, shape, strides, axis, training) of an ndarray x and an int axis.

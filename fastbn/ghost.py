@@ -160,21 +160,13 @@ class GhostPlan:
         self, out: NDArray[np.floating] | None, dtype: np.dtype[Any]
     ) -> tuple[NDArray[np.floating], bool]:
         """The C-contiguous buffer to write, and whether it must be copied into out."""
-        if out is not None:
-            target = out.T if self.transposed else out
-            if target.flags.c_contiguous:
-                return target, False
-        return np.empty(self.shape, dtype), out is not None
+        return functional.output_buffer(out, dtype, self.shape, self.transposed)
 
     def result(
         self, buffer: NDArray[np.floating], out: NDArray[np.floating] | None, copy_back: bool
     ) -> NDArray[np.floating]:
         """The result in the caller's layout: out (copied into if need be) or the buffer."""
-        if out is None:
-            return buffer.T if self.transposed else buffer
-        if copy_back:
-            out[...] = buffer.T if self.transposed else buffer
-        return out
+        return functional.in_caller_layout(buffer, out, copy_back, self.transposed)
 
     def merged(self, per_slice: NDArray[np.float64]) -> NDArray[np.float64]:
         """(G, C) per-slice values as the C * G per-feature values of the merged view."""
