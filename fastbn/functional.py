@@ -778,16 +778,18 @@ def _train_input_gradient(
     dgamma: NDArray[np.float64],
     dbeta: NDArray[np.float64],
     count: int,
+    out: NDArray[np.floating] | None = None,
 ) -> NDArray[np.floating]:
     """dx of the training formula from given float64 sums over count values per feature.
 
     x is checked and planned (`_planned`); mean, invstd, dgamma and dbeta are
-    C-contiguous float64 vectors of length C; gamma is checked here.
+    C-contiguous float64 vectors of length C; gamma is checked here; out, a
+    writable array of x's shape and dtype overlapping no input, or None.
     """
     gamma_k = _checks.per_feature(
         "gamma", gamma, plan.n_features, x, plan.axis, 1.0, _checks.vector_dtype(x, gamma)
     )
-    buffer, _ = plan.output(None, x.dtype)
+    buffer, copy_back = plan.output(out, x.dtype)
     dy_k, x_k, dx_k = plan.kernel_input(dy), plan.kernel_x(x), plan.view(buffer)
     if plan.rows:
         _launch(
@@ -799,4 +801,4 @@ def _train_input_gradient(
             plan.serial, columns.train_input_gradient, dy_k, x_k, *plan.columns_args, mean,
             invstd, gamma_k, dgamma, dbeta, count, dx_k,
         )  # fmt: skip
-    return plan.result(buffer, None, False)
+    return plan.result(buffer, out, copy_back)

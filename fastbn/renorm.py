@@ -31,7 +31,7 @@ from fastbn.functional import _Float
 __all__ = ["batch_renorm_backward", "batch_renorm_train", "clip_limits", "corrections"]
 
 # (r_min, r_max, d_max), from `clip_limits`.
-_Limits: TypeAlias = tuple[float, float, float]
+Limits: TypeAlias = tuple[float, float, float]
 _Float64: TypeAlias = NDArray[np.float64]
 
 
@@ -48,7 +48,7 @@ def clip_limits(
     r_min: float | None = None,
     *,
     names: tuple[str, str, str] = ("r_max", "d_max", "r_min"),
-) -> _Limits:
+) -> Limits:
     """Check the limits of r and d; return (r_min, r_max, d_max) as floats.
 
     Parameters
@@ -89,7 +89,7 @@ def corrections(
     running_mean: NDArray[np.floating],
     running_var: NDArray[np.floating],
     eps: float,
-    limits: _Limits,
+    limits: Limits,
 ) -> tuple[_Float64, _Float64]:
     """The float64 vectors r and d from batch and running statistics (float64 vectors).
 
@@ -196,7 +196,7 @@ def _train(
     running_var: ArrayLike,
     gamma: ArrayLike | None,
     beta: ArrayLike | None,
-    limits: _Limits,
+    limits: Limits,
     eps: float,
     out: NDArray[np.floating] | None,
 ) -> tuple[NDArray[np.floating], _Float64, _Float64, _Float64, _Float64]:

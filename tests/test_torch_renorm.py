@@ -411,7 +411,8 @@ def test_input_errors(gen):
         fbt.BatchRenorm3d(C)(torch.ones(2, C, 3, 3))
     with pytest.raises(ValueError, match="Expected more than 1 value per channel when training"):
         fbt.BatchRenorm1d(C)(torch.ones(1, C))
-    with pytest.raises(RuntimeError, match="weight should contain 4 elements not 3"):
+    # torch's order of checks: the running statistics first
+    with pytest.raises(RuntimeError, match="running_mean should contain 4 elements not 3"):
         fbt.BatchRenorm1d(C)(torch.ones(5, 4))
 
 

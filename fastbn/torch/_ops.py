@@ -1,24 +1,38 @@
 """The op: fastbn's kernels on the memory of CPU tensors, for autograd and torch.library.
 
-A tensor is handed to the functional API as a NumPy view of its own memory:
-contiguous (N, C, ...) data with axis=1, channels_last (N, C, H, W) and
-channels_last_3d (N, C, D, H, W) data as the C-contiguous (N, H, W, C) or
-(N, D, H, W, C) permutation with axis=-1. Results come back as tensors over
-the kernels' output buffers, permuted back, so the output has the input's
-memory format. Any other strides are copied once by the functional API.
+Tensors and arrays
+------------------
+A tensor is handed to the functional API as a NumPy view of its own memory
+(`as_array`): contiguous (N, C, ...) data with axis=1, channels_last
+(N, C, H, W) and channels_last_3d (N, C, D, H, W) data as the C-contiguous
+(N, H, W, C) or (N, D, H, W, C) permutation with axis=-1. Any other strides
+are copied once by the functional API. Outputs (y, and dx in the backward)
+are tensors that torch allocates (`empty_output`) in the memory format
+torch's own batch norm gives (channels-last for channels-last input, else
+contiguous); the kernels write into their memory through the same view. So
+an output is never a view made inside an autograd Function, and in-place
+ops after batch norm (``ReLU(inplace=True)``, ``out += identity``) work.
 
-Two mechanisms carry the same arithmetic:
-
-- eager calls go through `BatchNormFunction`, a `torch.autograd.Function`
-  (the cheapest correct one: a `torch.library.custom_op` costs more per call);
-- `torch.compile` graphs take the `fastbn::batch_norm_train`,
-  `fastbn::batch_norm_eval` and `fastbn::batch_norm_backward` ops, which are
-  functional (nothing mutated) so that their autograd formula and fake
-  implementations can be registered.
+Mechanisms
+----------
+- Eager calls that need gradients go through `BatchNormFunction`, an
+  autograd Function in the ``setup_context`` form (the cheapest correct
+  one: a ``torch.library.custom_op`` costs more per call). What its backward
+  needs (input, weight, bias and the float64 mean and invstd) is saved with
+  ``save_for_backward``, so autograd's in-place checks, saved-tensor hooks
+  and checkpointing see it; the backward takes its arrays from the unpacked
+  tensors.
+- Calls that need none run the same arrays directly (`train_arrays`,
+  `eval_arrays`).
+- `torch.compile` graphs take the functional ops `fastbn::batch_norm_train`,
+  `fastbn::batch_norm_eval` and `fastbn::batch_norm_backward`, registered
+  with torch.library (fake implementations, autograd formulas).
 
 Double backward: inside a backward, grad mode is on exactly when the caller
 asked for ``create_graph=True``; then the gradient is recomputed with
-differentiable torch ops (`_torch_batch_norm`), else the kernels compute it.
+differentiable torch ops (`differentiable_grads` of a formula), else the
+kernels compute it. Every Function of the bridge (plain, ghost, renorm,
+SyncBatchNorm) uses these helpers.
 
 A ReLU fused after the normalization (``relu=True``) runs in the same
 kernels (`fastbn.batch_norm_relu_train`); the compiled graph applies
@@ -27,7 +41,7 @@ torch.relu to the op's output instead, which inductor fuses itself.
 
 # No `from __future__ import annotations`: torch.library.custom_op reads the
 # annotations of the ops below as objects.
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, TypeAlias, cast, overload
 
 import numpy as np
@@ -35,25 +49,47 @@ import torch
 from numpy.typing import NDArray
 
 from fastbn import functional
-from fastbn.functional import _Plan
+from fastbn.torch import _compat
 
-__all__ = ["BatchNormFunction", "eval_arrays", "fast_path", "train_arrays"]
+__all__ = [
+    "BatchNormFunction",
+    "accumulation_dtype",
+    "apply",
+    "as_array",
+    "backward_arrays",
+    "channel_shape",
+    "channels_last",
+    "differentiable_grads",
+    "empty_output",
+    "eval_arrays",
+    "fast_path",
+    "fold_torch",
+    "grad_array",
+    "input_gradient_arrays",
+    "moments_arrays",
+    "out_array",
+    "param_grad",
+    "param_sums",
+    "reduced_dims",
+    "running_invstd",
+    "torch_moments",
+    "torch_output",
+    "train_arrays",
+    "vector",
+]
 
-_Array: TypeAlias = NDArray[np.floating]
-_Float64: TypeAlias = NDArray[np.float64]
-# A batch's float64 (mean, invstd) per channel, which a caller's list `stats` receives.
-_Stats: TypeAlias = tuple[_Float64, _Float64]
-# Gradients of a forward's inputs, None where none is needed.
-_Grads: TypeAlias = tuple[torch.Tensor | None, ...]
+Array: TypeAlias = NDArray[np.floating]
+Float64: TypeAlias = NDArray[np.float64]
+# Gradients of a Function's inputs, None where none is needed.
+Grads: TypeAlias = tuple[torch.Tensor | None, ...]
 
 _CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
-# Permutations between (N, C, *spatial) and channels-last memory order, and back.
+# Permutations from (N, C, *spatial) to channels-last memory order.
 _TO_LAST = {4: (0, 2, 3, 1), 5: (0, 2, 3, 4, 1)}
-_FROM_LAST = {4: (0, 3, 1, 2), 5: (0, 4, 1, 2, 3)}
 
 
 def fast_path(input: torch.Tensor, *tensors: torch.Tensor | None) -> bool:
-    """Whether fastbn's kernels take this call: CPU float32/float64, parameters alike.
+    """Whether fastbn's kernels can take this call: CPU float32/float64, parameters alike.
 
     Everything else (other devices and dtypes, tracing for torch.jit or
     ONNX export) goes to torch's own op.
@@ -67,55 +103,186 @@ def fast_path(input: torch.Tensor, *tensors: torch.Tensor | None) -> bool:
     return not torch.jit.is_tracing()
 
 
-def _channels_last(input: torch.Tensor) -> bool:
+def channels_last(input: torch.Tensor) -> bool:
     """Whether input's memory is channels-last (and not also plain contiguous)."""
     fmt = _CHANNELS_LAST.get(input.dim())
     return fmt is not None and not input.is_contiguous() and input.is_contiguous(memory_format=fmt)
 
 
-def _as_array(input: torch.Tensor) -> tuple[_Array, int, bool]:
+def _array(t: torch.Tensor) -> Array:
+    """The memory of a CPU tensor as an array (detached first only if it must be)."""
+    return (t.detach() if t.requires_grad else t).numpy()
+
+
+def as_array(input: torch.Tensor) -> tuple[Array, int, bool]:
     """(array over input's memory, feature axis, whether it is the channels-last permutation)."""
-    x = input.detach()
-    if _channels_last(x):
-        return x.permute(_TO_LAST[x.dim()]).numpy(), -1, True
-    return x.numpy(), 1, False
+    if channels_last(input):
+        return _array(input).transpose(_TO_LAST[input.dim()]), -1, True
+    return _array(input), 1, False
 
 
-def _as_tensor(array: _Array, last: bool) -> torch.Tensor:
-    """A tensor over array, permuted back to (N, C, ...) if it is channels-last."""
-    t = torch.from_numpy(array)
-    return t.permute(_FROM_LAST[t.dim()]) if last else t
+def empty_output(input: torch.Tensor) -> torch.Tensor:
+    """A new tensor of input's shape and dtype in the memory format of torch's batch norm output.
+
+    Channels-last for channels-last input, else contiguous (a transposed or
+    sliced input gives a contiguous output, as torch's does).
+    """
+    fmt = _CHANNELS_LAST.get(input.dim()) if channels_last(input) else None
+    if fmt is None:
+        return torch.empty(input.shape, dtype=input.dtype)
+    return torch.empty(input.shape, dtype=input.dtype, memory_format=fmt)
 
 
-def _grad_array(grad: torch.Tensor, last: bool) -> _Array:
-    """The upstream gradient in the same arrangement as the input's array."""
-    if grad.requires_grad:
-        grad = grad.detach()
-    return grad.permute(_TO_LAST[grad.dim()]).numpy() if last else grad.numpy()
+def out_array(output: torch.Tensor, last: bool) -> Array:
+    """An `empty_output` tensor's memory, arranged as `as_array` arranges the input."""
+    array = output.numpy()
+    return array.transpose(_TO_LAST[output.dim()]) if last else array
+
+
+def grad_array(grad: torch.Tensor, last: bool) -> Array:
+    """The upstream gradient in the input's arrangement (any strides: the API copies them)."""
+    array = _array(grad)
+    return array.transpose(_TO_LAST[grad.dim()]) if last else array
 
 
 @overload
-def vector(t: torch.Tensor) -> _Array: ...
+def vector(t: torch.Tensor) -> Array: ...
 @overload
-def vector(t: torch.Tensor | None) -> _Array | None: ...
-def vector(t: torch.Tensor | None) -> _Array | None:
+def vector(t: torch.Tensor | None) -> Array | None: ...
+def vector(t: torch.Tensor | None) -> Array | None:
     """A (C,) tensor's memory as an array (None stays None)."""
-    if t is None:
-        return None
-    return t.detach().numpy() if t.requires_grad else t.numpy()
+    return None if t is None else _array(t)
+
+
+def param_grad(values: Float64, dtype: np.dtype[Any]) -> torch.Tensor:
+    """A float64 per-feature array as a tensor of dtype (a NumPy dtype)."""
+    return torch.from_numpy(values.astype(dtype, copy=False))
+
+
+def channel_shape(input: torch.Tensor) -> list[int]:
+    """The shape that broadcasts a (C,) vector over input's channel axis 1."""
+    return [1, -1] + [1] * (input.dim() - 2)
+
+
+def reduced_dims(input: torch.Tensor) -> list[int]:
+    """Every dimension of input but the channel axis 1."""
+    return [0, *range(2, input.dim())]
+
+
+def accumulation_dtype(input: torch.Tensor) -> torch.dtype:
+    """float64 on the CPU, as fastbn's statistics; elsewhere at least float32 (MPS: no float64)."""
+    if input.is_cpu:
+        return torch.float64
+    return torch.promote_types(input.dtype, torch.float32)
+
+
+def torch_moments(input: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The mean and biased variance per channel in torch ops (differentiable).
+
+    In `accumulation_dtype`, two passes (mean, then the centred squares).
+    """
+    x = input.to(accumulation_dtype(input))
+    dims = reduced_dims(input)
+    mean = x.mean(dims)
+    var = (x - mean.view(channel_shape(input))).square().mean(dims)
+    return mean, var
+
+
+def torch_output(
+    input: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    mean: torch.Tensor,
+    invstd: torch.Tensor,
+    relu: bool = False,
+) -> torch.Tensor:
+    """weight * (input - mean) * invstd + bias (then a ReLU) in torch ops, in input's dtype."""
+    shape = channel_shape(input)
+    y = (input.to(mean.dtype) - mean.view(shape)) * invstd.view(shape)
+    if weight is not None:
+        y = y * weight.view(shape)
+    if bias is not None:
+        y = y + bias.view(shape)
+    y = y.to(input.dtype)
+    return torch.relu(y) if relu else y
+
+
+def differentiable_grads(
+    needs: Sequence[bool],
+    grad: torch.Tensor,
+    formula: Callable[..., torch.Tensor],
+    *inputs: torch.Tensor | None,
+) -> Grads:
+    """A Function's input gradients for ``create_graph=True``: autograd through torch ops.
+
+    ``formula(*inputs)`` recomputes the output differentiably; the gradient
+    of each input whose ``needs`` is true is returned (else None).
+    """
+    wanted = [t for t, need in zip(inputs, needs, strict=True) if need and t is not None]
+    found = iter(torch.autograd.grad(formula(*inputs), wanted, grad, create_graph=True))
+    return tuple(next(found) if need else None for need in needs)
+
+
+def fold_torch(
+    running_mean: torch.Tensor,
+    running_var: torch.Tensor,
+    mean: torch.Tensor,
+    var: torch.Tensor,
+    momentum: float | None,
+    counter: torch.Tensor | None,
+    count: int,
+) -> torch.Tensor:
+    """torch's running-statistics rule in torch ops, all or nothing, without branching on data.
+
+    mean and var are the batch's (biased variance), shape (C,), or (G, C)
+    for G batches folded in turn (ghost batches). With momentum None the
+    factor is the cumulative average over ``counter``. If any result is not
+    finite in the buffers' dtype, the buffers and the counter are left
+    unchanged (fastbn's rule); else the counter advances by G (or 1).
+    Returns the (C,) bool tensor of the channels whose results are finite.
+    """
+    with torch.no_grad():
+        means, variances = (mean, var) if mean.dim() == 2 else (mean[None], var[None])
+        unbiased = variances * (count / (count - 1))
+        new_mean, new_var = running_mean, running_var
+        for g in range(means.shape[0]):
+            if momentum is None:
+                factor: Any = 0.0
+                if counter is not None:
+                    factor = 1.0 / (counter + (g + 1)).to(torch.float64)
+            else:
+                factor = momentum
+            new_mean = ((1.0 - factor) * new_mean.to(torch.float64) + factor * means[g]).to(
+                running_mean.dtype
+            )
+            new_var = ((1.0 - factor) * new_var.to(torch.float64) + factor * unbiased[g]).to(
+                running_var.dtype
+            )
+        # A batch that is not finite leaves NaN or inf in every later result.
+        finite = torch.isfinite(new_mean) & torch.isfinite(new_var)
+        taken = finite.all()
+        running_mean.copy_(torch.where(taken, new_mean, running_mean))
+        running_var.copy_(torch.where(taken, new_var, running_var))
+        if counter is not None:
+            counter.add_(taken.to(counter.dtype) * means.shape[0])
+    return finite
 
 
 def train_arrays(
-    input: torch.Tensor, gamma: _Array | None, beta: _Array | None, eps: float, relu: bool = False
-) -> tuple[torch.Tensor, _Float64, _Float64, _Plan, _Array, bool]:
-    """Batch-statistics forward: (y tensor, mean, invstd float64 arrays, plan, x array, last).
-
-    gamma and beta are the weight's and bias's arrays (`vector`); relu fuses a ReLU.
-    """
-    x, axis, last = _as_array(input)
+    input: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float,
+    relu: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Batch-statistics forward on the kernels: (y, mean, invstd), the last two float64 (C,)."""
+    x, axis, last = as_array(input)
+    y = empty_output(input)
     x, plan = functional._planned(x, axis, training=True)
-    y, mean, invstd = functional._train(x, plan, gamma, beta, eps, None, relu=relu)
-    return _as_tensor(y, last), mean, invstd, plan, x, last
+    _, mean, invstd = functional._train(
+        x, plan, vector(weight), vector(bias), eps, out_array(y, last), relu=relu
+    )
+    return y, torch.from_numpy(mean), torch.from_numpy(invstd)
 
 
 def eval_arrays(
@@ -126,178 +293,167 @@ def eval_arrays(
     bias: torch.Tensor | None,
     eps: float,
     relu: bool = False,
-) -> tuple[torch.Tensor, _Plan, _Array, bool]:
-    """Running-statistics forward: (y tensor, plan, x array, last); relu fuses a ReLU."""
-    x, axis, last = _as_array(input)
+) -> torch.Tensor:
+    """Running-statistics forward on the kernels: y."""
+    x, axis, last = as_array(input)
+    y = empty_output(input)
     x, plan = functional._planned(x, axis, training=False)
-    y = functional._eval(
-        x, plan, vector(running_mean), vector(running_var), vector(weight), vector(bias),
-        eps, None, relu=relu,
+    functional._eval(
+        x, plan, vector(running_mean), vector(running_var), vector(weight), vector(bias), eps,
+        out_array(y, last), relu=relu,
     )  # fmt: skip
-    return _as_tensor(y, last), plan, x, last
+    return y
+
+
+def running_invstd(
+    running_mean: torch.Tensor, running_var: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The float64 (mean, invstd) that running statistics normalize with: new tensors."""
+    mean = _array(running_mean).astype(np.float64)
+    invstd = 1.0 / np.sqrt(_array(running_var).astype(np.float64) + eps)
+    return torch.from_numpy(mean), torch.from_numpy(invstd)
 
 
 def backward_arrays(
     grad: torch.Tensor,
-    x: _Array,
-    plan: _Plan,
-    last: bool,
-    mean: _Float64,
-    invstd: _Float64,
-    gamma: _Array | None,
+    input: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    mean: torch.Tensor,
+    invstd: torch.Tensor,
     training: bool,
-    input_grad: bool = True,
+    needs: Sequence[bool],
     relu: bool = False,
-    beta: _Array | None = None,
-) -> tuple[torch.Tensor | None, _Float64, _Float64]:
-    """(dx tensor or None, dgamma, dbeta float64 arrays) from the kernels; gamma an array or None.
+) -> Grads:
+    """(dx, dweight, dbias) on the kernels, each only where ``needs`` asks (else None).
 
-    Without ``input_grad`` dx is not computed (None). With relu, through the
-    fused ReLU, beta the bias's array (`vector`) or None.
+    mean and invstd are the float64 statistics the forward normalized with;
+    training says whether they were the batch's (they depend on the input).
+    With relu, through the fused ReLU, whose mask the kernels recompute from
+    the input, the statistics, weight and bias.
     """
-    dx, dgamma, dbeta = functional._backward(
-        _grad_array(grad, last), x, mean, invstd, gamma, plan.axis, training, None,
-        forward_plan=plan, input_grad=input_grad, relu=relu, beta=beta,
+    need_input, need_weight, need_bias = needs
+    x, axis, last = as_array(input)
+    x, plan = functional._planned(x, axis, training=False)
+    dx = empty_output(input) if need_input or relu else None
+    _, dgamma, dbeta = functional._backward(
+        grad_array(grad, last), x, mean.numpy(), invstd.numpy(), vector(weight), plan.axis,
+        training, None if dx is None else out_array(dx, last), forward_plan=plan,
+        input_grad=dx is not None, relu=relu, beta=vector(bias),
     )  # fmt: skip
-    return (None if dx is None else _as_tensor(dx, last)), dgamma, dbeta
+    return (
+        dx if need_input else None,
+        param_grad(dgamma, x.dtype) if need_weight else None,
+        param_grad(dbeta, x.dtype) if need_bias else None,
+    )
 
 
-def moments_arrays(input: torch.Tensor) -> tuple[_Float64, _Float64, int, _Plan, _Array, bool]:
-    """(mean, biased var float64 arrays, values per channel, plan, x array, last) of input."""
-    x, axis, last = _as_array(input)
+def param_sums(
+    grad: torch.Tensor, input: torch.Tensor, mean: Float64, invstd: Float64
+) -> tuple[Float64, Float64]:
+    """The float64 per-channel sums of grad * x_hat and of grad, on the kernels."""
+    x, axis, last = as_array(input)
+    x, plan = functional._planned(x, axis, training=False)
+    _, dgamma, dbeta = functional._backward(
+        grad_array(grad, last), x, mean, invstd, None, plan.axis, True, None,
+        forward_plan=plan, input_grad=False,
+    )  # fmt: skip
+    return dgamma, dbeta
+
+
+def moments_arrays(input: torch.Tensor) -> tuple[Float64, Float64]:
+    """The float64 mean and biased variance per channel of input, on the kernels."""
+    x, axis, _ = as_array(input)
     x, plan = functional._planned(x, axis, training=True)
-    mean, var = functional._moments(x, plan)
-    return mean, var, x.size // plan.n_features, plan, x, last
+    return functional._moments(x, plan)
 
 
 def input_gradient_arrays(
     grad: torch.Tensor,
-    x: _Array,
-    plan: _Plan,
-    last: bool,
-    mean: _Float64,
-    invstd: _Float64,
-    gamma: _Array | None,
-    dgamma: _Float64,
-    dbeta: _Float64,
-    count: int,
-) -> torch.Tensor:
-    """dx tensor of the training formula from given float64 sums over count values per channel.
-
-    With the sums and count of every process's batch, this is a synchronized
-    batch norm's input gradient; mean and invstd are the statistics used in
-    the forward, gamma the weight's array (`vector`) or None.
-    """
-    dx = functional._train_input_gradient(
-        _grad_array(grad, last), x, plan, mean, invstd, gamma, dgamma, dbeta, count
-    )
-    return _as_tensor(dx, last)
-
-
-def _param_grad(values: _Float64, dtype: np.dtype[Any]) -> torch.Tensor:
-    """A float64 per-feature array as a tensor of dtype (a NumPy dtype)."""
-    return torch.from_numpy(values.astype(dtype, copy=False))
-
-
-def _torch_batch_norm(
     input: torch.Tensor,
     weight: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    running_mean: torch.Tensor | None,
-    running_var: torch.Tensor | None,
-    eps: float,
-    relu: bool = False,
+    mean: Float64,
+    invstd: Float64,
+    dgamma: Float64,
+    dbeta: Float64,
+    count: int,
 ) -> torch.Tensor:
-    """y with differentiable torch ops: batch statistics if running_mean is None."""
-    reduce = [0, *range(2, input.dim())]
-    shape = _channel_shape(input)
-    if running_mean is None:
-        mean = input.mean(reduce, keepdim=True)
-        var = (input - mean).square().mean(reduce, keepdim=True)
-    else:
-        assert running_var is not None  # given with running_mean
-        mean, var = running_mean.view(shape), running_var.view(shape)
-    y = (input - mean) * torch.rsqrt(var + eps)
-    if weight is not None:
-        y = y * weight.view(shape)
-    if bias is not None:
-        y = y + bias.view(shape)
-    return torch.relu(y) if relu else y
+    """dx of the training formula from given float64 sums over count values per channel.
 
-
-def _double_backward_grads(ctx: Any, grad: torch.Tensor) -> _Grads:
-    """Differentiable gradients (create_graph=True): torch's ops on the saved inputs."""
-    input, weight, bias, running_mean, running_var = ctx.saved_tensors
-    wanted = [
-        t for t, need in zip((input, weight, bias), ctx.needs_input_grad[:3], strict=True) if need
-    ]
-    y = _torch_batch_norm(input, weight, bias, running_mean, running_var, ctx.eps, ctx.relu)
-    found = iter(torch.autograd.grad(y, wanted, grad, create_graph=True, allow_unused=True))
-    return tuple(next(found) if need else None for need in ctx.needs_input_grad[:3])
+    With the sums and count of every process's batch, this is a synchronized
+    batch norm's input gradient; mean and invstd are the statistics the
+    forward normalized with.
+    """
+    x, axis, last = as_array(input)
+    x, plan = functional._planned(x, axis, training=False)
+    dx = empty_output(input)
+    functional._train_input_gradient(
+        grad_array(grad, last), x, plan, mean, invstd, vector(weight), dgamma, dbeta, count,
+        out_array(dx, last),
+    )  # fmt: skip
+    return dx
 
 
 class BatchNormFunction(torch.autograd.Function):
-    # apply() itself, less the Python wrapper's per-argument work for functorch
-    # transforms (see `apply`), which costs microseconds per call.
-
     """y = weight * (input - mean) * invstd + bias, with batch or running statistics.
 
-    ``apply(input, weight, bias, running_mean, running_var, eps, stats, relu)``:
-    batch statistics when running_mean is None, and then the float64 mean
-    and invstd are appended to the list ``stats`` for the caller's
-    running-statistics update; running statistics otherwise (constants).
-    With relu, max(y, 0).
+    ``apply(input, weight, bias, running_mean, running_var, eps, relu)``
+    returns (y, mean, invstd): batch statistics when running_mean is None,
+    running statistics (constants) otherwise; mean and invstd are float64
+    (C,) tensors, not differentiable, that the caller folds into its running
+    statistics. With relu, y is max(y, 0).
     """
 
     @staticmethod
     def forward(
-        ctx: Any,
         input: torch.Tensor,
         weight: torch.Tensor | None,
         bias: torch.Tensor | None,
         running_mean: torch.Tensor | None,
         running_var: torch.Tensor | None,
         eps: float,
-        stats: list[_Stats] | None,
         relu: bool,
-    ) -> torch.Tensor:
-        gamma, beta = vector(weight), vector(bias)
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if running_mean is None:
-            y, mean, invstd, plan, x, last = train_arrays(input, gamma, beta, eps, relu)
-            assert stats is not None  # given with batch statistics
-            stats.append((mean, invstd))
-        else:
-            assert running_var is not None  # given with running_mean
-            y, plan, x, last = eval_arrays(
-                input, running_mean, running_var, weight, bias, eps, relu
-            )
-            mean = running_mean.numpy().astype(np.float64)
-            invstd = 1.0 / np.sqrt(running_var.numpy().astype(np.float64) + eps)
-        ctx.save_for_backward(input, weight, bias, running_mean, running_var)
-        ctx.eps = eps
-        ctx.relu = relu
-        ctx.arrays = (x, plan, last, mean, invstd, gamma, beta, running_mean is None)
-        return y
+            return train_arrays(input, weight, bias, eps, relu)
+        assert running_var is not None  # given with running_mean
+        y = eval_arrays(input, running_mean, running_var, weight, bias, eps, relu)
+        return (y, *running_invstd(running_mean, running_var, eps))
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> _Grads:
-        if torch.is_grad_enabled():
-            return (*_double_backward_grads(ctx, grad), None, None, None, None, None)
-        x, plan, last, mean, invstd, gamma, beta, training = ctx.arrays
-        need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
-        dx, dgamma, dbeta = backward_arrays(
-            grad, x, plan, last, mean, invstd, gamma, training, need_input, ctx.relu, beta
-        )
-        return (
-            dx if need_input else None,
-            _param_grad(dgamma, x.dtype) if need_weight else None,
-            _param_grad(dbeta, x.dtype) if need_bias else None,
-            None,
-            None,
-            None,
-            None,
-            None,
-        )
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor, ...]) -> None:
+        input, weight, bias, running_mean, _, eps, relu = inputs
+        _, mean, invstd = output
+        ctx.mark_non_differentiable(mean, invstd)
+        ctx.save_for_backward(input, weight, bias, mean, invstd)
+        ctx.eps, ctx.relu, ctx.training = eps, relu, running_mean is None
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor, *_statistics_grads: torch.Tensor | None) -> Grads:
+        input, weight, bias, mean, invstd = ctx.saved_tensors
+        needs = ctx.needs_input_grad[:3]
+        if torch.is_grad_enabled():  # create_graph=True: a differentiable gradient
+            training, eps, relu = ctx.training, ctx.eps, ctx.relu
+
+            def formula(
+                input: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None
+            ) -> torch.Tensor:
+                if not training:
+                    return torch_output(input, weight, bias, mean, invstd, relu)
+                batch_mean, var = torch_moments(input)
+                return torch_output(input, weight, bias, batch_mean, torch.rsqrt(var + eps), relu)
+
+            grads = differentiable_grads(needs, grad, formula, input, weight, bias)
+        else:
+            grads = backward_arrays(
+                grad, input, weight, bias, mean, invstd, ctx.training, needs, ctx.relu
+            )
+        return (*grads, None, None, None, None)
+
+
+# `BatchNormFunction.apply`, straight to the C entry: the bridge never calls it under
+# torch.func transforms (they take torch's own op), where the Python wrapper matters.
+apply = _compat.function_apply(BatchNormFunction)
 
 
 # ----------------------------------------------------------- torch.library ops
@@ -310,8 +466,7 @@ def batch_norm_train(
     input: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(y, mean, invstd) with batch statistics; mean and invstd float64, shape (C,)."""
-    y, mean, invstd, _, _, _ = train_arrays(input, vector(weight), vector(bias), eps)
-    return y, torch.from_numpy(mean), torch.from_numpy(invstd)
+    return train_arrays(input, weight, bias, eps)
 
 
 @torch.library.custom_op("fastbn::batch_norm_eval", mutates_args=(), device_types="cpu")
@@ -324,7 +479,7 @@ def batch_norm_eval(
     eps: float,
 ) -> torch.Tensor:
     """y with running statistics."""
-    return eval_arrays(input, running_mean, running_var, weight, bias, eps)[0]
+    return eval_arrays(input, running_mean, running_var, weight, bias, eps)
 
 
 @torch.library.custom_op("fastbn::batch_norm_backward", mutates_args=(), device_types="cpu")
@@ -337,15 +492,11 @@ def batch_norm_backward(
     training: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dx, dweight, dbias); mean and invstd float64, the batch's or the running ones."""
-    x, axis, last = _as_array(input)
-    x, plan = functional._planned(x, axis, training=False)
-    mean64 = mean.detach().numpy()
-    invstd64 = invstd.detach().numpy()
-    dx, dgamma, dbeta = backward_arrays(
-        grad, x, plan, last, mean64, invstd64, vector(weight), training
+    dx, dweight, dbias = backward_arrays(
+        grad, input, weight, None, mean.detach(), invstd.detach(), training, (True, True, True)
     )
-    assert dx is not None  # input_grad: dx is computed
-    return dx, _param_grad(dgamma, x.dtype), _param_grad(dbeta, x.dtype)
+    assert dx is not None and dweight is not None and dbias is not None  # all asked for
+    return dx, dweight, dbias
 
 
 def _stat_like(input: torch.Tensor) -> torch.Tensor:
@@ -356,7 +507,7 @@ def _stat_like(input: torch.Tensor) -> torch.Tensor:
 def _(
     input: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return torch.empty_like(input), _stat_like(input), _stat_like(input)
+    return empty_output(input), _stat_like(input), _stat_like(input)
 
 
 @batch_norm_eval.register_fake
@@ -368,7 +519,7 @@ def _(
     bias: torch.Tensor | None,
     eps: float,
 ) -> torch.Tensor:
-    return torch.empty_like(input)
+    return empty_output(input)
 
 
 @batch_norm_backward.register_fake
@@ -381,7 +532,7 @@ def _(
     training: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     c = input.shape[1]
-    return torch.empty_like(input), input.new_empty((c,)), input.new_empty((c,))
+    return empty_output(input), input.new_empty((c,)), input.new_empty((c,))
 
 
 def _setup_train(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor, ...]) -> None:
@@ -392,7 +543,7 @@ def _setup_train(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor, 
 
 def _backward_train(
     ctx: Any, grad: torch.Tensor, grad_mean: torch.Tensor | None, grad_invstd: torch.Tensor | None
-) -> _Grads:
+) -> Grads:
     input, weight, mean, invstd = ctx.saved_tensors
     dx, dweight, dbias = batch_norm_backward(grad, input, mean, invstd, weight, True)
     if ctx.needs_input_grad[0] and (grad_mean is not None or grad_invstd is not None):
@@ -412,7 +563,7 @@ def _statistics_grad(
     d mean / dx = 1 / M and d invstd / dx = -invstd**3 * (x - mean) / M, per channel.
     """
     count = input.numel() // input.shape[1]
-    shape = _channel_shape(input)
+    shape = channel_shape(input)
     total = torch.zeros((), dtype=torch.float64)
     if grad_mean is not None:
         total = total + grad_mean.view(shape) / count
@@ -420,11 +571,6 @@ def _statistics_grad(
         centered = input.to(torch.float64) - mean.view(shape)
         total = total - (grad_invstd * invstd.pow(3)).view(shape) * centered / count
     return total.to(input.dtype)
-
-
-def _channel_shape(input: torch.Tensor) -> list[int]:
-    """The shape that broadcasts a (C,) vector over input's channel axis 1."""
-    return [1, -1] + [1] * (input.dim() - 2)
 
 
 def _torch_backward(
@@ -436,11 +582,11 @@ def _torch_backward(
     training: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`batch_norm_backward` in differentiable torch ops (for its own gradient)."""
-    reduce = [0, *range(2, input.dim())]
-    shape = _channel_shape(input)
+    dims = reduced_dims(input)
+    shape = channel_shape(input)
     x_hat = (input - mean.view(shape)) * invstd.view(shape)
-    dbias = grad.sum(reduce, dtype=torch.float64)
-    dweight = (grad * x_hat).sum(reduce)
+    dbias = grad.sum(dims, dtype=torch.float64)
+    dweight = (grad * x_hat).sum(dims)
     scale = invstd.view(shape) if weight is None else (weight.view(shape) * invstd.view(shape))
     if training:
         count = input.numel() // input.shape[1]
@@ -461,7 +607,7 @@ def _backward_backward(
     grad_dx: torch.Tensor | None,
     grad_dweight: torch.Tensor | None,
     grad_dbias: torch.Tensor | None,
-) -> _Grads:
+) -> Grads:
     """The gradient of `batch_norm_backward` (double backward), by torch.func.vjp."""
     grad, input, mean, invstd, weight = ctx.saved_tensors
     primals = (grad, input, mean, invstd) + (() if weight is None else (weight,))
@@ -491,8 +637,9 @@ def _setup_eval(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None
     ctx.eps = eps
 
 
-def _backward_eval(ctx: Any, grad: torch.Tensor) -> _Grads:
+def _backward_eval(ctx: Any, grad: torch.Tensor) -> Grads:
     input, running_mean, running_var, weight = ctx.saved_tensors
+    # torch ops: the formula is traced with fake tensors under torch.compile
     mean = running_mean.to(torch.float64)
     invstd = torch.rsqrt(running_var.to(torch.float64) + ctx.eps)
     dx, dweight, dbias = batch_norm_backward(grad, input, mean, invstd, weight, False)
@@ -506,7 +653,7 @@ def _needed(
     dweight: torch.Tensor,
     dbias: torch.Tensor,
     first: tuple[int, int, int] = (0, 1, 2),
-) -> _Grads:
+) -> Grads:
     """The gradients of the inputs at positions ``first`` that need one, else None."""
     needs = ctx.needs_input_grad
     return tuple(g if needs[i] else None for g, i in zip((dx, dweight, dbias), first, strict=True))
@@ -515,23 +662,3 @@ def _needed(
 batch_norm_train.register_autograd(_backward_train, setup_context=_setup_train)
 batch_norm_eval.register_autograd(_backward_eval, setup_context=_setup_eval)
 batch_norm_backward.register_autograd(_backward_backward, setup_context=_setup_backward)
-
-
-_apply_function = torch._C._FunctionBase.__dict__["apply"].__get__(None, BatchNormFunction)
-
-
-def apply(
-    input: torch.Tensor,
-    weight: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    running_mean: torch.Tensor | None,
-    running_var: torch.Tensor | None,
-    eps: float,
-    stats: list[_Stats] | None,
-    relu: bool = False,
-) -> torch.Tensor:
-    """`BatchNormFunction.apply`, straight to the C entry when no functorch transform runs."""
-    args = (input, weight, bias, running_mean, running_var, eps, stats, relu)
-    if torch._C._are_functorch_transforms_active():
-        return BatchNormFunction.apply(*args)
-    return _apply_function(*args)

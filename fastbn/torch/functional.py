@@ -6,6 +6,16 @@ buffers' dtype) leaves running_mean, running_var and the modules'
 num_batches_tracked unchanged, with a RuntimeWarning naming the features.
 Under torch.compile the same rule is computed without branching on data
 (`torch.where`), and the warning is left out.
+
+Which mechanism takes a call (`forward`):
+
+- torch's own op, with torch's rule for the running statistics: tensors
+  off the CPU or of other dtypes, empty input, tracing for torch.jit or
+  ONNX export, torch.func transforms (grad, vmap, jvp, ...) and
+  forward-mode AD. These give torch's results by construction.
+- under torch.compile: the `fastbn::` torch.library ops (`_ops`);
+- eagerly, with gradients to track: `_ops.BatchNormFunction`;
+- eagerly, without: the kernels directly (`_ops.train_arrays`, `_ops.eval_arrays`).
 """
 
 from __future__ import annotations
@@ -19,9 +29,17 @@ import torch
 from numpy.typing import NDArray
 
 from fastbn import _running
-from fastbn.torch import _ops
+from fastbn.torch import _compat, _ops
 
-__all__ = ["batch_norm"]
+__all__ = [
+    "batch_norm",
+    "check_sizes",
+    "fold",
+    "forward",
+    "takes_torch_op",
+    "verify_batch_size",
+    "warn_not_taken",
+]
 
 
 def batch_norm(
@@ -31,7 +49,7 @@ def batch_norm(
     weight: torch.Tensor | None = None,
     bias: torch.Tensor | None = None,
     training: bool = False,
-    momentum: float | None = 0.1,
+    momentum: float = 0.1,
     eps: float = 1e-5,
 ) -> torch.Tensor:
     """Batch normalization over channel axis 1, as `torch.nn.functional.batch_norm`.
@@ -54,13 +72,24 @@ def batch_norm(
     Returns
     -------
     Tensor
-        The output, of input's shape, dtype and memory format.
+        The output, of input's shape and dtype; channels-last for
+        channels-last input, else contiguous.
     """
+    tensors = (input, running_mean, running_var, weight, bias)
+    if torch.overrides.has_torch_function(tensors):  # torch.fx proxies, tensor subclasses
+        return torch.overrides.handle_torch_function(
+            batch_norm, tensors, input, running_mean, running_var, weight=weight, bias=bias,
+            training=training, momentum=momentum, eps=eps,
+        )  # fmt: skip
+    if momentum is None:  # torch's F.batch_norm takes no None (the modules' cumulative average)
+        raise TypeError(
+            "batch_norm(): argument 'momentum' (position 7) must be float, not NoneType"
+        )
     if training:
         verify_batch_size(input.size())
     return forward(
         input, running_mean, running_var, weight, bias, training, momentum, eps, stacklevel=4
-    )[0]
+    )
 
 
 def verify_batch_size(size: Sequence[int]) -> None:
@@ -71,22 +100,36 @@ def verify_batch_size(size: Sequence[int]) -> None:
         )
 
 
-def _check_sizes(
+def check_sizes(
     n_channels: int,
-    weight: torch.Tensor | None,
-    bias: torch.Tensor | None,
     running_mean: torch.Tensor | None,
     running_var: torch.Tensor | None,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
 ) -> None:
-    """torch's check of the per-channel tensors, with its RuntimeError."""
+    """torch's check of the per-channel tensors: its order and its RuntimeError."""
     for name, t in (
-        ("weight", weight),
-        ("bias", bias),
         ("running_mean", running_mean),
         ("running_var", running_var),
+        ("weight", weight),
+        ("bias", bias),
     ):
         if t is not None and t.numel() != n_channels:
             raise RuntimeError(f"{name} should contain {n_channels} elements not {t.numel()}")
+
+
+def takes_torch_op(input: torch.Tensor, *tensors: torch.Tensor | None) -> bool:
+    """Whether torch's own op must take this call (see the module's docstring).
+
+    ``tensors`` are the call's per-channel tensors.
+    """
+    return (
+        not _ops.fast_path(input, *tensors)
+        or input.numel() == 0
+        or _compat.transforms_active(input, *tensors)
+        or _compat.dual_tensors(input, *tensors)
+        or (torch.compiler.is_compiling() and torch.onnx.is_in_onnx_export())
+    )
 
 
 def _needs_grad(
@@ -111,68 +154,54 @@ def forward(
     num_batches_tracked: torch.Tensor | None = None,
     stacklevel: int = 2,
     relu: bool = False,
-) -> tuple[torch.Tensor, bool | torch.Tensor]:
-    """(y, whether the running statistics took the batch) for `batch_norm` and the modules.
+) -> torch.Tensor:
+    """y of `batch_norm` and the modules; the running statistics take a training batch.
 
     With ``num_batches_tracked`` (a module's counter) it is incremented when
-    the batch is taken, and momentum None means the cumulative average. The
-    second result is a bool, or a bool tensor under torch.compile.
+    the batch is taken, and momentum None means the cumulative average.
     ``stacklevel`` is the warning's, counted from the function that warns
-    (two levels below this one), so that it names the user's line. With
-    ``relu``, y is followed by a ReLU (fused in the kernels).
+    (`fold`, two levels below this one), so that it names the user's line.
+    With ``relu``, y is followed by a ReLU (fused in the kernels).
     """
-    taken: bool | torch.Tensor
     if (running_mean is None) is not (running_var is None):
         raise ValueError(
             "running_mean and running_var must either both be None or neither be None"
         )  # torch's error
-    compiling = torch.compiler.is_compiling()
-    # fast_path first: under torch.jit.trace, numel() would warn of a traced value.
-    if (
-        not _ops.fast_path(input, weight, bias, running_mean, running_var)
-        or input.numel() == 0
-        or not (training or running_mean is not None)
-        or (compiling and torch.onnx.is_in_onnx_export())
+    if (not training and running_mean is None) or takes_torch_op(
+        input, weight, bias, running_mean, running_var
     ):
-        y, taken = _torch_forward(
+        y = _torch_forward(
             input, running_mean, running_var, weight, bias, training, momentum, eps,
             num_batches_tracked,
         )  # fmt: skip
-        return (torch.relu(y) if relu else y), taken
-    _check_sizes(input.shape[1], weight, bias, running_mean, running_var)
-    if compiling:
-        y, taken = _compiled(
+        return torch.relu(y) if relu else y
+    check_sizes(input.shape[1], running_mean, running_var, weight, bias)
+    if torch.compiler.is_compiling():
+        y = _compiled(
             input, running_mean, running_var, weight, bias, training, momentum, eps,
             num_batches_tracked,
         )  # fmt: skip
-        return (torch.relu(y) if relu else y), taken
+        return torch.relu(y) if relu else y
     grad = _needs_grad(input, weight, bias)
     if not training:
+        assert running_mean is not None and running_var is not None  # else torch's op took it
         if grad:
-            y = _ops.apply(input, weight, bias, running_mean, running_var, eps, None, relu)
-        else:  # torch's op took the call if running_mean is None; running_var comes with it
-            assert running_mean is not None and running_var is not None
-            y = _ops.eval_arrays(input, running_mean, running_var, weight, bias, eps, relu)[0]
-        return y, False
+            return _ops.apply(input, weight, bias, running_mean, running_var, eps, relu)[0]
+        return _ops.eval_arrays(input, running_mean, running_var, weight, bias, eps, relu)
     if grad:
-        stats: list[_ops._Stats] = []
-        y = _ops.apply(input, weight, bias, None, None, eps, stats, relu)
-        mean, invstd = stats[0]
+        y, mean, invstd = _ops.apply(input, weight, bias, None, None, eps, relu)
     else:
-        y, mean, invstd, _, _, _ = _ops.train_arrays(
-            input, _ops.vector(weight), _ops.vector(bias), eps, relu
-        )
-    if running_mean is None:
-        return y, False
-    assert running_var is not None  # given with running_mean
-    taken = _fold(
-        running_mean, running_var, mean, invstd, eps, momentum, num_batches_tracked,
-        input.numel() // input.shape[1], stacklevel,
-    )  # fmt: skip
-    return y, taken
+        y, mean, invstd = _ops.train_arrays(input, weight, bias, eps, relu)
+    if running_mean is not None:
+        assert running_var is not None  # given with running_mean
+        fold(
+            running_mean, running_var, mean.numpy(), invstd.numpy(), eps, momentum,
+            num_batches_tracked, input.numel() // input.shape[1], stacklevel,
+        )  # fmt: skip
+    return y
 
 
-def _fold(
+def fold(
     running_mean: torch.Tensor,
     running_var: torch.Tensor,
     mean: NDArray[np.float64],
@@ -182,8 +211,14 @@ def _fold(
     counter: torch.Tensor | None,
     count: int,
     stacklevel: int,
+    what: str = "batch statistics",
 ) -> bool:
-    """Eager running-statistics update in place: all features and the counter, or nothing."""
+    """Eager running-statistics update in place: all features and the counter, or nothing.
+
+    mean and invstd are a batch's float64 statistics over count values per
+    channel. Returns whether the batch was taken; if not, a RuntimeWarning
+    names the features (``what`` the statistics, in its message).
+    """
     counter_array = None if counter is None else counter.numpy()
     if momentum is None:
         momentum = 0.0 if counter_array is None else 1.0 / (int(counter_array) + 1)
@@ -191,17 +226,22 @@ def _fold(
         running_mean.numpy(), running_var.numpy(), mean, invstd, eps, momentum, count / (count - 1)
     )
     if bad:
-        warnings.warn(
-            f"the batch statistics of features {_running.feature_list(bad)} are not finite "
-            f"(or overflow {running_mean.dtype}): running_mean, running_var and "
-            "num_batches_tracked were left unchanged",
-            RuntimeWarning,
-            stacklevel=stacklevel,
-        )
+        warn_not_taken(bad, running_mean.dtype, stacklevel + 1, what)
         return False
     if counter_array is not None:
         counter_array += 1
     return True
+
+
+def warn_not_taken(bad: Sequence[int], dtype: torch.dtype, stacklevel: int, what: str) -> None:
+    """The RuntimeWarning of a batch the running statistics did not take (features ``bad``)."""
+    warnings.warn(
+        f"the {what} of features {_running.feature_list(bad)} are not finite "
+        f"(or overflow {dtype}): running_mean, running_var and num_batches_tracked were "
+        "left unchanged",
+        RuntimeWarning,
+        stacklevel=stacklevel,  # counted from this function
+    )
 
 
 def _torch_forward(
@@ -214,16 +254,15 @@ def _torch_forward(
     momentum: float | None,
     eps: float,
     counter: torch.Tensor | None,
-) -> tuple[torch.Tensor, bool]:
+) -> torch.Tensor:
     """torch's own op, with torch's rule for the running statistics (the fallback)."""
     if counter is not None:
         counter.add_(1)
         if momentum is None:
             momentum = 1.0 / float(counter)
-    y = torch.batch_norm(
+    return torch.batch_norm(
         input, weight, bias, running_mean, running_var, training, momentum or 0.0, eps, False
     )
-    return y, True
 
 
 def _compiled(
@@ -236,31 +275,18 @@ def _compiled(
     momentum: float | None,
     eps: float,
     counter: torch.Tensor | None,
-) -> tuple[torch.Tensor, bool | torch.Tensor]:
+) -> torch.Tensor:
     """The torch.library ops, and the running-statistics rule without data-dependent branches."""
     if not training:
-        y = torch.ops.fastbn.batch_norm_eval(input, running_mean, running_var, weight, bias, eps)
-        return y, False
+        eval_op = torch.ops.fastbn.batch_norm_eval
+        return eval_op(input, running_mean, running_var, weight, bias, eps)
     y, mean, invstd = torch.ops.fastbn.batch_norm_train(input, weight, bias, eps)
-    if running_mean is None:
-        return y, False
-    assert running_var is not None  # given with running_mean
-    count = input.numel() // input.shape[1]
-    with torch.no_grad():
-        var = (invstd.reciprocal().square() - eps).clamp_min(0.0) * (count / (count - 1))
-        if momentum is None:
-            factor = 0.0 if counter is None else 1.0 / (counter + 1).to(torch.float64)
-        else:
-            factor = momentum
-        new_mean = ((1.0 - factor) * running_mean.to(torch.float64) + factor * mean).to(
-            running_mean.dtype
-        )
-        new_var = ((1.0 - factor) * running_var.to(torch.float64) + factor * var).to(
-            running_var.dtype
-        )
-        taken = torch.isfinite(new_mean).all() & torch.isfinite(new_var).all()
-        running_mean.copy_(torch.where(taken, new_mean, running_mean))
-        running_var.copy_(torch.where(taken, new_var, running_var))
-        if counter is not None:
-            counter.add_(taken.to(counter.dtype))
-    return y, taken
+    if running_mean is not None:
+        assert running_var is not None  # given with running_mean
+        with torch.no_grad():
+            var = (invstd.reciprocal().square() - eps).clamp_min(0.0)
+        _ops.fold_torch(
+            running_mean, running_var, mean, var, momentum, counter,
+            input.numel() // input.shape[1],
+        )  # fmt: skip
+    return y

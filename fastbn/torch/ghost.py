@@ -12,10 +12,11 @@ num_batches_tracked unchanged, here for the whole batch (all slices or none).
   functional API on NumPy views of the tensors' memory, viewed as `_ops`
   views them (channels_last as the (N, ..., C) permutation with axis=-1),
   and a RuntimeWarning naming the features of a batch not taken.
-- Under torch.compile, and for other devices or dtypes, or when traced:
-  `_formula`, the same arithmetic in torch ops (statistics in float64 on the
-  CPU, else in at least float32), and the running-statistics rule without
-  branching on data (`torch.where`), without the warning.
+- Under torch.compile, for other devices or dtypes, when traced, and under
+  torch.func transforms or forward-mode AD: `_formula`, the same arithmetic
+  in torch ops (statistics in float64 on the CPU, else in at least
+  float32), and the running-statistics rule without branching on data
+  (`fastbn.torch._ops.fold_torch`), without the warning.
 """
 
 from __future__ import annotations
@@ -29,8 +30,8 @@ import torch
 from numpy.typing import NDArray
 
 from fastbn import ghost
-from fastbn.torch import _ops
-from fastbn.torch.functional import _check_sizes, _fold
+from fastbn.torch import _compat, _ops
+from fastbn.torch.functional import check_sizes, fold, takes_torch_op
 
 __all__ = ["GhostBatchNormFunction", "forward"]
 
@@ -72,31 +73,33 @@ def forward(
     Returns
     -------
     Tensor
-        The output, of input's shape, dtype and memory format.
+        The output, of input's shape and dtype, in the memory format of
+        `fastbn.torch.batch_norm`'s.
     """
     k = ghost.checked_virtual_batch_size(virtual_batch_size)
     _check_batch(input.shape, k)
-    _check_sizes(input.shape[1], weight, bias, running_mean, running_var)
+    check_sizes(input.shape[1], running_mean, running_var, weight, bias)
     count = math.prod(input.shape[2:]) * k  # values per channel in a slice
-    if (
-        torch.compiler.is_compiling()
-        or not _ops.fast_path(input, weight, bias, running_mean, running_var)
-        or input.numel() == 0
+    if torch.compiler.is_compiling() or takes_torch_op(
+        input, weight, bias, running_mean, running_var
     ):
         y, mean, var = _formula(input, weight, bias, k, eps)
         if running_mean is not None:
             assert running_var is not None  # given with running_mean
-            _fold_formula(
+            _ops.fold_torch(
                 running_mean, running_var, mean, var, momentum, num_batches_tracked, count
             )
         return y
-    stats: list[_ops._Stats] = []
-    y = GhostBatchNormFunction.apply(input, weight, bias, k, eps, stats)
+    if torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (input, weight, bias)
+    ):
+        y, mean_t, invstd_t = _apply(input, weight, bias, k, eps)
+    else:
+        y, mean_t, invstd_t = _train_arrays(input, weight, bias, k, eps)
     if running_mean is not None:
         assert running_var is not None  # given with running_mean
-        mean_array, invstd_array = stats[0]
         _fold_slices(
-            running_mean, running_var, mean_array, invstd_array, eps, momentum,
+            running_mean, running_var, mean_t.numpy(), invstd_t.numpy(), eps, momentum,
             num_batches_tracked, count, stacklevel + 1,
         )  # fmt: skip
     return y
@@ -130,12 +133,12 @@ def _fold_slices(
     """Eager: each slice's (G, C) statistics folded in order by torch's rule, all or none.
 
     Into clones, which replace the buffers and counter once every slice was
-    taken; `_fold` warns of a slice that was not, with ``stacklevel``.
+    taken; `fold` warns of a slice that was not, with ``stacklevel``.
     """
     new_mean, new_var = running_mean.clone(), running_var.clone()
     new_counter = None if counter is None else counter.clone()
     for g in range(mean.shape[0]):
-        taken = _fold(
+        taken = fold(
             new_mean, new_var, mean[g], invstd[g], eps, momentum, new_counter, count, stacklevel
         )
         if not taken:
@@ -161,98 +164,86 @@ def _formula(
     channels-last tensor is dense, so the element-wise results keep its strides.
     """
     n_slices = input.shape[0] // k
-    accumulate = torch.float64 if input.is_cpu else torch.promote_types(input.dtype, torch.float32)
-    x = input.reshape(n_slices, k, *input.shape[1:]).to(accumulate)
+    x = input.reshape(n_slices, k, *input.shape[1:]).to(_ops.accumulation_dtype(input))
     var, mean = torch.var_mean(x, dim=[1, *range(3, x.dim())], correction=0, keepdim=True)
     y = (x - mean) * torch.rsqrt(var + eps)
     channel = [1, 1, -1] + [1] * (input.dim() - 2)
     if weight is not None:
-        y = y * weight.to(accumulate).view(channel)
+        y = y * weight.to(x.dtype).view(channel)
     if bias is not None:
-        y = y + bias.to(accumulate).view(channel)
+        y = y + bias.to(x.dtype).view(channel)
     y = y.to(input.dtype).reshape(input.shape)
     return y, mean.reshape(n_slices, -1), var.reshape(n_slices, -1)
 
 
-def _fold_formula(
-    running_mean: torch.Tensor,
-    running_var: torch.Tensor,
-    mean: torch.Tensor,
-    var: torch.Tensor,
-    momentum: float | None,
-    counter: torch.Tensor | None,
-    count: int,
-) -> None:
-    """Each slice folded in order by torch's rule, all or none, without branching on data."""
-    with torch.no_grad():
-        var = var * (count / (count - 1))
-        new_mean, new_var = running_mean, running_var
-        for g in range(mean.shape[0]):
-            if momentum is None:
-                factor = 0.0 if counter is None else 1.0 / (counter + (g + 1)).to(torch.float64)
-            else:
-                factor = momentum
-            new_mean = ((1.0 - factor) * new_mean.to(torch.float64) + factor * mean[g]).to(
-                running_mean.dtype
-            )
-            new_var = ((1.0 - factor) * new_var.to(torch.float64) + factor * var[g]).to(
-                running_var.dtype
-            )
-        # A slice that is not finite leaves NaN or inf in every later result.
-        taken = torch.isfinite(new_mean).all() & torch.isfinite(new_var).all()
-        running_mean.copy_(torch.where(taken, new_mean, running_mean))
-        running_var.copy_(torch.where(taken, new_var, running_var))
-        if counter is not None:
-            counter.add_(taken.to(counter.dtype) * mean.shape[0])
+def _train_arrays(
+    input: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, k: int, eps: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The ghost kernels: (y, mean, invstd), the last two float64 (G, C)."""
+    x, axis, last = _ops.as_array(input)
+    y = _ops.empty_output(input)
+    x, plan = ghost.planned(x, axis, k)
+    _, mean, invstd = ghost.train(
+        x, plan, _ops.vector(weight), _ops.vector(bias), eps, _ops.out_array(y, last)
+    )
+    return y, torch.from_numpy(mean), torch.from_numpy(invstd)
 
 
 class GhostBatchNormFunction(torch.autograd.Function):
     """Each virtual batch normalized with its own statistics, on fastbn's ghost kernels.
 
-    ``apply(input, weight, bias, virtual_batch_size, eps, stats)``: the
-    float64 (G, C) mean and invstd are appended to the list ``stats`` for
-    the caller's running-statistics update. A double backward
+    ``apply(input, weight, bias, virtual_batch_size, eps)`` returns (y,
+    mean, invstd), the last two float64 (G, C) tensors, not differentiable,
+    for the caller's running-statistics update. A double backward
     (``create_graph=True``) differentiates `_formula` instead.
     """
 
     @staticmethod
     def forward(
-        ctx: Any,
         input: torch.Tensor,
         weight: torch.Tensor | None,
         bias: torch.Tensor | None,
         virtual_batch_size: int,
         eps: float,
-        stats: list[_ops._Stats],
-    ) -> torch.Tensor:
-        x, axis, last = _ops._as_array(input)
-        gamma = _ops.vector(weight)
-        x, plan = ghost.planned(x, axis, virtual_batch_size)
-        y, mean, invstd = ghost.train(x, plan, gamma, _ops.vector(bias), eps, None)
-        stats.append((mean, invstd))
-        ctx.save_for_backward(input, weight, bias)
-        ctx.virtual_batch_size, ctx.eps = virtual_batch_size, eps
-        ctx.arrays = (x, plan, last, mean, invstd, gamma)
-        return _ops._as_tensor(y, last)
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return _train_arrays(input, weight, bias, virtual_batch_size, eps)
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> _ops._Grads:
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor, ...]) -> None:
+        input, weight, bias, virtual_batch_size, eps = inputs
+        _, mean, invstd = output
+        ctx.mark_non_differentiable(mean, invstd)
+        ctx.save_for_backward(input, weight, bias, mean, invstd)
+        ctx.virtual_batch_size, ctx.eps = virtual_batch_size, eps
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor, *_statistics_grads: Any) -> _ops.Grads:
+        input, weight, bias, mean, invstd = ctx.saved_tensors
         needs = ctx.needs_input_grad[:3]
         if torch.is_grad_enabled():  # create_graph=True: a differentiable gradient
-            input, weight, bias = ctx.saved_tensors
-            wanted = [t for t, need in zip((input, weight, bias), needs, strict=True) if need]
-            y = _formula(input, weight, bias, ctx.virtual_batch_size, ctx.eps)[0]
-            found = iter(torch.autograd.grad(y, wanted, grad, create_graph=True))
-            return (*(next(found) if need else None for need in needs), None, None, None)
-        x, plan, last, mean, invstd, gamma = ctx.arrays
-        dx, dgamma, dbeta = ghost.backward(
-            _ops._grad_array(grad, last), x, plan, mean, invstd, gamma, None
-        )
+            k, eps = ctx.virtual_batch_size, ctx.eps
+
+            def formula(
+                input: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None
+            ) -> torch.Tensor:
+                return _formula(input, weight, bias, k, eps)[0]
+
+            grads = _ops.differentiable_grads(needs, grad, formula, input, weight, bias)
+            return (*grads, None, None)
+        x, axis, last = _ops.as_array(input)
+        x, plan = ghost.planned(x, axis, ctx.virtual_batch_size)
+        dx = _ops.empty_output(input)
+        _, dgamma, dbeta = ghost.backward(
+            _ops.grad_array(grad, last), x, plan, mean.numpy(), invstd.numpy(),
+            _ops.vector(weight), _ops.out_array(dx, last),
+        )  # fmt: skip
         return (
-            _ops._as_tensor(dx, last) if needs[0] else None,
-            _ops._param_grad(dgamma, x.dtype) if needs[1] else None,
-            _ops._param_grad(dbeta, x.dtype) if needs[2] else None,
-            None,
+            dx if needs[0] else None,
+            _ops.param_grad(dgamma, x.dtype) if needs[1] else None,
+            _ops.param_grad(dbeta, x.dtype) if needs[2] else None,
             None,
             None,
         )
+
+
+_apply = _compat.function_apply(GhostBatchNormFunction)

@@ -35,6 +35,7 @@ __all__ = [
     "BatchNormReLU3d",
     "convert",
     "forward_state",
+    "leaf_call",
     "revert",
 ]
 
@@ -115,6 +116,8 @@ class _FastBatchNorm(_MixinBase):
 
     @torch.jit.unused
     def _fast_forward(self, input: torch.Tensor) -> torch.Tensor:
+        if isinstance(input, torch.fx.Proxy):
+            return leaf_call(self, input)
         self._check_input_dim(input)
         weight, bias, running_mean, running_var, counter, momentum = forward_state(self)
         batch_stats = self.training or (running_mean is None and running_var is None)
@@ -142,7 +145,19 @@ class _FastBatchNorm(_MixinBase):
             counter,
             stacklevel=7,  # the caller of the module, through torch's Module.__call__
             relu=self.fused_relu,
-        )[0]
+        )
+
+
+def leaf_call(module: torch.nn.Module, input: torch.fx.Proxy) -> torch.fx.Proxy:
+    """A ``call_module`` node for module, as torch.fx records torch's own BatchNorm (a leaf).
+
+    fx traces into the forward of modules outside ``torch.nn``; recording the
+    call instead keeps the module's behaviour dynamic (train and eval mode,
+    the running statistics), as it is for torch's modules in a traced graph.
+    """
+    tracer = input.tracer
+    assert isinstance(tracer, torch.fx.Tracer)  # symbolic_trace's, or a subclass
+    return tracer.create_proxy("call_module", tracer.path_of_module(module), (input,), {})
 
 
 def forward_state(module: _BatchNorm) -> _ForwardState:
@@ -151,10 +166,15 @@ def forward_state(module: _BatchNorm) -> _ForwardState:
     Returns (weight, bias, running_mean, running_var, counter, momentum):
     counter is num_batches_tracked when this forward may fold the batch into
     the running statistics (training and tracking), else None, and momentum
-    None (the cumulative average) only then. Read from the module's dicts,
-    not its attributes: Module.__getattr__ costs about 0.5 us a tensor.
+    None (the cumulative average) only then. Buffers are read from the
+    module's dict (Module.__getattr__ costs about 0.5 us a tensor), and so
+    are weight and bias while they are plain parameters; where pruning or a
+    parametrization took them out of it, as the attributes torch's forward
+    reads (``module.weight``), so that the reparametrized tensors apply.
     """
     parameters, buffers = module._parameters, module._buffers
+    weight = parameters["weight"] if "weight" in parameters else module.weight
+    bias = parameters["bias"] if "bias" in parameters else module.bias
     counter: torch.Tensor | None = None
     momentum: float | None = 0.0 if module.momentum is None else module.momentum
     if module.training and module.track_running_stats:
@@ -162,8 +182,8 @@ def forward_state(module: _BatchNorm) -> _ForwardState:
         if counter is not None:
             momentum = module.momentum
     return (
-        parameters.get("weight"),
-        parameters.get("bias"),
+        weight,
+        bias,
         buffers.get("running_mean"),
         buffers.get("running_var"),
         counter,

@@ -42,8 +42,8 @@ from torch.types import Device
 
 from fastbn import functional as fastbn_functional
 from fastbn import renorm
-from fastbn.torch import _ops, functional
-from fastbn.torch.modules import forward_state
+from fastbn.torch import _compat, _ops, functional
+from fastbn.torch.modules import forward_state, leaf_call
 
 __all__ = ["BatchRenorm1d", "BatchRenorm2d", "BatchRenorm3d", "BatchRenormFunction"]
 
@@ -53,7 +53,7 @@ _DEFAULT_CLIPPING = {"rmax": 3.0, "rmin": None, "dmax": 5.0}
 _LIMIT_NAMES = ("rmax", "dmax", "rmin")
 
 
-def _renorm_limits(rmax: float, rmin: float | None, dmax: float) -> renorm._Limits:
+def _renorm_limits(rmax: float, rmin: float | None, dmax: float) -> renorm.Limits:
     """(r_min, r_max, d_max) checked by `renorm.clip_limits`, errors naming the attributes."""
     return renorm.clip_limits(rmax, dmax, rmin, names=_LIMIT_NAMES)
 
@@ -61,51 +61,66 @@ def _renorm_limits(rmax: float, rmin: float | None, dmax: float) -> renorm._Limi
 class BatchRenormFunction(torch.autograd.Function):
     """Batch Renormalization's training output on fastbn's kernels (CPU float32/float64).
 
-    ``apply(input, weight, bias, running_mean, running_var, eps, limits, stats)``:
-    limits is (r_min, r_max, d_max); the float64 batch (mean, invstd) are
-    appended to the list ``stats`` for the caller's running-statistics update.
+    ``apply(input, weight, bias, running_mean, running_var, eps, limits)``
+    returns (y, mean, invstd, r, d): limits is (r_min, r_max, d_max); the
+    float64 (C,) batch mean and invstd (for the caller's running-statistics
+    update) and the corrections r and d are not differentiable.
     """
 
     @staticmethod
     def forward(
-        ctx: Any,
         input: torch.Tensor,
         weight: torch.Tensor | None,
         bias: torch.Tensor | None,
         running_mean: torch.Tensor,
         running_var: torch.Tensor,
         eps: float,
-        limits: renorm._Limits,
-        stats: list[_ops._Stats],
-    ) -> torch.Tensor:
-        x, axis, last = _ops._as_array(input)
+        limits: renorm.Limits,
+    ) -> tuple[torch.Tensor, ...]:
+        x, axis, last = _ops.as_array(input)
+        y = _ops.empty_output(input)
         x, plan = fastbn_functional._planned(x, axis, training=True)
-        gamma = _ops.vector(weight)
-        y, mean, invstd, r, d = renorm._train(
-            x, plan, running_mean.numpy(), running_var.numpy(), gamma, _ops.vector(bias),
-            limits, eps, None,
+        _, mean, invstd, r, d = renorm._train(
+            x, plan, _ops.vector(running_mean), _ops.vector(running_var), _ops.vector(weight),
+            _ops.vector(bias), limits, eps, _ops.out_array(y, last),
         )  # fmt: skip
-        stats.append((mean, invstd))
-        ctx.save_for_backward(input, weight, bias)
-        ctx.eps = eps
-        ctx.arrays = (x, plan, last, mean, invstd, r, d, gamma)
-        return _ops._as_tensor(y, last)
+        return (y, *(torch.from_numpy(a) for a in (mean, invstd, r, d)))
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> _ops._Grads:
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor, ...]) -> None:
+        input, weight, bias, _, _, eps, _ = inputs
+        _, mean, invstd, r, d = output
+        ctx.mark_non_differentiable(mean, invstd, r, d)
+        ctx.save_for_backward(input, weight, bias, mean, invstd, r, d)
+        ctx.eps = eps
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor, *_constants_grads: Any) -> _ops.Grads:
+        input, weight, bias, mean, invstd, r, d = ctx.saved_tensors
+        needs = ctx.needs_input_grad[:3]
         if torch.is_grad_enabled():  # create_graph=True: a differentiable gradient
-            return (*_double_backward_grads(ctx, grad), None, None, None, None, None)
-        x, plan, last, mean, invstd, r, d, gamma = ctx.arrays
-        need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
-        dx, dgamma, dbeta = renorm._backward(
-            _ops._grad_array(grad, last), x, mean, invstd, r, d, gamma, plan.axis, None,
-            forward_plan=plan, input_grad=need_input,
+            eps = ctx.eps
+
+            def formula(
+                input: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None
+            ) -> torch.Tensor:
+                batch_mean, var = _ops.torch_moments(input)
+                return _renorm_output(input, weight, bias, batch_mean, var, r, d, eps)
+
+            grads = _ops.differentiable_grads(needs, grad, formula, input, weight, bias)
+            return (*grads, None, None, None, None)
+        x, axis, last = _ops.as_array(input)
+        x, plan = fastbn_functional._planned(x, axis, training=True)
+        dx = _ops.empty_output(input) if needs[0] else None
+        _, dgamma, dbeta = renorm._backward(
+            _ops.grad_array(grad, last), x, mean.numpy(), invstd.numpy(), r.numpy(), d.numpy(),
+            _ops.vector(weight), plan.axis, None if dx is None else _ops.out_array(dx, last),
+            forward_plan=plan, input_grad=needs[0],
         )  # fmt: skip
         return (
-            None if dx is None else _ops._as_tensor(dx, last),
-            _ops._param_grad(dgamma, x.dtype) if need_weight else None,
-            _ops._param_grad(dbeta, x.dtype) if need_bias else None,
-            None,
+            dx,
+            _ops.param_grad(dgamma, x.dtype) if needs[1] else None,
+            _ops.param_grad(dbeta, x.dtype) if needs[2] else None,
             None,
             None,
             None,
@@ -113,38 +128,10 @@ class BatchRenormFunction(torch.autograd.Function):
         )
 
 
-def _double_backward_grads(ctx: Any, grad: torch.Tensor) -> _ops._Grads:
-    """The forward's gradients in differentiable torch ops, r and d the forward's constants."""
-    input, weight, bias = ctx.saved_tensors
-    _, _, _, _, _, r, d, _ = ctx.arrays
-    wanted = [
-        t for t, need in zip((input, weight, bias), ctx.needs_input_grad[:3], strict=True) if need
-    ]
-    mean, var = _batch_moments(input)
-    y = _renorm_output(
-        input, weight, bias, mean, var, torch.from_numpy(r), torch.from_numpy(d), ctx.eps
-    )
-    found = iter(torch.autograd.grad(y, wanted, grad, create_graph=True, allow_unused=True))
-    return tuple(next(found) if need else None for need in ctx.needs_input_grad[:3])
+_apply = _compat.function_apply(BatchRenormFunction)
 
 
 # ------------------------------------------------------------- torch ops
-
-
-def _accumulation_dtype(input: torch.Tensor) -> torch.dtype:
-    """float64 on the CPU, as fastbn's statistics; elsewhere at least float32 (MPS: no float64)."""
-    if input.is_cpu:
-        return torch.float64
-    return torch.promote_types(input.dtype, torch.float32)
-
-
-def _batch_moments(input: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The batch mean and biased variance per channel (dimension 1), differentiable."""
-    x = input.to(_accumulation_dtype(input))
-    dims = [0, *range(2, input.dim())]
-    mean = x.mean(dims)
-    var = (x - mean.view(_ops._channel_shape(input))).square().mean(dims)
-    return mean, var
 
 
 def _renorm_output(
@@ -158,7 +145,7 @@ def _renorm_output(
     eps: float,
 ) -> torch.Tensor:
     """weight * (x_hat * r + d) + bias in input's dtype; mean, var in the accumulation dtype."""
-    shape = _ops._channel_shape(input)
+    shape = _ops.channel_shape(input)
     x_hat = (input.to(mean.dtype) - mean.view(shape)) * torch.rsqrt(var + eps).view(shape)
     y = x_hat * r.view(shape) + d.view(shape)
     if weight is not None:
@@ -210,46 +197,19 @@ def _torch_train(
     running_mean: torch.Tensor,
     running_var: torch.Tensor,
     eps: float,
-    limits: renorm._Limits,
+    limits: renorm.Limits,
     momentum: float | None,
     counter: torch.Tensor | None,
 ) -> torch.Tensor:
     """The training forward in torch ops, and the running statistics' update in place."""
-    mean, var = _batch_moments(input)
+    mean, var = _ops.torch_moments(input)
     r, d = _corrections(mean.detach(), var.detach(), running_mean, running_var, eps, *limits)
     y = _renorm_output(input, weight, bias, mean, var, r, d, eps)
     count = input.numel() // input.shape[1]
-    _fold_torch(running_mean, running_var, mean.detach(), var.detach(), momentum, counter, count)
+    _ops.fold_torch(
+        running_mean, running_var, mean.detach(), var.detach(), momentum, counter, count
+    )
     return y
-
-
-def _fold_torch(
-    running_mean: torch.Tensor,
-    running_var: torch.Tensor,
-    mean: torch.Tensor,
-    var: torch.Tensor,
-    momentum: float | None,
-    counter: torch.Tensor | None,
-    count: int,
-) -> None:
-    """torch's running-statistics rule, all or nothing, without branching on data."""
-    with torch.no_grad():
-        if momentum is None:
-            factor = 0.0 if counter is None else 1.0 / (counter + 1).to(mean.dtype)
-        else:
-            factor = momentum
-        unbiased = var * (count / (count - 1))
-        new_mean = ((1.0 - factor) * running_mean.to(mean.dtype) + factor * mean).to(
-            running_mean.dtype
-        )
-        new_var = ((1.0 - factor) * running_var.to(var.dtype) + factor * unbiased).to(
-            running_var.dtype
-        )
-        taken = torch.isfinite(new_mean).all() & torch.isfinite(new_var).all()
-        running_mean.copy_(torch.where(taken, new_mean, running_mean))
-        running_var.copy_(torch.where(taken, new_var, running_var))
-        if counter is not None:
-            counter.add_(taken.to(counter.dtype))
 
 
 # --------------------------------------------------------------- modules
@@ -329,32 +289,37 @@ class _BatchRenorm(_BatchNorm):
         return f"{super().extra_repr()}, rmax={self.rmax}, rmin={self.rmin}, dmax={self.dmax}"
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if isinstance(input, torch.fx.Proxy):
+            return leaf_call(self, input)
         self._check_input_dim(input)
         weight, bias, running_mean, running_var, counter, momentum = forward_state(self)
         if not self.training:
             return functional.forward(
-                input, running_mean, running_var, weight, bias, False, momentum, self.eps,
-            )[0]  # fmt: skip
+                input, running_mean, running_var, weight, bias, False, momentum, self.eps
+            )
         # Tracked: the constructor requires track_running_stats=True.
         assert running_mean is not None and running_var is not None
         limits = _renorm_limits(self.rmax, self.rmin, self.dmax)
         functional.verify_batch_size(input.size())
-        functional._check_sizes(input.shape[1], weight, bias, running_mean, running_var)
-        if (
-            torch.compiler.is_compiling()
-            or input.numel() == 0
-            or not _ops.fast_path(input, weight, bias, running_mean, running_var)
+        functional.check_sizes(input.shape[1], running_mean, running_var, weight, bias)
+        if torch.compiler.is_compiling() or functional.takes_torch_op(
+            input, weight, bias, running_mean, running_var
         ):
             return _torch_train(
                 input, weight, bias, running_mean, running_var, self.eps, limits, momentum, counter
             )
-        stats: list[_ops._Stats] = []
-        y = BatchRenormFunction.apply(
-            input, weight, bias, running_mean, running_var, self.eps, limits, stats
-        )
-        mean, invstd = stats[0]
-        functional._fold(
-            running_mean, running_var, mean, invstd, self.eps, momentum, counter,
+        if torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (input, weight, bias)
+        ):
+            y, mean, invstd, _, _ = _apply(
+                input, weight, bias, running_mean, running_var, self.eps, limits
+            )
+        else:
+            y, mean, invstd, _, _ = BatchRenormFunction.forward(
+                input, weight, bias, running_mean, running_var, self.eps, limits
+            )
+        functional.fold(
+            running_mean, running_var, mean.numpy(), invstd.numpy(), self.eps, momentum, counter,
             input.numel() // input.shape[1], stacklevel=5,
         )  # fmt: skip
         return y

@@ -21,8 +21,6 @@ The module subclasses ``torch.nn.modules.batchnorm._BatchNorm``, not
 
 from __future__ import annotations
 
-import warnings
-from collections.abc import Sequence
 from typing import Any, TypeAlias
 
 import numpy as np
@@ -33,15 +31,14 @@ from torch.autograd.function import once_differentiable
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.types import Device
 
-from fastbn import _checks, _running
-from fastbn.torch import _ops
+from fastbn import _checks
+from fastbn import functional as fastbn_functional
+from fastbn.torch import _ops, functional
 from fastbn.torch.modules import _FastBatchNorm, forward_state
 
 __all__ = ["SyncBatchNorm"]
 
 _Float64: TypeAlias = NDArray[np.float64]
-# The global (mean, invstd, count) of a forward, None when every rank's batch is empty.
-_GlobalStats: TypeAlias = tuple[_Float64, _Float64, int] | None
 
 
 def _exchange(
@@ -93,22 +90,15 @@ def _merge(gathered: _Float64) -> tuple[int, _Float64, _Float64]:
     return int(n), mean, var
 
 
-def _reduced_dims(input: torch.Tensor) -> list[int]:
-    return [0, *range(2, input.dim())]
-
-
-def _channel_shape(input: torch.Tensor) -> list[int]:
-    return [1, -1] + [1] * (input.dim() - 2)
-
-
 class _SyncBatchNormFunction(torch.autograd.Function):
-    """y with the global statistics: ``apply(input, weight, bias, eps, group, world_size, fast,
-    stats)``.
+    """y with the global statistics: ``apply(input, weight, bias, eps, group, world_size, fast)``.
 
-    ``fast``: fastbn's kernels (CPU float32/float64, parameters of the input's
-    dtype); else torch ops in float64 (other CPU dtypes, mixed dtypes). The
-    global (mean, invstd, count) are appended to the list ``stats`` for the
-    module's running-statistics update.
+    Returns (y, mean, invstd, count): the global float64 (C,) statistics and
+    the global count of values per channel, for the module's
+    running-statistics update (zeros and 0 when every rank's batch is
+    empty). ``fast``: fastbn's kernels (CPU float32/float64, parameters of
+    the input's dtype); else torch ops in float64 (other CPU dtypes, mixed
+    dtypes). What the backward needs is saved with ``save_for_backward``.
     """
 
     @staticmethod
@@ -121,37 +111,18 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         group: dist.ProcessGroup | None,
         world_size: int,
         fast: bool,
-        stats: list[_GlobalStats],
-    ) -> torch.Tensor:
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
         c = input.shape[1]
         local_count = input.numel() // c if c else 0
-        if fast:
-            if local_count > 1:
-                mean, var, _, _, _, _ = _ops.moments_arrays(input)
-            elif local_count == 1:  # the kernels refuse one value per channel in training
-                mean = input.detach().reshape(c).to(torch.float64).numpy()
-                var = np.zeros(c)
-            else:
-                mean, var = np.zeros(c), np.zeros(c)
+        if local_count > 1 and fast:
+            mean, var = _ops.moments_arrays(input)
+        elif local_count > 0:  # torch ops (the kernels refuse one value per channel in training)
+            mean_t, var_t = _ops.torch_moments(input.detach())
+            mean, var = mean_t.numpy(), var_t.numpy()
         else:
-            x64 = input.detach().to(torch.float64)
-            if local_count:
-                dims, shape = _reduced_dims(input), _channel_shape(input)
-                mean_t = x64.mean(dims)
-                var_t = (x64 - mean_t.view(shape)).square().mean(dims)
-                mean, var = mean_t.numpy(), var_t.numpy()
-            else:
-                mean, var = np.zeros(c), np.zeros(c)
+            mean, var = np.zeros(c), np.zeros(c)
 
         count, mean, var = _merge(_exchange(local_count, mean, var, group, world_size))
-        ctx.save_for_backward(input, weight)
-        ctx.param_dtypes = tuple(None if p is None else p.dtype for p in (weight, bias))
-        if count == 0:
-            # Every rank's batch is empty: empty outputs, as torch's BatchNorm
-            # gives for an empty batch, and no collective in backward.
-            stats.append(None)
-            ctx.sync = (group, count, fast, True)
-            return torch.empty_like(input)
         if count == 1:
             # Every rank sees the same gathered counts: all raise, none waits.
             raise ValueError(
@@ -160,49 +131,43 @@ class _SyncBatchNormFunction(torch.autograd.Function):
                 f"(input size {tuple(input.shape)} on this one)"
             )
         invstd = 1.0 / np.sqrt(var + eps)
-        stats.append((mean, invstd, count))
-
+        mean_t, invstd_t = torch.from_numpy(mean), torch.from_numpy(invstd)
+        ctx.mark_non_differentiable(mean_t, invstd_t)
+        ctx.save_for_backward(input, weight, mean_t, invstd_t)
+        ctx.param_dtypes = tuple(None if p is None else p.dtype for p in (weight, bias))
         ctx.sync = (group, count, fast, local_count == 0)
-        if local_count == 0:
-            ctx.arrays = (mean, invstd)
-            return torch.empty_like(input)
+        if count == 0 or local_count == 0:
+            # An empty batch gives an empty output, as torch's BatchNorm gives.
+            return torch.empty_like(input), mean_t, invstd_t, count
         if fast:
-            gamma = _ops.vector(weight)
-            y, plan, x, last = _ops.eval_arrays(
-                input, torch.from_numpy(mean), torch.from_numpy(var), weight, bias, eps
-            )
-            ctx.arrays = (x, plan, last, mean, invstd, gamma)
-            return y
-        shape = _channel_shape(input)
-        mean_t, invstd_t = torch.from_numpy(mean).view(shape), torch.from_numpy(invstd)
-        scale = invstd_t if weight is None else invstd_t * weight.detach().to(torch.float64)
-        y = (x64 - mean_t) * scale.view(shape)
-        if bias is not None:
-            y = y + bias.detach().to(torch.float64).view(shape)
-        ctx.arrays = (mean, invstd)
-        return y.to(input.dtype)
+            y = _ops.empty_output(input)
+            x, axis, last = _ops.as_array(input)
+            x, plan = fastbn_functional._planned(x, axis, training=False)
+            fastbn_functional._eval(
+                x, plan, mean, var, _ops.vector(weight), _ops.vector(bias), eps,
+                _ops.out_array(y, last),
+            )  # fmt: skip
+            return y, mean_t, invstd_t, count
+        with torch.no_grad():
+            y = _ops.torch_output(input, weight, bias, mean_t, invstd_t)
+        return y, mean_t, invstd_t, count
 
     @staticmethod
     @once_differentiable
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        input, weight = ctx.saved_tensors
+    def backward(ctx: Any, grad: torch.Tensor, *_statistics_grads: Any) -> tuple[Any, ...]:
+        input, weight, mean_t, invstd_t = ctx.saved_tensors
         group, count, fast, empty = ctx.sync
         need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
         c = input.shape[1]
+        mean, invstd = mean_t.numpy(), invstd_t.numpy()
         if empty:
             dgamma, dbeta = np.zeros(c), np.zeros(c)
         elif fast:
-            x, plan, last, mean, invstd, gamma = ctx.arrays
-            _, dgamma, dbeta = _ops.backward_arrays(
-                grad, x, plan, last, mean, invstd, gamma, True, input_grad=False
-            )
+            dgamma, dbeta = _ops.param_sums(grad, input, mean, invstd)
         else:
-            mean, invstd = ctx.arrays
-            dims, shape = _reduced_dims(input), _channel_shape(input)
+            dims, shape = _ops.reduced_dims(input), _ops.channel_shape(input)
             dy = grad.to(torch.float64)
-            x_hat = (input.to(torch.float64) - torch.from_numpy(mean).view(shape)) * (
-                torch.from_numpy(invstd).view(shape)
-            )
+            x_hat = (input.to(torch.float64) - mean_t.view(shape)) * invstd_t.view(shape)
             dgamma, dbeta = (dy * x_hat).sum(dims).numpy(), dy.sum(dims).numpy()
 
         dx = None
@@ -218,11 +183,11 @@ class _SyncBatchNormFunction(torch.autograd.Function):
                 dx = torch.empty_like(input)
             elif fast:
                 dx = _ops.input_gradient_arrays(
-                    grad, x, plan, last, mean, invstd, gamma, total_dgamma, total_dbeta, count
+                    grad, input, weight, mean, invstd, total_dgamma, total_dbeta, count
                 )
             else:
                 # dx = gamma * invstd * (dy - sum(dy) / n - x_hat * sum(dy * x_hat) / n)
-                scale = torch.from_numpy(invstd)
+                scale = invstd_t
                 if weight is not None:
                     scale = scale * weight.detach().to(torch.float64)
                 k_mean = torch.from_numpy(total_dbeta / count).view(shape)
@@ -232,24 +197,14 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         weight_dtype, bias_dtype = ctx.param_dtypes
         dweight = torch.from_numpy(dgamma).to(weight_dtype) if need_weight else None
         dbias = torch.from_numpy(dbeta).to(bias_dtype) if need_bias else None
-        return dx, dweight, dbias, None, None, None, None, None
-
-
-def _warn_nonfinite(bad: Sequence[int], dtype: torch.dtype, stacklevel: int) -> None:
-    warnings.warn(
-        f"the global batch statistics of features {_running.feature_list(bad)} are not finite "
-        f"(or overflow {dtype}): running_mean, running_var and num_batches_tracked were left "
-        "unchanged on every process",
-        RuntimeWarning,
-        stacklevel=stacklevel + 1,
-    )
+        return dx, dweight, dbias, None, None, None, None
 
 
 def _fold(
     running_mean: torch.Tensor,
     running_var: torch.Tensor,
-    mean: _Float64,
-    invstd: _Float64,
+    mean: torch.Tensor,
+    invstd: torch.Tensor,
     eps: float,
     momentum: float | None,
     counter: torch.Tensor | None,
@@ -262,32 +217,20 @@ def _fold(
     results leave everything unchanged with a RuntimeWarning. The inputs are
     the same on every rank, so every rank takes the same decision.
     """
-    if momentum is None:
-        momentum = 0.0 if counter is None else 1.0 / (int(counter) + 1)
-    bessel = count / (count - 1)
+    what = "global batch statistics"
     if running_mean.dtype in (torch.float32, torch.float64) and running_mean.is_cpu:
-        bad = _running.fold_batch_stats(
-            running_mean.numpy(), running_var.numpy(), mean, invstd, eps, momentum, bessel
-        )
-    else:  # float16, bfloat16 buffers: the same rule in torch ops
-        var = np.maximum(1.0 / (invstd * invstd) - eps, 0.0) * bessel
-        new_mean = (1.0 - momentum) * running_mean.to(torch.float64) + momentum * torch.from_numpy(
-            mean
-        )
-        new_var = (1.0 - momentum) * running_var.to(torch.float64) + momentum * torch.from_numpy(
-            var
-        )
-        new_mean, new_var = new_mean.to(running_mean.dtype), new_var.to(running_var.dtype)
-        finite = torch.isfinite(new_mean) & torch.isfinite(new_var)
-        bad = torch.nonzero(~finite).flatten().tolist()
-        if not bad:
-            running_mean.copy_(new_mean)
-            running_var.copy_(new_var)
-    if bad:
-        _warn_nonfinite(bad, running_mean.dtype, stacklevel=6)
+        functional.fold(
+            running_mean, running_var, mean.numpy(), invstd.numpy(), eps, momentum, counter,
+            count, stacklevel=7, what=what,
+        )  # fmt: skip
         return
-    if counter is not None:
-        counter.add_(1)
+    # float16, bfloat16 buffers: the same rule in torch ops
+    var = (invstd.reciprocal().square() - eps).clamp_min(0.0)
+    finite = _ops.fold_torch(running_mean, running_var, mean, var, momentum, counter, count)
+    if not finite.all():
+        functional.warn_not_taken(
+            torch.nonzero(~finite).flatten().tolist(), running_mean.dtype, 7, what
+        )
 
 
 class SyncBatchNorm(_FastBatchNorm, _BatchNorm):
@@ -402,16 +345,15 @@ class SyncBatchNorm(_FastBatchNorm, _BatchNorm):
         eps = _checks.positive_eps(self.eps)
         fast = _ops.fast_path(input, weight, bias)
 
-        stats: list[_GlobalStats] = []
-        y = _SyncBatchNormFunction.apply(input, weight, bias, eps, group, world_size, fast, stats)
+        y, mean, invstd, count = _SyncBatchNormFunction.apply(
+            input, weight, bias, eps, group, world_size, fast
+        )
         if running_mean is not None:
-            global_stats = stats[0]
-            if global_stats is None:  # no values on any rank: torch's rule
+            if count == 0:  # no values on any rank: torch's rule
                 if counter is not None:
                     counter.add_(1)
             else:
                 assert running_var is not None  # given with running_mean
-                mean, invstd, count = global_stats
                 _fold(running_mean, running_var, mean, invstd, eps, momentum, counter, count)
         return y
 
