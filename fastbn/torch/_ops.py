@@ -121,16 +121,16 @@ def as_array(input: torch.Tensor) -> tuple[Array, int, bool]:
     return _array(input), 1, False
 
 
-def empty_output(input: torch.Tensor) -> torch.Tensor:
+def empty_output(input: torch.Tensor, last: bool) -> torch.Tensor:
     """A new tensor of input's shape and dtype in the memory format of torch's batch norm output.
 
-    Channels-last for channels-last input, else contiguous (a transposed or
-    sliced input gives a contiguous output, as torch's does).
+    Channels-last for channels-last input (``last``, as `as_array` says),
+    else contiguous: a transposed or sliced input gives a contiguous output,
+    as torch's does.
     """
-    fmt = _CHANNELS_LAST.get(input.dim()) if channels_last(input) else None
-    if fmt is None:
-        return torch.empty(input.shape, dtype=input.dtype)
-    return torch.empty(input.shape, dtype=input.dtype, memory_format=fmt)
+    if last or input.is_contiguous():  # empty_like keeps these strides, and is the cheapest
+        return torch.empty_like(input)
+    return torch.empty_like(input, memory_format=torch.contiguous_format)
 
 
 def out_array(output: torch.Tensor, last: bool) -> Array:
@@ -277,7 +277,7 @@ def train_arrays(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Batch-statistics forward on the kernels: (y, mean, invstd), the last two float64 (C,)."""
     x, axis, last = as_array(input)
-    y = empty_output(input)
+    y = empty_output(input, last)
     x, plan = functional._planned(x, axis, training=True)
     _, mean, invstd = functional._train(
         x, plan, vector(weight), vector(bias), eps, out_array(y, last), relu=relu
@@ -296,7 +296,7 @@ def eval_arrays(
 ) -> torch.Tensor:
     """Running-statistics forward on the kernels: y."""
     x, axis, last = as_array(input)
-    y = empty_output(input)
+    y = empty_output(input, last)
     x, plan = functional._planned(x, axis, training=False)
     functional._eval(
         x, plan, vector(running_mean), vector(running_var), vector(weight), vector(bias), eps,
@@ -335,7 +335,7 @@ def backward_arrays(
     need_input, need_weight, need_bias = needs
     x, axis, last = as_array(input)
     x, plan = functional._planned(x, axis, training=False)
-    dx = empty_output(input) if need_input or relu else None
+    dx = empty_output(input, last) if need_input or relu else None
     _, dgamma, dbeta = functional._backward(
         grad_array(grad, last), x, mean.numpy(), invstd.numpy(), vector(weight), plan.axis,
         training, None if dx is None else out_array(dx, last), forward_plan=plan,
@@ -386,7 +386,7 @@ def input_gradient_arrays(
     """
     x, axis, last = as_array(input)
     x, plan = functional._planned(x, axis, training=False)
-    dx = empty_output(input)
+    dx = empty_output(input, last)
     functional._train_input_gradient(
         grad_array(grad, last), x, plan, mean, invstd, vector(weight), dgamma, dbeta, count,
         out_array(dx, last),
@@ -507,7 +507,7 @@ def _stat_like(input: torch.Tensor) -> torch.Tensor:
 def _(
     input: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return empty_output(input), _stat_like(input), _stat_like(input)
+    return empty_output(input, channels_last(input)), _stat_like(input), _stat_like(input)
 
 
 @batch_norm_eval.register_fake
@@ -519,7 +519,7 @@ def _(
     bias: torch.Tensor | None,
     eps: float,
 ) -> torch.Tensor:
-    return empty_output(input)
+    return empty_output(input, channels_last(input))
 
 
 @batch_norm_backward.register_fake
@@ -532,7 +532,7 @@ def _(
     training: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     c = input.shape[1]
-    return empty_output(input), input.new_empty((c,)), input.new_empty((c,))
+    return empty_output(input, channels_last(input)), input.new_empty((c,)), input.new_empty((c,))
 
 
 def _setup_train(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor, ...]) -> None:

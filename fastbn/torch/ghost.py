@@ -181,7 +181,7 @@ def _train_arrays(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The ghost kernels: (y, mean, invstd), the last two float64 (G, C)."""
     x, axis, last = _ops.as_array(input)
-    y = _ops.empty_output(input)
+    y = _ops.empty_output(input, last)
     x, plan = ghost.planned(x, axis, k)
     _, mean, invstd = ghost.train(
         x, plan, _ops.vector(weight), _ops.vector(bias), eps, _ops.out_array(y, last)
@@ -232,7 +232,7 @@ class GhostBatchNormFunction(torch.autograd.Function):
             return (*grads, None, None)
         x, axis, last = _ops.as_array(input)
         x, plan = ghost.planned(x, axis, ctx.virtual_batch_size)
-        dx = _ops.empty_output(input)
+        dx = _ops.empty_output(input, last)
         _, dgamma, dbeta = ghost.backward(
             _ops.grad_array(grad, last), x, plan, mean.numpy(), invstd.numpy(),
             _ops.vector(weight), _ops.out_array(dx, last),

@@ -157,6 +157,13 @@ def leaf_call(module: torch.nn.Module, input: torch.fx.Proxy) -> torch.fx.Proxy:
     """
     tracer = input.tracer
     assert isinstance(tracer, torch.fx.Tracer)  # symbolic_trace's, or a subclass
+    if type(tracer).__module__.startswith("torch.ao.quantization"):
+        raise RuntimeError(
+            f"fastbn.torch: FX graph-mode quantization folds BatchNorm into the convolution "
+            f"before it, which it does for torch's BatchNorm classes only, not "
+            f"{type(module).__name__} at {tracer.path_of_module(module)!r}: call "
+            f"fastbn.torch.revert(model) before prepare_fx (fastbn's layers are for training)"
+        )
     return tracer.create_proxy("call_module", tracer.path_of_module(module), (input,), {})
 
 

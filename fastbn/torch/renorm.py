@@ -78,7 +78,7 @@ class BatchRenormFunction(torch.autograd.Function):
         limits: renorm.Limits,
     ) -> tuple[torch.Tensor, ...]:
         x, axis, last = _ops.as_array(input)
-        y = _ops.empty_output(input)
+        y = _ops.empty_output(input, last)
         x, plan = fastbn_functional._planned(x, axis, training=True)
         _, mean, invstd, r, d = renorm._train(
             x, plan, _ops.vector(running_mean), _ops.vector(running_var), _ops.vector(weight),
@@ -111,7 +111,7 @@ class BatchRenormFunction(torch.autograd.Function):
             return (*grads, None, None, None, None)
         x, axis, last = _ops.as_array(input)
         x, plan = fastbn_functional._planned(x, axis, training=True)
-        dx = _ops.empty_output(input) if needs[0] else None
+        dx = _ops.empty_output(input, last) if needs[0] else None
         _, dgamma, dbeta = renorm._backward(
             _ops.grad_array(grad, last), x, mean.numpy(), invstd.numpy(), r.numpy(), d.numpy(),
             _ops.vector(weight), plan.axis, None if dx is None else _ops.out_array(dx, last),

@@ -140,8 +140,8 @@ class _SyncBatchNormFunction(torch.autograd.Function):
             # An empty batch gives an empty output, as torch's BatchNorm gives.
             return torch.empty_like(input), mean_t, invstd_t, count
         if fast:
-            y = _ops.empty_output(input)
             x, axis, last = _ops.as_array(input)
+            y = _ops.empty_output(input, last)
             x, plan = fastbn_functional._planned(x, axis, training=False)
             fastbn_functional._eval(
                 x, plan, mean, var, _ops.vector(weight), _ops.vector(bias), eps,
