@@ -11,16 +11,29 @@ Usage, around each kernel call::
 
     with kernel_guard(plan.serial):
         rows.train_forward(...)
+
+A process forked from one whose Numba thread pool had started cannot use
+that pool: GNU OpenMP (the ``omp`` layer) terminates the child at its first
+parallel region ("fork() called from a process already using GNU OpenMP"),
+and ``tbb`` and ``workqueue`` children hang when the fork came while another
+thread was in a parallel region (tbb's own locks; the guard's lock here).
+The pool starts at the first kernel call of any size (the one-thread twins
+are compiled with parallel=True too). So such a child sets `serial_only`,
+and every launch (`fastbn.functional._launch`) runs the kernels' one-thread
+twins there, which give the same bits: DataLoader workers and fork-started
+multiprocessing pools compute correctly, on one thread each. The parent
+keeps its pool; a child forked before the pool started starts its own.
 """
 
 from __future__ import annotations
 
+import os
 import threading
 from typing import Literal
 
 import numba
 
-__all__ = ["SAFE_LAYERS", "kernel_guard", "layer_is_safe"]
+__all__ = ["SAFE_LAYERS", "kernel_guard", "layer_is_safe", "serial_only"]
 
 SAFE_LAYERS = ("tbb", "omp")  # layers that take parallel launches from several threads
 
@@ -29,6 +42,9 @@ _LOCK = threading.Lock()
 # the active layer is thread-safe. Written under _LOCK; read without it (a
 # stale None or False only costs taking the lock once more).
 _safe: bool | None = None
+# Whether this process was forked from one whose Numba thread pool had started:
+# then every kernel call runs on one thread (read by fastbn.functional._launch).
+serial_only = False
 
 
 def layer_is_safe() -> bool | None:
@@ -93,3 +109,22 @@ def kernel_guard(serial: bool) -> _Unguarded | _Guarded:
     if serial or _safe:
         return _UNGUARDED
     return _GUARDED
+
+
+def _after_fork_in_child() -> None:
+    """In a forked child: one thread for every kernel if the parent's pool had started.
+
+    Also a fresh lock: a parent thread may have held the guard's at the fork,
+    and no thread of this process would ever release it.
+    """
+    global _LOCK, serial_only
+    _LOCK = threading.Lock()
+    try:
+        numba.threading_layer()
+    except ValueError:  # the parent never started the pool: this child starts its own
+        return
+    serial_only = True
+
+
+if hasattr(os, "register_at_fork"):  # POSIX; elsewhere there is no fork
+    os.register_at_fork(after_in_child=_after_fork_in_child)

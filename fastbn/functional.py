@@ -19,7 +19,7 @@ from typing import Any, SupportsIndex, TypeAlias, TypeVar, overload
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-from fastbn import _checks
+from fastbn import _checks, _threading
 from fastbn._threading import kernel_guard
 from fastbn.kernels import columns, rows
 from fastbn.kernels._twins import serial_twin
@@ -215,8 +215,14 @@ def _planned(
 
 
 def _launch(serial: bool, kernel: Callable[..., Any], *args: Any) -> Any:
-    """kernel(*args), or its one-thread twin; a parallel launch under `kernel_guard`."""
-    if serial:  # no parallel region: the guard would do nothing but cost
+    """kernel(*args), or its one-thread twin; a parallel launch under `kernel_guard`.
+
+    The twin also in a process forked after the parent's thread pool started
+    (`_threading.serial_only`), which cannot launch parallel regions.
+    """
+    # No parallel region: the guard would only cost. (Small calls stop at
+    # `serial`; the flag costs the parallel ones a module attribute read.)
+    if serial or _threading.serial_only:
         return serial_twin(kernel)(*args)
     with kernel_guard(serial):
         return kernel(*args)

@@ -30,6 +30,7 @@ TYPED_MODULES = (
     "fastbn.reference",
     "fastbn.renorm",
     "fastbn.torch",
+    "fastbn.torch._compat",
     "fastbn.torch._ops",
     "fastbn.torch.functional",
     "fastbn.torch.ghost",
@@ -176,8 +177,9 @@ import fastbn.torch as fbt
 
 x = torch.randn(8, 3, 4, 4)
 running_mean, running_var = torch.zeros(3), torch.ones(3)
-y = fbt.batch_norm(x, running_mean, running_var, training=True, momentum=None)
+y = fbt.batch_norm(x, running_mean, running_var, training=True, momentum=0.2)
 assert_type(y, torch.Tensor)
+fbt.batch_norm(x, running_mean, running_var, momentum=None)  # E: arg-type
 renorm = fbt.BatchRenorm2d(3, renorm_clipping={"rmax": 2.0, "dmax": float("inf")})
 assert_type(renorm.forward(x), torch.Tensor)
 sync = fbt.SyncBatchNorm(3, momentum=None, device="cpu", dtype=torch.float64)

@@ -54,7 +54,6 @@ from fastbn.torch import _compat
 __all__ = [
     "BatchNormFunction",
     "accumulation_dtype",
-    "apply",
     "as_array",
     "backward_arrays",
     "channel_shape",
@@ -453,6 +452,7 @@ class BatchNormFunction(torch.autograd.Function):
 
 # `BatchNormFunction.apply`, straight to the C entry: the bridge never calls it under
 # torch.func transforms (they take torch's own op), where the Python wrapper matters.
+apply: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 apply = _compat.function_apply(BatchNormFunction)
 
 
