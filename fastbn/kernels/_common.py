@@ -205,7 +205,9 @@ def feature_moments(s1, s2, shift, count):
     """
     d = s1 / count
     var = s2 / count - d * d
-    if s2 == np.inf:  # a square overflowed (inf - inf is NaN): beyond float64, as torch finds it
+    if s2 == np.inf and np.isfinite(d):
+        # A square overflowed (inf - inf would be NaN) while the values are finite: the
+        # variance is beyond float64, inf, as torch finds it. Infinite values give NaN.
         var = np.inf
     elif var < 0.0:  # rounding only; NaN fails the test and propagates
         var = 0.0
