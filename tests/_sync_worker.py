@@ -72,13 +72,32 @@ def local_slice(t, sizes, rank, memory_format=None):
     return part.clone().contiguous(memory_format=fmt)
 
 
+def channels_last_format(ndim):
+    """The channels-last memory format of an ndim input (4-D or 5-D)."""
+    return torch.channels_last_3d if ndim == 5 else torch.channels_last
+
+
 def memory_format(spec):
-    return torch.channels_last if spec.get("channels_last") else None
+    return channels_last_format(len(spec["shape"]) + 1) if spec.get("channels_last") else None
 
 
 def make_module(spec, SyncBatchNorm, weight, bias):
+    """The scenario's SyncBatchNorm, made directly or converted (``spec["convert"]``).
+
+    ``"convert": "BatchNormReLU"``: fastbn's BatchNormReLU{1,2,3}d of the
+    input's dimension, through `SyncBatchNorm.convert_sync_batchnorm`, which
+    keeps its ReLU.
+    """
     dtype = DTYPES[spec.get("module_dtype", spec["dtype"])]
-    module = SyncBatchNorm(
+    make = SyncBatchNorm
+    if spec.get("convert") == "BatchNormReLU":
+        import fastbn.torch as fbt
+
+        ndim = len(spec["shape"]) + 1
+        make = {2: fbt.BatchNormReLU1d, 3: fbt.BatchNormReLU1d, 4: fbt.BatchNormReLU2d}.get(
+            ndim, fbt.BatchNormReLU3d
+        )
+    module = make(
         spec["shape"][0],
         momentum=spec.get("momentum", 0.1),
         affine=spec.get("affine", True),
@@ -90,6 +109,8 @@ def make_module(spec, SyncBatchNorm, weight, bias):
             module.weight.copy_(weight)
             module.bias.copy_(bias)
     module.train(spec.get("training", True))
+    if make is not SyncBatchNorm:
+        module = SyncBatchNorm.convert_sync_batchnorm(module)
     return module
 
 
@@ -116,8 +137,10 @@ def run_steps(spec, rank, world):
             record = {
                 "y": y.detach().clone(),
                 "dx": x.grad.clone(),
-                "channels_last": y.is_contiguous(memory_format=torch.channels_last)
+                "channels_last": y.dim() >= 4
+                and y.is_contiguous(memory_format=channels_last_format(y.dim()))
                 and not y.is_contiguous(),
+                "module": repr(module),
                 "warnings": [str(w.message) for w in caught if w.category is RuntimeWarning],
                 "warning_files": [w.filename for w in caught if w.category is RuntimeWarning],
             }
@@ -153,7 +176,16 @@ def run_count_one(spec, rank, world):
 
 
 def run_timeout(spec, rank, world):
-    """Rank 1 passes input with the wrong channel count; rank 0 waits for the group's timeout."""
+    """Rank 1 passes input with the wrong channel count; rank 0 waits for the group's timeout.
+
+    Ordered by events, not by time: rank 1 calls the layer (which raises)
+    and then enters a barrier of the default group; rank 0 passes that
+    barrier only after it, then calls its layer, whose all_gather on a
+    group with a short timeout waits for a peer that never comes. Each rank
+    records its events in order, including every collective the layer
+    enters (torch.distributed's all_gather and all_reduce, wrapped for the
+    call) and how it ended.
+    """
     from fastbn.torch.sync import SyncBatchNorm
 
     group = dist.new_group(
@@ -161,16 +193,45 @@ def run_timeout(spec, rank, world):
     )
     c = spec["shape"][0]
     module = SyncBatchNorm(c, process_group=group, dtype=torch.float64)
-    x = torch.randn(4, c + 1 if rank == 1 else c, dtype=torch.float64)
-    start = time.perf_counter()
+    failing = rank == 1
+    x = torch.randn(4, c + 1 if failing else c, dtype=torch.float64)
+    events = []
+
+    def recording(name, collective):
+        def call(*args, **kwargs):
+            events.append(f"{name} entered")
+            try:
+                result = collective(*args, **kwargs)
+            except Exception as caught:
+                events.append(f"{name} raised {type(caught).__name__}")
+                raise
+            events.append(f"{name} returned")
+            return result
+
+        return call
+
+    if not failing:
+        dist.barrier()  # passed once rank 1 has raised and entered it
+        events.append("peer raised")
+    originals = {name: getattr(dist, name) for name in ("all_gather", "all_reduce")}
+    error = None
     try:
+        for name, collective in originals.items():
+            setattr(dist, name, recording(name, collective))
+        events.append("forward")
         module(x)
-        error = None
+        events.append("forward returned")
     except Exception as caught:
         error = (type(caught).__name__, str(caught)[:500])
-    elapsed = time.perf_counter() - start
+        events.append(f"forward raised {type(caught).__name__}")
+    finally:
+        for name, collective in originals.items():
+            setattr(dist, name, collective)
+    if failing:
+        events.append("barrier")
+        dist.barrier()
     dist.barrier()  # the default group is intact
-    return {"error": error, "seconds": elapsed}
+    return {"error": error, "events": events}
 
 
 def run_ddp(spec, rank, world):

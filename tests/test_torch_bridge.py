@@ -830,7 +830,7 @@ def test_nonfinite_warning_names_the_callers_line(gen):
 # ---------------------------------------------------------------- float32 accuracy
 
 
-def test_float32_batch_first_statistics_meet_section_7(gen):
+def test_float32_batch_first_statistics_meet_section_7(gen, record_property):
     """(2**20, 2) float32 with mean 1e3 and std 1: SPEC section 7 against float64 statistics."""
     n = 2**20
     x = (torch.randn(n, 2, generator=gen, dtype=torch.float64) + 1e3).float()
@@ -853,9 +853,28 @@ def test_float32_batch_first_statistics_meet_section_7(gen):
     with torch.no_grad():
         y = fbt.batch_norm(x, None, None, training=True)
     assert (y.double() - y_ref).abs().max() <= 1e-4
-    # torch's float32 statistics here are off by far more than that (documented, and stable).
-    _, torch_var_error, torch_y_error = errors(nn.BatchNorm1d(2, momentum=1.0))
-    assert torch_var_error > 1e-3 and torch_y_error > 1e-3
+    # torch's float32 statistics are off by far more here (README): shown, not asserted,
+    # so that this test does not break the day torch's become accurate.
+    torch_errors = errors(nn.BatchNorm1d(2, momentum=1.0))
+    for what, value in zip(("mean", "var", "y"), torch_errors, strict=True):
+        record_property(f"torch_float32_{what}_error", float(value))
+    print("torch's float32 errors: mean {:.3g}, var {:.3g}, y {:.3g}".format(*torch_errors))
+
+
+def test_momentum_none_raises_torchs_type_error():
+    """fbt.batch_norm takes a float momentum, as F.batch_norm (None is the modules' rule)."""
+    x = torch.randn(4, C)
+    calls = {
+        "keyword": lambda f: f(x, torch.zeros(C), torch.ones(C), training=True, momentum=None),
+        "positional": lambda f: f(x, torch.zeros(C), torch.ones(C), None, None, True, None),
+        "eval": lambda f: f(x, torch.zeros(C), torch.ones(C), training=False, momentum=None),
+    }
+    for what, call in calls.items():
+        expected = raised(lambda call=call: call(F.batch_norm))
+        mine = raised(lambda call=call: call(fbt.batch_norm))
+        assert type(expected) is TypeError, (what, expected)
+        assert type(mine) is TypeError, (what, mine)
+        assert str(mine) == str(expected), what
 
 
 @pytest.mark.parametrize("given", ["running_mean", "running_var"])

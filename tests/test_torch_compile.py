@@ -4,6 +4,10 @@
   or without weight and bias, inputs requiring grad;
 - `torch.compile(..., fullgraph=True)` of a converted model against the same
   model in eager mode (and torch's): training steps, eval, channels_last;
+  of single layers away from the defaults (momentum 0.5 and None, eps,
+  affine=False, track_running_stats=False, fused ReLU, renorm, ghost
+  batches) against the eager layer, running statistics included; of
+  `fbt.batch_norm` itself against eager and torch's F.batch_norm;
 - the non-finite rule under compile, and eager's warning;
 - fallbacks: a bfloat16 model compiled gives torch's results;
 - ONNX export (legacy and dynamo) gives the graph of torch's own BatchNorm;
@@ -368,6 +372,195 @@ def test_nonfinite_batch_under_compile_leaves_running_stats(gen, fresh_dynamo):
             torch.testing.assert_close(getattr(m, name), getattr(theirs, name), rtol=0, atol=TOL64)
     assert int(model.num_batches_tracked) == 3
     assert len(graphs) == 1
+
+
+TRAIN_OP, RENORM_OP = "fastbn.batch_norm_train", "fastbn.batch_renorm_corrections.default"
+
+# name -> (make the layer, input shape, memory format, the fastbn op its training graph
+# calls: None for ghost batches, computed in torch ops under compile).
+# Each configuration is away from the default somewhere the compiled path computes:
+# momentum (the running-statistics factor), momentum None (the cumulative average),
+# eps, no weight and bias, no running statistics, a fused ReLU, renorm, ghost batches.
+COMPILED_LAYERS = {
+    "BatchNorm1d_momentum_0.5": (lambda: fbt.BatchNorm1d(C, momentum=0.5), (6, C), None, TRAIN_OP),
+    "BatchNorm2d_momentum_none_channels_last": (
+        lambda: fbt.BatchNorm2d(C, momentum=None),
+        (2, C, 4, 5),
+        CL,
+        TRAIN_OP,
+    ),
+    "BatchNorm3d_eps_0.1_momentum_0.3": (
+        lambda: fbt.BatchNorm3d(C, eps=0.1, momentum=0.3),
+        (2, C, 2, 3, 4),
+        CL3,
+        TRAIN_OP,
+    ),
+    "BatchNorm2d_affine_false_momentum_0.5": (
+        lambda: fbt.BatchNorm2d(C, affine=False, momentum=0.5),
+        (3, C, 2, 3),
+        None,
+        TRAIN_OP,
+    ),
+    "BatchNorm1d_untracked": (
+        lambda: fbt.BatchNorm1d(C, track_running_stats=False),
+        (4, C, 5),
+        None,
+        TRAIN_OP,
+    ),
+    "BatchNormReLU2d_momentum_0.5_eps_0.1": (
+        lambda: fbt.BatchNormReLU2d(C, momentum=0.5, eps=0.1),
+        (2, C, 4, 5),
+        CL,
+        TRAIN_OP,
+    ),
+    "BatchNormReLU1d_momentum_none_affine_false": (
+        lambda: fbt.BatchNormReLU1d(C, momentum=None, affine=False),
+        (6, C),
+        None,
+        TRAIN_OP,
+    ),
+    "BatchRenorm2d_momentum_0.5": (
+        lambda: fbt.BatchRenorm2d(C, momentum=0.5, renorm_clipping={"rmax": 1.5, "dmax": 0.5}),
+        (3, C, 2, 3),
+        None,
+        RENORM_OP,
+    ),
+    "BatchRenorm1d_momentum_none_affine_false_eps_0.1": (
+        lambda: fbt.BatchRenorm1d(C, momentum=None, affine=False, eps=0.1),
+        (8, C),
+        None,
+        RENORM_OP,
+    ),
+    "ghost_BatchNorm2d_momentum_0.5": (
+        lambda: fbt.BatchNorm2d(C, momentum=0.5, virtual_batch_size=2),
+        (4, C, 2, 3),
+        None,
+        None,
+    ),
+    "ghost_BatchNormReLU1d_momentum_none": (
+        lambda: fbt.BatchNormReLU1d(C, momentum=None, virtual_batch_size=3),
+        (6, C),
+        None,
+        None,
+    ),
+}
+
+
+@pytest.mark.filterwarnings("error::RuntimeWarning")
+@pytest.mark.parametrize("name", COMPILED_LAYERS)
+def test_compiled_layer_matches_eager(gen, fresh_dynamo, name):
+    """fullgraph compile of one layer: 3 training steps, then eval, against the eager layer.
+
+    float64, 1e-10: outputs, input and parameter gradients after each step,
+    and running_mean, running_var and num_batches_tracked, which under
+    compile come from the branch-free rule (`fastbn.torch._ops.fold_torch`)
+    and eagerly from fastbn's kernels' fold. The running statistics start
+    away from 0 and 1, and the parameters move between steps (SGD).
+    """
+    make, shape, fmt, train_op = COMPILED_LAYERS[name]
+    eager = make().double()
+    if eager.affine:
+        random_affine(gen, eager)
+    if eager.track_running_stats:
+        with torch.no_grad():
+            eager.running_mean.uniform_(-1, 1, generator=gen)
+            eager.running_var.uniform_(0.5, 2, generator=gen)
+    module = copy.deepcopy(eager)
+    graphs = []
+    compiled = torch.compile(module, backend=recording_inductor(graphs), fullgraph=True)
+    start = {key: value.clone() for key, value in eager.named_buffers()}
+    for step in range(4):
+        training = step < 3
+        for m in (module, eager):
+            m.train(training)
+        x = make_input(gen, shape, F64, fmt)
+        dy = make_input(gen, shape)
+        mine = run(compiled, module, x, dy)
+        context = f"{name}, step {step}, training={training}"
+        assert_all_close(mine, run(eager, eager, x, dy), TOL64, context)
+        if fmt is not None:
+            assert mine["y"].is_contiguous(memory_format=fmt), context
+        if getattr(eager, "fused_relu", False):  # not vacuous: the ReLU cuts, and lets through
+            assert bool((mine["y"] == 0).any()) and bool((mine["y"] > 0).any()), context
+        assert_buffers_close(module, eager, TOL64, context)
+        if eager.affine:
+            sgd_step(module)
+            sgd_step(eager)
+    if eager.track_running_stats:
+        slices = shape[0] // (eager.__dict__.get("virtual_batch_size") or shape[0])
+        assert int(module.num_batches_tracked) == 3 * slices
+        for key in ("running_mean", "running_var"):  # the steps moved them
+            assert (getattr(module, key) - start[key]).abs().min() > 1e-3, key
+    else:
+        assert list(module.named_buffers()) == []
+    # The compiled path took the calls: one graph for training, one for eval, calling fastbn's
+    # ops (eval without running statistics normalizes with the batch's: the training op).
+    expected = [] if train_op is None else [train_op]
+    expected.append("fastbn.batch_norm_eval" if eager.track_running_stats else TRAIN_OP)
+    assert fastbn_ops(graphs) == expected
+    assert len(graphs) == 2
+
+
+FUNCTIONAL_CALLS = {
+    # name -> (running statistics given, training)
+    "train_tracking": (True, True),
+    "train_untracked": (False, True),
+    "eval": (True, False),
+}
+
+
+@pytest.mark.filterwarnings("error::RuntimeWarning")
+@pytest.mark.parametrize("call", FUNCTIONAL_CALLS)
+def test_compiled_functional_batch_norm_matches_eager_and_torch(gen, fresh_dynamo, call):
+    """fbt.batch_norm itself under torch.compile(fullgraph=True): momentum 0.5, eps 1e-3.
+
+    Three calls on channels_last input, float64, 1e-10 against the same call
+    eagerly and against torch's F.batch_norm: outputs, input, weight and bias
+    gradients, and the running statistics, updated in place by each.
+    """
+    tracking, training = FUNCTIONAL_CALLS[call]
+    graphs = []
+
+    def batch_norm(x, running_mean, running_var, weight, bias, f=fbt.batch_norm):
+        return f(x, running_mean, running_var, weight, bias, training, 0.5, 1e-3)
+
+    compiled = torch.compile(batch_norm, backend=recording_inductor(graphs), fullgraph=True)
+    stats = [vector(gen, F64), vector(gen, F64, positive=True)] if tracking else [None, None]
+    running = {
+        which: [None if t is None else t.clone() for t in stats]
+        for which in ("compiled", "eager", "torch")
+    }
+    weight, bias = vector(gen, F64, positive=True), vector(gen, F64)
+    calls = {
+        "compiled": compiled,
+        "eager": batch_norm,
+        "torch": lambda *args: batch_norm(*args, f=torch.nn.functional.batch_norm),
+    }
+    for step in range(3):
+        x = make_input(gen, (2, C, 4, 5), F64, CL)
+        dy = make_input(gen, (2, C, 4, 5))
+        results = {}
+        for which, f in calls.items():
+            xi = x.clone().requires_grad_()
+            w, b = weight.clone().requires_grad_(), bias.clone().requires_grad_()
+            y = f(xi, *running[which], w, b)
+            y.backward(dy)
+            results[which] = {"y": y.detach(), "dx": xi.grad, "dweight": w.grad, "dbias": b.grad}
+        for which in ("eager", "torch"):
+            context = f"step {step}, against {which}"
+            assert_all_close(results["compiled"], results[which], TOL64, context)
+            for mine, expected in zip(running["compiled"], running[which], strict=True):
+                if expected is not None:
+                    torch.testing.assert_close(mine, expected, rtol=TOL64, atol=TOL64)
+        assert results["compiled"]["y"].is_contiguous(memory_format=CL)
+    if tracking and training:  # the calls moved the running statistics
+        for mine, before in zip(running["compiled"], stats, strict=True):
+            assert (mine - before).abs().min() > 1e-3
+    elif tracking:
+        for mine, before in zip(running["compiled"], stats, strict=True):
+            assert torch.equal(mine, before)
+    op = "fastbn.batch_norm_train" if training else "fastbn.batch_norm_eval"
+    assert fastbn_ops(graphs) == [op]
 
 
 def test_bfloat16_model_compiled_gives_torchs_results(gen, fresh_dynamo):

@@ -2,8 +2,9 @@
 
 - `BatchNormReLU1d/2d/3d` against ``nn.Sequential(torch BatchNorm, nn.ReLU())``:
   outputs, gradients of input, weight and bias, running statistics over
-  training steps and eval, both dtypes, contiguous and channels_last, under
-  no_grad; ties (y == 0 exactly) pass no gradient, as in torch's ReLU;
+  training steps and eval, both dtypes, contiguous and channels_last,
+  affine=False and track_running_stats=False, under no_grad; ties (y == 0
+  exactly) pass no gradient, as in torch's ReLU;
 - ``convert(model, fuse_relu=True)`` on a small CNN: which modules fuse, the
   state_dict, the training curve of the unfused torch model; ``revert``;
 - gradcheck and gradgradcheck in float64, torch.compile and torch.jit.script.
@@ -188,6 +189,61 @@ def test_training_steps_then_eval_match_bn_then_relu(gen, layout, dtype, momentu
             assert mine["y"].is_contiguous(memory_format=fmt)
             assert mine["dx"].is_contiguous(memory_format=fmt)
         # Not vacuous: the ReLU cuts some values and lets others through.
+        assert 0 < int((mine["y"] == 0).sum()) < mine["y"].numel()
+
+
+# name -> constructor options away from the default
+OPTIONS = {
+    "affine_false": {"affine": False, "momentum": 0.5},
+    "untracked": {"track_running_stats": False},
+    "affine_false_untracked": {"affine": False, "track_running_stats": False},
+}
+
+
+@pytest.mark.parametrize("options", OPTIONS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", ["nc", "ncl", "nchw_channels_last", "ncdhw_channels_last_3d"])
+def test_without_affine_or_running_stats_matches_bn_then_relu(gen, layout, dtype, options):
+    """affine=False, track_running_stats=False: three training steps and eval, as torch's.
+
+    Without running statistics, eval normalizes with the batch's too (torch's rule).
+    """
+    dim, shape, fmt = LAYOUTS[layout]
+    dtype = DTYPES[dtype]
+    tol = TOL[dtype]
+    m = per_channel(shape)
+    ours, theirs = make_pair(gen, dim, dtype, **OPTIONS[options])
+    bn = theirs[0]
+    assert (ours.weight is None) is (not bn.affine)
+    assert (ours.running_mean is None) is (not bn.track_running_stats)
+    parameters = {"ours": [], "theirs": []}
+    if bn.affine:
+        parameters = {"ours": [ours.weight, ours.bias], "theirs": [bn.weight, bn.bias]}
+    for step in range(4):
+        training = step < 3
+        ours.train(training)
+        theirs.train(training)
+        if not training and bn.track_running_stats:
+            scale = (bn.running_var.to(F64) + bn.eps).sqrt()
+            x = kink_free(gen, shape, dtype, fmt, center=bn.running_mean, scale=scale)
+        else:
+            x = kink_free(gen, shape, dtype, fmt)
+        assert pre_relu(bn, x).abs().min() > 1e-3
+        dy = torch.randn(shape, generator=gen, dtype=F64).to(dtype)
+        mine = run(ours, x, dy, parameters["ours"])
+        expected = run(theirs, x, dy, parameters["theirs"])
+        context = f"step {step}"
+        assert mine.keys() == expected.keys()
+        for key, value in expected.items():
+            scale = m**0.5 if key in ("d0", "d1") else 1.0  # sums of m terms
+            assert_close(mine[key], value, tol * scale, f"{key}, {context}")
+        if bn.track_running_stats:
+            assert_buffers_close(ours, bn, tol, context)
+        else:
+            assert ours.running_mean is None and ours.num_batches_tracked is None
+        if fmt is not None:
+            assert mine["y"].is_contiguous(memory_format=fmt)
+            assert mine["dx"].is_contiguous(memory_format=fmt)
         assert 0 < int((mine["y"] == 0).sum()) < mine["y"].numel()
 
 

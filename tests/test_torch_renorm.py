@@ -80,8 +80,11 @@ def make_module(gen, dim, dtype=F64, **kwargs):
     module = RENORM[dim](C, dtype=dtype, **kwargs)
     with torch.no_grad():
         sign = torch.where(torch.rand(C, generator=gen) < 0.5, -1.0, 1.0)
-        module.weight.copy_(torch.empty(C).uniform_(0.5, 2, generator=gen) * sign)
-        module.bias.copy_(torch.randn(C, generator=gen))
+        weight = torch.empty(C).uniform_(0.5, 2, generator=gen) * sign
+        bias = torch.randn(C, generator=gen)
+        if module.affine:
+            module.weight.copy_(weight)
+            module.bias.copy_(bias)
         module.running_mean.copy_(torch.randn(C, generator=gen))
         module.running_var.copy_(torch.empty(C).uniform_(0.3, 3, generator=gen))
     return module
@@ -105,11 +108,11 @@ def torch_rule(running_mean, running_var, x, momentum, count):
 def functional_step(module, x, dy):
     """fastbn's functional results for module's training step: y, dx, dweight, dbias, r, d."""
     x_np = x.detach().numpy()
-    weight = module.weight.detach().numpy()
+    weight = None if module.weight is None else module.weight.detach().numpy()
+    bias = None if module.bias is None else module.bias.detach().numpy()
     y, mean, invstd, r, d = batch_renorm_train(
         x_np, module.running_mean.numpy().copy(), module.running_var.numpy().copy(), weight,
-        module.bias.detach().numpy(), r_max=module.rmax, d_max=module.dmax, r_min=module.rmin,
-        axis=1, eps=module.eps,
+        bias, r_max=module.rmax, d_max=module.dmax, r_min=module.rmin, axis=1, eps=module.eps,
     )  # fmt: skip
     dx, dweight, dbias = batch_renorm_backward(
         dy.numpy(), x_np, mean, invstd, r, d, weight, axis=1
@@ -118,11 +121,16 @@ def functional_step(module, x, dy):
 
 
 def step(module, x, dy):
-    """A training step of module on a fresh leaf x: y, dx, dweight, dbias (tensors)."""
+    """A training step of module on a fresh leaf x: y, dx, dweight, dbias (tensors).
+
+    Without weight and bias (affine=False): y and dx only.
+    """
     x = x.detach().clone().requires_grad_()
-    module.weight.grad = module.bias.grad = None
+    module.zero_grad(set_to_none=True)
     y = module(x)
     y.backward(dy)
+    if not module.affine:
+        return y.detach(), x.grad
     return y.detach(), x.grad, module.weight.grad, module.bias.grad
 
 
@@ -168,6 +176,52 @@ def test_module_matches_the_functional_over_steps(gen, layout, dtype, momentum):
         running_mean = module.running_mean.to(F64).numpy().copy()
         running_var = module.running_var.to(F64).numpy().copy()
     assert clipped  # the limits were active at some step
+
+
+AFFINE_FALSE_LAYOUTS = ["nc", "ncl", "nchw", "nchw_channels_last"]
+
+
+@pytest.mark.parametrize("momentum", [0.5, None])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", AFFINE_FALSE_LAYOUTS)
+def test_affine_false_matches_the_functional_over_steps(gen, layout, dtype, momentum):
+    """BatchRenorm1d/2d without weight and bias: y = x_hat * r + d, its dx, the running rule.
+
+    Against fastbn's functional with gamma and beta None, and torch's rule in
+    float64; the limits widen over the steps, and are active at some step.
+    """
+    dim, shape, fmt = LAYOUTS[layout]
+    dtype = DTYPES[dtype]
+    module = make_module(gen, dim, dtype, momentum=momentum, affine=False)
+    assert module.weight is None and module.bias is None
+    assert list(module.state_dict()) == ["running_mean", "running_var", "num_batches_tracked"]
+    tol = TOL[dtype]
+    running_mean = module.running_mean.to(F64).numpy().copy()
+    running_var = module.running_var.to(F64).numpy().copy()
+    clipped = False
+    for count, (rmax, dmax) in enumerate([(1.0, 0.0), (1.5, 0.5), (3.0, 5.0)], start=1):
+        module.rmax, module.dmax = rmax, dmax
+        x = make_input(gen, shape, dtype, fmt)
+        dy = make_input(gen, shape, dtype, fmt)
+        y_ref, dx_ref, _, _, r, d = functional_step(module, x, dy)
+        clipped |= bool(np.any((r == rmax) | (r == 1 / rmax) | (np.abs(d) == dmax)))
+        y, dx = step(module, x, dy)
+        assert_close(y, y_ref, tol, 5.0)
+        assert_close(dx, dx_ref, tol, 5.0)
+        if fmt is not None:
+            assert y.is_contiguous(memory_format=fmt) and dx.is_contiguous(memory_format=fmt)
+        running_mean, running_var = torch_rule(running_mean, running_var, x, momentum, count)
+        assert_close(module.running_mean, running_mean, tol)
+        assert_close(module.running_var, running_var, tol)
+        assert int(module.num_batches_tracked) == count
+        running_mean = module.running_mean.to(F64).numpy().copy()
+        running_var = module.running_var.to(F64).numpy().copy()
+    assert clipped
+    module.eval()  # eval: batch norm with the running statistics, no weight or bias
+    theirs = TORCH_BN[dim](C, affine=False, dtype=dtype).eval()
+    theirs.load_state_dict(module.state_dict())
+    x = make_input(gen, shape, dtype, fmt)
+    torch.testing.assert_close(module(x), theirs(x), rtol=tol, atol=tol)
 
 
 @pytest.mark.parametrize("dim", [1, 2, 3])
@@ -226,31 +280,70 @@ def test_limits_follow_the_attributes(gen):
 # --------------------------------------------------------------- the torch-op paths
 
 
+# Unit roundoff u of round-to-nearest, 2**-p for p significant bits (bfloat16's 8,
+# float32's 24): a value rounded once to the dtype is within u * |value| of it.
+UNIT_ROUNDOFF = {torch.bfloat16: 2.0**-8, torch.float32: 2.0**-24, torch.float64: 0.0}
+# Two float64 computations of the same unit-scale value (kernels, torch ops) differ by
+# far less than this.
+FLOAT64_NOISE = 1e-12
+
+
+def assert_within(actual, expected, bound, what):
+    """|actual - expected| <= bound, element by element (expected and bound in float64)."""
+    excess = (actual.to(F64) - expected).abs() - bound
+    assert bool((excess <= 0).all()), f"{what}: exceeds its bound by up to {excess.max():.3g}"
+
+
 @pytest.mark.parametrize(
-    ("dtype", "param_dtype", "tol"),
+    ("dtype", "param_dtype"),
     [
-        (torch.float32, F64, 1e-5),  # mixed dtypes: not the kernels' call
-        (torch.bfloat16, torch.bfloat16, 3e-2),
+        (torch.float32, F64),  # mixed dtypes: not the kernels' call
+        (torch.bfloat16, torch.bfloat16),
     ],
+    ids=["float32_float64_parameters", "bfloat16"],
 )
-def test_fallback_matches_the_kernels(gen, dtype, param_dtype, tol):
+def test_fallback_matches_the_kernels(gen, dtype, param_dtype):
+    """The torch-op fallback against the float64 kernels on the same values.
+
+    Before each step the float64 module takes the fallback module's state
+    (exact in float64), and both take the same x and dy (exact too). The
+    fallback computes in float64 and rounds each result once to its dtype,
+    so y, the weight and bias gradients and the running statistics are each
+    within u * |expected| (u of the result's dtype). dx is two gradients,
+    each rounded to the input's dtype, then added in it (the fallback
+    converts the input to float64 twice: for the statistics and for
+    x_hat): g1 = weight * r * invstd * dy through x_hat and g2 = dx - g1
+    through the statistics, hence within u * (|g1| + |g2| + |dx|). Each
+    bound is first-order in u, so times (1 + u), plus float64 noise.
+    """
     shape = (4, C, 3, 5)
-    fast = make_module(gen, 2, renorm_clipping={"rmax": 1.5, "dmax": 0.5})
-    slow = RENORM[2](C, dtype=param_dtype, renorm_clipping={"rmax": 1.5, "dmax": 0.5})
-    slow.load_state_dict(fast.state_dict())
+    clipping = {"rmax": 1.5, "dmax": 0.5}
+    slow = make_module(gen, 2, param_dtype, renorm_clipping=clipping)
+    fast = RENORM[2](C, dtype=F64, renorm_clipping=clipping)
     for _ in range(2):
+        fast.load_state_dict(slow.state_dict())
         x = make_input(gen, shape).to(dtype)
         dy = make_input(gen, shape).to(dtype)
+        _, _, _, _, r, _ = functional_step(fast, x.to(F64), dy.to(F64))  # before the update
         expected = step(fast, x.to(F64), dy.to(F64))
         got = step(slow, x, dy)
-        for a, b in zip(got, expected, strict=True):
-            assert a.dtype in (dtype, param_dtype)
-            torch.testing.assert_close(a.to(F64), b, rtol=tol, atol=tol * 30)
-    for name in ("running_mean", "running_var"):
-        torch.testing.assert_close(
-            getattr(slow, name).to(F64), getattr(fast, name), rtol=tol, atol=tol
-        )
-    assert int(slow.num_batches_tracked) == int(fast.num_batches_tracked) == 2
+        for name, a, b in zip(("y", "dx", "dweight", "dbias"), got, expected, strict=True):
+            assert a.dtype is (dtype if name in ("y", "dx") else param_dtype), name
+            u = UNIT_ROUNDOFF[a.dtype]
+            if name == "dx":
+                x64 = x.to(F64)
+                invstd = (x64.var(reduced_dims(4), unbiased=False) + fast.eps).rsqrt()
+                scale = fast.weight.detach() * torch.from_numpy(r) * invstd
+                g1 = channel_view(scale, 4) * dy.to(F64)
+                size = g1.abs() + (b - g1).abs() + b.abs()
+            else:
+                size = b.abs()
+            assert_within(a, b, u * (1 + u) * size + FLOAT64_NOISE * (1 + b.abs()), name)
+        for name in ("running_mean", "running_var"):
+            a, b = getattr(slow, name), getattr(fast, name)
+            u = UNIT_ROUNDOFF[a.dtype]
+            assert_within(a, b, u * (1 + u) * b.abs() + FLOAT64_NOISE, name)
+    assert int(slow.num_batches_tracked) == 2
 
 
 def clipped_running_stats(module, x):

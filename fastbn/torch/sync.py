@@ -35,6 +35,7 @@ from fastbn import _checks
 from fastbn import functional as fastbn_functional
 from fastbn.torch import _ops, functional
 from fastbn.torch.modules import _FastBatchNorm, forward_state
+from fastbn.torch.renorm import _BatchRenorm
 
 __all__ = ["SyncBatchNorm"]
 
@@ -286,6 +287,13 @@ class SyncBatchNorm(_FastBatchNorm, _BatchNorm):
     process_group : torch.distributed.ProcessGroup, optional
         The group to synchronize over (default: the default group). Its
         backend must take CPU tensors (gloo does).
+
+    Attributes
+    ----------
+    fused_relu : bool
+        False, unless `convert_sync_batchnorm` made the layer from one of
+        fastbn's BatchNormReLU modules: then a ReLU follows the
+        normalization (synchronized or local), and the repr says so.
     """
 
     def __init__(
@@ -355,7 +363,11 @@ class SyncBatchNorm(_FastBatchNorm, _BatchNorm):
             else:
                 assert running_var is not None  # given with running_mean
                 _fold(running_mean, running_var, mean, invstd, eps, momentum, counter, count)
-        return y
+        # A BatchNormReLU's conversion: its ReLU after the synchronized normalization.
+        return torch.relu(y) if self.fused_relu else y
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + (", fused_relu=True" if self.fused_relu else "")
 
     @classmethod
     def convert_sync_batchnorm(
@@ -363,9 +375,25 @@ class SyncBatchNorm(_FastBatchNorm, _BatchNorm):
     ) -> torch.nn.Module:
         """Replace every BatchNorm layer in module with a SyncBatchNorm; return the result.
 
-        Converts torch's BatchNorm1d/2d/3d and SyncBatchNorm, fastbn's
-        BatchNorm1d/2d/3d and SyncBatchNorm (any ``_BatchNorm``). The new
-        layers take the old ones' parameters (the same objects, so
+        What each layer computes is kept, or nothing is converted:
+
+        - torch's BatchNorm1d/2d/3d and SyncBatchNorm, fastbn's
+          BatchNorm1d/2d/3d and SyncBatchNorm (and any other ``_BatchNorm``
+          subclass, as torch's own conversion takes them) become plain
+          SyncBatchNorm layers;
+        - fastbn's BatchNormReLU1d/2d/3d (made directly or by
+          ``fastbn.torch.convert(model, fuse_relu=True)``) become
+          SyncBatchNorm layers with ``fused_relu=True`` (shown in their
+          repr): the ReLU follows the normalization, synchronized or local;
+        - fastbn's BatchRenorm1d/2d/3d, and any layer with a
+          ``virtual_batch_size`` (ghost batch norm), raise ValueError naming
+          the layer's path and class, before any layer is converted: Batch
+          Renormalization's corrections r and d have no synchronized form
+          here, and ghost batch norm normalizes each slice of
+          ``virtual_batch_size`` examples with that slice's own statistics,
+          which is not what a synchronized layer computes.
+
+        The new layers take the old ones' parameters (the same objects, so
         requires_grad and optimizers holding them are kept), buffers
         (running statistics, num_batches_tracked), eps, momentum and training
         mode. As with torch's, a BatchNorm passed as the module itself comes
@@ -380,7 +408,29 @@ class SyncBatchNorm(_FastBatchNorm, _BatchNorm):
         Returns
         -------
         torch.nn.Module
+
+        Raises
+        ------
+        ValueError
+            If module holds a BatchRenorm layer or a ghost batch norm layer
+            (module is then unchanged).
         """
+        for name, layer in module.named_modules():
+            reason = _unsupported(layer)
+            if reason is not None:
+                where = "the module itself" if not name else f"layer {name!r}"
+                raise ValueError(
+                    f"SyncBatchNorm.convert_sync_batchnorm: {where} is a "
+                    f"{type(layer).__name__}, which has no synchronized form: {reason}. "
+                    "Nothing was converted"
+                )
+        return cls._converted(module, process_group)
+
+    @classmethod
+    def _converted(
+        cls, module: torch.nn.Module, process_group: dist.ProcessGroup | None
+    ) -> torch.nn.Module:
+        """`convert_sync_batchnorm` once its layers are known to convert."""
         if isinstance(module, _BatchNorm):
             converted = cls(
                 module.num_features,
@@ -397,13 +447,34 @@ class SyncBatchNorm(_FastBatchNorm, _BatchNorm):
             for name, buffer in module._buffers.items():
                 converted._buffers[name] = buffer
             converted.training = module.training
+            if getattr(module, "fused_relu", False):  # fastbn's BatchNormReLU, or a converted one
+                converted.fused_relu = True
             if hasattr(module, "qconfig"):
                 converted.qconfig = module.qconfig
             for name, child in module.named_children():
-                converted.add_module(name, cls.convert_sync_batchnorm(child, process_group))
+                converted.add_module(name, cls._converted(child, process_group))
             return converted
         for name, child in module.named_children():
-            new_child = cls.convert_sync_batchnorm(child, process_group)
+            new_child = cls._converted(child, process_group)
             if new_child is not child:
                 setattr(module, name, new_child)
         return module
+
+
+def _unsupported(layer: torch.nn.Module) -> str | None:
+    """Why `SyncBatchNorm.convert_sync_batchnorm` refuses layer, or None if it converts it."""
+    if isinstance(layer, _BatchRenorm):
+        return (
+            "Batch Renormalization corrects the batch statistics toward the running ones "
+            "(r and d), which a SyncBatchNorm does not do; replace it with a BatchNorm layer "
+            "to synchronize it, or convert the parts of the model without it"
+        )
+    k = layer.__dict__.get("virtual_batch_size") if isinstance(layer, _BatchNorm) else None
+    if k is not None:
+        return (
+            f"virtual_batch_size={k} (ghost batch norm) normalizes each slice of {k} "
+            "examples with that slice's own statistics, not with the statistics of every "
+            "process's batch; set virtual_batch_size = None to synchronize it as a plain "
+            "batch norm, or convert the parts of the model without it"
+        )
+    return None
