@@ -8,7 +8,7 @@ parameter per case and dtype, so pytest runs them case by case).
 
 import pytest
 
-from fastbn.bench.peers import BENCH_CASES, make_data
+from fastbn.bench.peers import BENCH_CASES, make_data, out_buffers
 
 SUITE_CASE_LABELS = (
     "256x64 ff",
@@ -31,3 +31,13 @@ def data(request):
     """One case's arrays (`fastbn.bench.peers.Data`)."""
     case, dtype = request.param
     return make_data(case, dtype)
+
+
+@pytest.fixture(scope="session")
+def buffers(data):
+    """One case's output buffers (y, dx) (`fastbn.bench.peers.out_buffers`).
+
+    fastbn-out writes into them and the roofline times its kernels on them,
+    as ``python -m fastbn.bench`` does: a floor on other memory is no floor.
+    """
+    return out_buffers(data)

@@ -1,17 +1,25 @@
 """Batch norm + ReLU, fused against unfused: ``pytest bench/test_relu.py --benchmark-only``.
 
 One benchmark group per case and pass (train forward, eval forward,
-backward), one benchmark per peer:
+backward), one benchmark per peer. No peer allocates an input-sized array in
+a timed call: each writes y or dx into the same preallocated buffers of the
+case (`relu_data`), and an intermediate input-sized array into a buffer of
+its own made before the timing, so that allocation and first-touch page
+faults are nobody's cost, as for the roofline:
 
-- fused: ``fastbn.batch_norm_relu_*``, into preallocated outputs;
-- unfused: fastbn's plain pass, then a separate ReLU pass over its output
-  (``np.maximum(y, 0, out=y)``), or for backward the ReLU's mask applied to
-  dy first (into preallocated buffers), then the plain backward;
-- torch: ``native_batch_norm`` then ``torch.relu``; backward
-  ``threshold_backward`` then ``native_batch_norm_backward``;
-- roofline: the kernels that bound the pass on the fused peer's arrays
-  (`fastbn.bench.peers.ROOFLINE_OF_PASS`: R + RW, RW, R2 + R2W). The fused
-  pass is to stay near it: the ReLU adds no pass over memory.
+- fused: ``fastbn.batch_norm_relu_*`` with ``out=``;
+- unfused: fastbn's plain pass with ``out=``, then a separate ReLU pass over
+  its output (``np.maximum(y, 0, out=y)``), or for backward the ReLU's mask
+  applied to dy first (into buffers), then the plain backward;
+- torch: the out= variants of its ops, ``native_batch_norm.out`` then
+  ``relu_`` in place; backward ``threshold_backward.grad_input`` into a
+  buffer, then ``native_batch_norm_backward.out``;
+- roofline: the kernels that bound the pass on the same x, dy and output
+  buffers (`fastbn.bench.peers.ROOFLINE_OF_PASS`: R + RW, RW, R2 + R2W). The
+  fused pass is to stay near it: the ReLU adds no pass over memory.
+
+Per-feature outputs (statistics, dgamma, dbeta) are C values: fastbn
+allocates them, torch writes preallocated ones; either way a negligible cost.
 """
 
 import numpy as np
@@ -25,6 +33,7 @@ from fastbn.bench.peers import (
     Case,
     image_cases,
     make_data,
+    out_buffers,
     roofline_calls,
     roofline_pass,
     torch_view,
@@ -79,46 +88,64 @@ def unfused_calls(d, y, dx):
     return {"train": train, "eval": evaluate, "backward": backward}
 
 
-def torch_calls(d):
-    """torch's ops: native_batch_norm then relu; threshold_backward then the batch norm's."""
+def torch_calls(d, y, dx):
+    """torch's ops into y and dx: batch norm then relu_; threshold_backward, then batch norm's.
+
+    Every output is preallocated (the ops' out= variants): y and dx are the
+    tensors over the fastbn peers' buffers, dz (dy masked by the ReLU) a buffer
+    of its own, as the unfused peer's.
+    """
     import torch
 
-    x = torch_view(d.x, d.case.layout)
-    dy = torch_view(d.dy, d.case.layout)
+    aten = torch.ops.aten
+    layout = d.case.layout
+    x, dy = torch_view(d.x, layout), torch_view(d.dy, layout)
+    y_t, dx_t = torch_view(y, layout), torch_view(dx, layout)
     w, b = torch.from_numpy(d.gamma), torch.from_numpy(d.beta)
     rm, rv = torch.from_numpy(d.running_mean), torch.from_numpy(d.running_var)
     rm_train, rv_train = rm.clone(), rv.clone()  # training updates them in place
-    y, save_mean, save_invstd = torch.native_batch_norm(
-        x, w, b, rm_train, rv_train, True, MOMENTUM, EPS
+    y_kept, save_mean, save_invstd = torch.native_batch_norm(
+        x, w, b, rm_train.clone(), rv_train.clone(), True, MOMENTUM, EPS
     )
-    y = torch.relu(y)
+    y_kept = torch.relu(y_kept)  # the forward's output, whose mask the backward applies
+    batch_mean, batch_invstd = torch.empty_like(w), torch.empty_like(w)
+    no_mean, no_invstd = torch.empty(0, dtype=w.dtype), torch.empty(0, dtype=w.dtype)  # eval's
+    dz = torch.empty_like(dy)
+    dgamma, dbeta = torch.empty_like(w), torch.empty_like(w)
     mask = [True, True, True]
 
     def train():
-        return torch.relu(
-            torch.native_batch_norm(x, w, b, rm_train, rv_train, True, MOMENTUM, EPS)[0]
-        )
+        aten.native_batch_norm.out(
+            x, w, b, rm_train, rv_train, True, MOMENTUM, EPS,
+            out=y_t, save_mean=batch_mean, save_invstd=batch_invstd,
+        )  # fmt: skip
+        torch.relu_(y_t)
 
     def evaluate():
-        return torch.relu(torch.native_batch_norm(x, w, b, rm, rv, False, MOMENTUM, EPS)[0])
+        aten.native_batch_norm.out(
+            x, w, b, rm, rv, False, MOMENTUM, EPS,
+            out=y_t, save_mean=no_mean, save_invstd=no_invstd,
+        )  # fmt: skip
+        torch.relu_(y_t)
 
     def backward():
-        dz = torch.ops.aten.threshold_backward(dy, y, 0)
-        return torch.ops.aten.native_batch_norm_backward(
-            dz, x, w, rm_train, rv_train, save_mean, save_invstd, True, EPS, mask
-        )
+        aten.threshold_backward.grad_input(dy, y_kept, 0, grad_input=dz)
+        aten.native_batch_norm_backward.out(
+            dz, x, w, rm_train, rv_train, save_mean, save_invstd, True, EPS, mask,
+            out0=dx_t, out1=dgamma, out2=dbeta,
+        )  # fmt: skip
 
     return {"train": train, "eval": evaluate, "backward": backward}
 
 
 def relu_calls(peer, d, y, dx):
-    """The calls of one of `RELU_PEERS`; y and dx are the fastbn peers' output buffers."""
+    """The calls of one of `RELU_PEERS`; y and dx are the output buffers every peer writes."""
     if peer == "fused":
         return fused_calls(d, y, dx)
     if peer == "unfused":
         return unfused_calls(d, y, dx)
     if peer == "torch":
-        return torch_calls(d)
+        return torch_calls(d, y, dx)
     if peer == "roofline":
         calls = roofline_calls(d, out=(y, dx))
         return {name: roofline_pass(calls, name) for name in PASSES}
@@ -127,9 +154,9 @@ def relu_calls(peer, d, y, dx):
 
 @pytest.fixture(scope="module", params=RELU_CASES, ids=lambda c: c.label.replace(" ", "-"))
 def relu_data(request):
-    """One case's arrays (`fastbn.bench.peers.Data`) and the output buffers (y, dx)."""
+    """One case's arrays (`fastbn.bench.peers.Data`) and every peer's output buffers (y, dx)."""
     d = make_data(request.param, DTYPE)
-    return d, np.empty_like(d.x), np.empty_like(d.x)
+    return d, *out_buffers(d)
 
 
 @pytest.mark.parametrize("peer", RELU_PEERS)

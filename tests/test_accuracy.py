@@ -13,7 +13,8 @@ their own error, ~1e-16 relative, is far below the bounds checked):
   invstd = -d var / (2 (var + eps))), so var is compared, at 1e-6 relative;
 - y: max |y - y_ref| <= 1e-4 for gamma = 1, beta = 0.
 
-float64: y and dx within 1e-10 of a reference computed in np.longdouble.
+float64: y and dx within 1e-10 of a reference computed in np.longdouble, the
+mean (relative to |mean| + std, as for float32) and invstd within 1e-12 relative.
 
 Run ``pytest -s tests/test_accuracy.py`` to see the numbers; they are also
 recorded as user properties in the junit XML (``--junitxml``).
@@ -21,7 +22,7 @@ recorded as user properties in the junit XML (``--junitxml``).
 
 import numpy as np
 import pytest
-from conftest import reduced_axes
+from conftest import STAT_TOL, reduced_axes
 
 import fastbn
 from fastbn import reference
@@ -140,10 +141,10 @@ F64_CASES = {
 @pytest.mark.parametrize("loc", [0.0, 1e3], ids=["mean0", "mean1e3"])
 @pytest.mark.parametrize("name", F64_CASES)
 def test_float64_accuracy(rng, record_property, name, loc):
-    """float64 y and dx within 1e-10 of a long-double reference (unit std).
+    """float64 y and dx within 1e-10, mean and invstd within 1e-12, of a long-double reference.
 
-    SPEC section 7 asks this on unit-scale data; a mean of 1e3 with std 1 is held
-    to the same bound (two-pass float64 statistics meet it with margin).
+    SPEC section 7 asks the y and dx bound on unit-scale data (std 1 here); a mean
+    of 1e3 is held to the same bounds (float64 statistics meet them with margin).
     """
     shape, axis = F64_CASES[name]
     eps = 1e-5
@@ -161,17 +162,24 @@ def test_float64_accuracy(rng, record_property, name, loc):
         invstd.astype(np.longdouble),
         axis=axis,
     )[0]
+    std_ref = np.sqrt(1.0 / invstd_ref**2 - eps)
     y_err = float(np.max(np.abs(y - y_ref)))
     dx_err = float(np.max(np.abs(dx - dx_ref)))
-    mean_err = float(np.max(np.abs(mean - mean_ref)))
-    invstd_err = float(np.max(np.abs(invstd / invstd_ref.astype(np.float64) - 1)))
+    mean_err = float(np.max(np.abs(mean - mean_ref) / (np.abs(mean_ref) + std_ref)))
+    invstd_err = float(np.max(np.abs(invstd / invstd_ref - 1)))
     _report(
         record_property,
         f"{name}/{loc:g}",
         y_err=y_err,
         dx_err=dx_err,
-        mean_err=mean_err,
+        mean_rel_err=mean_err,
         invstd_rel_err=invstd_err,
     )
+    assert mean.dtype == invstd.dtype == np.float64
     assert y_err <= 1e-10
     assert dx_err <= 1e-10
+    # float64 sums of M <= 2**20 shifted values, in blocks merged in a fixed order: each
+    # rounding is ~1e-16 of a partial sum, measured <= 7e-16 (mean) and 2e-15 (invstd).
+    # STAT_TOL's 1e-12 keeps 10**3 of margin and fails any float32 accumulation (~1e-7).
+    assert mean_err <= STAT_TOL[np.dtype(np.float64)]
+    assert invstd_err <= STAT_TOL[np.dtype(np.float64)]

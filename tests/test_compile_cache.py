@@ -6,10 +6,11 @@ import fcntl
 import importlib
 import json
 import os
+import select
 import shutil
 import subprocess
 import sys
-import time
+import threading
 
 import pytest
 from conftest import python_env, run_python
@@ -173,11 +174,50 @@ def test_cold_cache_filled_by_four_processes_at_once(tmp_path):
                 )
 
 
+# The child of the lock test: fcntl.flock wrapped so that, when fastbn asks for its
+# cache lock and another process holds it, the child says "blocked" and the lock
+# operation on stdout right before it blocks (a non-blocking try fails first: the
+# lock is held, not free).
+LOCK_CHILD = r"""
+import fcntl, os, sys
+
+real_flock = fcntl.flock
+
+
+def flock(file, operation):
+    name = os.path.basename(getattr(file, "name", ""))
+    if operation in (fcntl.LOCK_SH, fcntl.LOCK_EX) and name == sys.argv[1]:
+        try:
+            real_flock(file, operation | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print("blocked", operation, flush=True)
+            real_flock(file, operation)
+            print("acquired", flush=True)
+        return None
+    return real_flock(file, operation)
+
+
+fcntl.flock = flock
+
+import numpy as np
+import fastbn
+
+x = np.arange(64 * 128, dtype=np.float32).reshape(64, 128)
+y, mean, invstd = fastbn.batch_norm_train(x, axis=1)
+print("done", float(mean[0]), flush=True)
+"""
+
+
 def test_cache_reads_and_writes_wait_for_the_cache_lock(subprocess_cache):
     """A process's first kernel call waits while another process holds its cache's lock.
 
     Numba's cache index has no lock of its own: two processes saving into
     one cache at once can leave a signature pointing at another's code.
+    Proof by the order of events, not by time: while this process holds the
+    lock, the child reports that fastbn asked for the lock and found it held,
+    then blocks in flock and so can write nothing more; only after the
+    release does it load (or compile and save) its kernel and finish. A lock
+    that fastbn never takes, or takes on another file, gives "done" first.
     """
     env = python_env(subprocess_cache)
     where = run_python(
@@ -188,28 +228,38 @@ def test_cache_reads_and_writes_wait_for_the_cache_lock(subprocess_cache):
     )
     lock = where.stdout.strip().splitlines()[-1]
     assert os.path.dirname(lock).startswith(str(subprocess_cache))
-    child = (
-        "import numpy as np, fastbn\n"
-        "x = np.arange(64 * 128, dtype=np.float32).reshape(64, 128)\n"
-        "y, mean, invstd = fastbn.batch_norm_train(x, axis=1)\n"
-        "print('done', float(mean[0]))\n"
-    )
     with open(lock, "a") as lock_file:
         fcntl.flock(lock_file, fcntl.LOCK_EX)
+        # Unbuffered: readline reads byte by byte, so nothing after the line is taken.
         proc = subprocess.Popen(
-            [sys.executable, "-c", child],
+            [sys.executable, "-c", LOCK_CHILD, _compile.LOCK_NAME],
             env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
-            text=True,
+            bufsize=0,
         )
-        time.sleep(3.0)  # long enough for import and the call to reach the lock
-        waiting = proc.poll() is None
-        fcntl.flock(lock_file, fcntl.LOCK_UN)
-    out, err = proc.communicate(timeout=300)
-    assert waiting, f"the child did not wait for the lock: {out} {err}"
-    assert proc.returncode == 0, err
-    assert out.startswith("done 4032.0")
+        hang_guard = threading.Timer(300, proc.kill)  # a hang fails the test, never waits
+        hang_guard.start()
+        try:
+            first = proc.stdout.readline()
+            # Blocked in flock: no more output, and alive, while the lock is held.
+            more, _, _ = select.select([proc.stdout], [], [], 0)
+            alive = proc.poll() is None
+        finally:
+            fcntl.flock(lock_file, fcntl.LOCK_UN)
+        try:
+            out, err = proc.communicate(timeout=300)
+        finally:
+            hang_guard.cancel()
+    assert first.startswith(b"blocked "), (
+        f"the child did not wait for the lock: {first + out!r} {err.decode()[-3000:]}"
+    )
+    assert first == f"blocked {fcntl.LOCK_EX}\n".encode(), f"not an exclusive lock: {first!r}"
+    assert not more and alive, "the child went on while the lock was held"
+    assert proc.returncode == 0, err.decode()[-3000:]
+    lines = out.decode().splitlines()
+    assert lines[0] == "acquired"
+    assert lines[-1] == "done 4032.0"
 
 
 @pytest.mark.parametrize(
