@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from typing import Any, SupportsIndex, overload
 
 import numpy as np
-from numpy.typing import ArrayLike, NDArray
+from numpy.typing import ArrayLike, DTypeLike, NDArray
 
 FLOAT32 = np.dtype(np.float32)
 FLOAT64 = np.dtype(np.float64)
@@ -180,9 +180,24 @@ def per_feature(
             f"{name} has shape {v.shape}, expected ({n_features},): one value per feature "
             f"of x with shape {x.shape} and axis={axis}"
         )
+    return kernel_vector(v, n_features, dtype, 0.0)
+
+
+def kernel_vector(
+    v: NDArray[np.floating] | None, n_features: int, dtype: np.dtype[Any], default: float
+) -> NDArray[np.floating]:
+    """A float vector of length C (or None: ``default``s) as the kernels take it, in dtype.
+
+    The conversion `per_feature` ends with, for callers that checked the
+    length and the dtype's kind themselves (the PyTorch bridge).
+    """
+    if v is None:
+        return _constant(default, n_features, dtype)
     # The identity test first: comparing unequal dtypes costs more.
     if v.dtype is not dtype and v.dtype != dtype:
         return v.astype(dtype)  # a new array: contiguous and writable
+    if v.flags.c_contiguous and v.flags.writeable:
+        return v
     return kernel_input(np.ascontiguousarray(v))
 
 
@@ -226,3 +241,61 @@ def output(
             allowed = f" (only {may_be[0]} itself may be passed as out)" if may_be else ""
             raise ValueError(f"out overlaps the input {name}{allowed}")
     return out
+
+
+# ------------------------------------------------------ the layers' arguments
+
+
+def is_int(value: object) -> bool:
+    """Whether value is an integer (a NumPy one included), and not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
+
+
+def is_real(value: object) -> bool:
+    """Whether value is a real number (a NumPy one included), and not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
+
+
+def real(name: str, value: object) -> float:
+    """value as a float, or TypeError naming it."""
+    if not is_real(value):
+        raise TypeError(f"{name} must be a real number, got {value!r}")
+    return float(value)  # type: ignore[arg-type]
+
+
+def positive_int(name: str, value: object) -> int:
+    """value as a positive int, or TypeError / ValueError naming it."""
+    if not is_int(value):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    if value <= 0:  # type: ignore[operator]
+        raise ValueError(f"{name} must be positive, got {value}")
+    return int(value)  # type: ignore[call-overload]
+
+
+def layer_dtype(dtype: DTypeLike) -> np.dtype[Any]:
+    """dtype as np.dtype float32 or float64, or TypeError: a layer's dtype."""
+    try:
+        # np.dtype(None) would be float64: None is no choice of dtype here.
+        resolved = None if dtype is None else np.dtype(dtype)
+    except TypeError:
+        resolved = None
+    # Not only `not in`: None == np.dtype(np.float64) is True.
+    if resolved is None or resolved not in FLOAT_DTYPES:
+        raise TypeError(f"dtype must be np.float32 or np.float64, got {dtype!r}")
+    return resolved
+
+
+def layer_array(array: ArrayLike, name: str, dtype: np.dtype[Any]) -> NDArray[Any]:
+    """array as an ndarray of a layer's dtype, or TypeError naming the fix."""
+    array = np.asarray(array)
+    if array.dtype != dtype:
+        other_layer = (
+            f", or build the layer with dtype=np.{array.dtype}"
+            if array.dtype in FLOAT_DTYPES
+            else ""
+        )
+        raise TypeError(
+            f"{name} has dtype {array.dtype} but the layer's dtype is {dtype}: "
+            f"convert it with {name}.astype(np.{dtype}){other_layer}"
+        )
+    return array

@@ -7,7 +7,7 @@ from numba import njit
 
 from fastbn import _compile
 
-__all__ = ["feature_list", "fold_batch_stats", "nonfinite_batch_stats"]
+__all__ = ["feature_list", "fold_batches", "nonfinite_batch_stats"]
 
 # How many offending features an error message lists before it stops.
 SHOWN_FEATURES = 8
@@ -28,33 +28,40 @@ def nonfinite_batch_stats(mean, invstd):
 
 
 @njit(cache=True, error_model="numpy")
-def fold_batch_stats(running_mean, running_var, mean, invstd, eps, f, bessel):
-    """Apply PyTorch's running-statistics update in place, all features or none.
+def fold_batches(running_mean, running_var, mean, invstd, eps, momentum, counter, bessel):
+    """Apply PyTorch's running-statistics update in place, batch after batch, all or none.
 
+    mean and invstd are (G, C): G batches' float64 statistics, folded in
+    order (ghost batches; G = 1 for one batch). Batch g's factor f is
+    momentum, or for momentum < 0 (torch's None) the cumulative average
+    1 / (counter + g + 1), counter being num_batches_tracked before the call.
     running = (1 - f) * running + f * batch, in float64 and rounded once to
     the running statistics' dtype, with the unbiased variance var * bessel.
-    If a result is not finite in that dtype, nothing is written and the
-    offending features are returned (else an empty list).
+    If a result is not finite in that dtype, nothing is written, and the
+    offending features and their batch are returned; else ([], -1).
     """
-    new_mean = np.empty_like(running_mean)
-    new_var = np.empty_like(running_var)
-    bad = []
-    for c in range(mean.size):
-        # invstd = 1 / sqrt(var + eps) in float64, so 1 / invstd**2 gives
-        # var + eps to a few ulp: var to ~1e-15 relative, or to ~1e-15 * eps
-        # absolute where var << eps (clipped at 0: only rounding goes below).
-        var = 1.0 / (invstd[c] * invstd[c]) - eps
-        if var < 0.0:  # NaN fails the test and propagates
-            var = 0.0
-        new_mean[c] = (1.0 - f) * np.float64(running_mean[c]) + f * mean[c]
-        new_var[c] = (1.0 - f) * np.float64(running_var[c]) + f * (var * bessel)
-        # A NaN or inf batch statistic survives even f = 0: 0 * inf is NaN.
-        if not (np.isfinite(new_mean[c]) and np.isfinite(new_var[c])):
-            bad.append(c)
-    if not bad:
-        running_mean[:] = new_mean
-        running_var[:] = new_var
-    return bad
+    new_mean = running_mean.copy()
+    new_var = running_var.copy()
+    for g in range(mean.shape[0]):
+        f = momentum if momentum >= 0.0 else 1.0 / (counter + g + 1)
+        bad = []
+        for c in range(mean.shape[1]):
+            # invstd = 1 / sqrt(var + eps) in float64, so 1 / invstd**2 gives
+            # var + eps to a few ulp: var to ~1e-15 relative, or to ~1e-15 * eps
+            # absolute where var << eps (clipped at 0: only rounding goes below).
+            var = 1.0 / (invstd[g, c] * invstd[g, c]) - eps
+            if var < 0.0:  # NaN fails the test and propagates
+                var = 0.0
+            new_mean[c] = (1.0 - f) * np.float64(new_mean[c]) + f * mean[g, c]
+            new_var[c] = (1.0 - f) * np.float64(new_var[c]) + f * (var * bessel)
+            # A NaN or inf batch statistic survives even f = 0: 0 * inf is NaN.
+            if not (np.isfinite(new_mean[c]) and np.isfinite(new_var[c])):
+                bad.append(c)
+        if bad:
+            return bad, g
+    running_mean[:] = new_mean
+    running_var[:] = new_var
+    return [c for c in range(0)], -1
 
 
 def feature_list(bad: Sequence[int]) -> str:

@@ -1,4 +1,8 @@
-"""Serialize kernel launches where Numba's threading layer is not thread-safe.
+"""Kernel launches: one thread or many, serialized where Numba's threading layer is not safe.
+
+Every kernel call of the package goes through `launch`, which runs the
+kernel's one-thread twin for small data and in forked children (below), and
+the parallel kernel otherwise, under `kernel_guard`.
 
 Numba's ``workqueue`` layer aborts the process when two Python threads
 launch parallel regions at once; ``tbb`` and ``omp`` allow it. Which layer
@@ -7,11 +11,6 @@ kernel calls hold a module-level lock, and once ``numba.threading_layer()``
 names a thread-safe layer later calls skip it. Serial calls (small inputs)
 launch no parallel region and are never held.
 
-Usage, around each kernel call::
-
-    with kernel_guard(plan.serial):
-        rows.train_forward(...)
-
 A process forked from one whose Numba thread pool had started cannot use
 that pool: GNU OpenMP (the ``omp`` layer) terminates the child at its first
 parallel region ("fork() called from a process already using GNU OpenMP"),
@@ -19,7 +18,7 @@ and ``tbb`` and ``workqueue`` children hang when the fork came while another
 thread was in a parallel region (tbb's own locks; the guard's lock here).
 The pool starts at the first kernel call of any size (the one-thread twins
 are compiled with parallel=True too). So such a child sets `serial_only`,
-and every launch (`fastbn.functional._launch`) runs the kernels' one-thread
+and every `launch` runs the kernels' one-thread
 twins there, which give the same bits: DataLoader workers and fork-started
 multiprocessing pools compute correctly, on one thread each. The parent
 keeps its pool; a child forked before the pool started starts its own.
@@ -29,11 +28,14 @@ from __future__ import annotations
 
 import os
 import threading
-from typing import Literal
+from collections.abc import Callable
+from typing import Any, Literal
 
 import numba
 
-__all__ = ["SAFE_LAYERS", "kernel_guard", "layer_is_safe", "serial_only"]
+from fastbn.kernels._twins import serial_twin
+
+__all__ = ["SAFE_LAYERS", "kernel_guard", "launch", "layer_is_safe", "serial_only"]
 
 SAFE_LAYERS = ("tbb", "omp")  # layers that take parallel launches from several threads
 
@@ -43,7 +45,7 @@ _LOCK = threading.Lock()
 # stale None or False only costs taking the lock once more).
 _safe: bool | None = None
 # Whether this process was forked from one whose Numba thread pool had started:
-# then every kernel call runs on one thread (read by fastbn.functional._launch).
+# then every kernel call runs on one thread (read by `launch`).
 serial_only = False
 
 
@@ -109,6 +111,21 @@ def kernel_guard(serial: bool) -> _Unguarded | _Guarded:
     if serial or _safe:
         return _UNGUARDED
     return _GUARDED
+
+
+def launch(serial: bool, kernel: Callable[..., Any], *args: Any) -> Any:
+    """kernel(*args), or its one-thread twin; a parallel launch under `kernel_guard`.
+
+    The twin for small data (``serial``), and in a process forked after the
+    parent's thread pool started (`serial_only`), which cannot launch
+    parallel regions.
+    """
+    # No parallel region: the guard would only cost. (Small calls stop at
+    # `serial`; the flag costs the parallel ones a module global read.)
+    if serial or serial_only:
+        return serial_twin(kernel)(*args)
+    with kernel_guard(serial):
+        return kernel(*args)
 
 
 def _after_fork_in_child() -> None:

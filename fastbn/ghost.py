@@ -10,12 +10,16 @@ Views, in the C-contiguous form of x (x itself, the transpose of a
 Fortran-ordered x, else a copy of x in C order):
 
 - examples axis first (batch-first, NCHW, NHWC): the slices are G contiguous
-  blocks, each laid out as a (k, ...) array; `fastbn.kernels.ghost` runs the
-  G slices in one parallel loop.
+  blocks, each laid out as a (k, ...) array; the family of one slice's plan
+  runs the G slices in one parallel loop (its ``ghost_*`` entries).
 - examples axis right after the feature axis (the features-first (n, m)
   layout, or a Fortran-ordered NCHW): x is plain batch norm with C * G
   features, (..., C, N, ...) viewed as (..., C * G, k, ...), feature c * G + g
   being feature c of slice g; no kernel of its own.
+
+Each public function checks its arguments, then runs `train` or `backward`,
+which check nothing (as `fastbn._engine`'s executors); the layer and the
+PyTorch bridge call those directly.
 """
 
 from __future__ import annotations
@@ -27,9 +31,10 @@ from typing import Any, SupportsIndex, TypeAlias, overload
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-from fastbn import _checks, functional
-from fastbn.functional import _Float
-from fastbn.kernels import ghost as kernels
+from fastbn import _checks, _engine
+from fastbn._plan import MAX_PLANS, PARALLEL_MIN, Plan, in_caller_layout, output_buffer
+from fastbn._threading import launch
+from fastbn._types import Array, Float, Float64, Forward, Gradients
 
 __all__ = ["ghost_batch_norm_backward", "ghost_batch_norm_train"]
 
@@ -60,15 +65,15 @@ class GhostPlan:
         else it is x itself, or a copy of x in C order.
     shape : tuple of int
         The shape of the C-contiguous form.
-    stacked : bool
-        True: slices are leading blocks of the form (the ghost kernels);
-        False: the form is plain batch norm of C * G features (`merged_shape`).
-    slice_plan : functional._Plan or None
-        When stacked, the plan of one (k, ...) slice: its kernel family and views.
-    merged_shape : tuple of int or None
-        When not stacked, the form viewed with C * G features ...
-    merged_axis : int or None
-        ... along this axis.
+    plain : Plan or None
+        When G == 1, the plan of x itself: plain batch norm.
+    slice_plan : Plan or None
+        When the slices are leading blocks of the form (G > 1), the plan of
+        one (k, ...) slice: its family's ghost kernels run the stack.
+    merged_plan : Plan or None
+        Otherwise (G > 1), the plan of the form viewed as plain batch norm
+        of C * G features (..., C * G, k, ...): feature c * G + g is feature
+        c of slice g.
     serial : bool
         Whether one thread runs the kernels (small data).
     """
@@ -79,10 +84,9 @@ class GhostPlan:
     slice_values: int
     transposed: bool
     shape: tuple[int, ...]
-    stacked: bool
-    slice_plan: functional._Plan | None
-    merged_shape: tuple[int, ...] | None
-    merged_axis: int | None
+    plain: Plan | None
+    slice_plan: Plan | None
+    merged_plan: Plan | None
     serial: bool
 
     @classmethod
@@ -118,17 +122,14 @@ class GhostPlan:
             form_axis, form_examples = axis, examples_axis
         shape = x.shape[::-1] if transposed else x.shape
         n_slices = n_examples // k
-        slice_plan: functional._Plan | None = None
-        merged_shape: tuple[int, ...] | None = None
-        merged_axis: int | None = None
-        stacked = form_examples == 0
-        if stacked:
-            # A slice's plan depends on its shape alone; this array has no other use.
-            slice_x = np.empty((k, *shape[1:]), x.dtype)
-            slice_plan = functional._Plan.of(slice_x, form_axis, training=True)
+        plain = slice_plan = merged_plan = None
+        if n_slices == 1:
+            plain = Plan.of(x, axis, training=True)
+        elif form_examples == 0:
+            slice_plan = Plan.of_form((k, *shape[1:]), form_axis)
         else:
-            merged_shape = (*shape[:form_axis], n_features * n_slices, k, *shape[form_axis + 2 :])
-            merged_axis = form_axis
+            merged = (*shape[:form_axis], n_features * n_slices, k, *shape[form_axis + 2 :])
+            merged_plan = Plan.of_form(merged, form_axis)
         return cls(
             axis=axis,
             n_features=n_features,
@@ -136,11 +137,10 @@ class GhostPlan:
             slice_values=slice_values,
             transposed=transposed,
             shape=shape,
-            stacked=stacked,
+            plain=plain,
             slice_plan=slice_plan,
-            merged_shape=merged_shape,
-            merged_axis=merged_axis,
-            serial=x.size < functional.PARALLEL_MIN,
+            merged_plan=merged_plan,
+            serial=x.size < PARALLEL_MIN,
         )
 
     def form(self, a: NDArray[np.floating]) -> NDArray[np.floating]:
@@ -152,21 +152,21 @@ class GhostPlan:
     def stack(self, a: NDArray[np.floating]) -> NDArray[np.floating]:
         """The C-contiguous form as the ghost kernels take it: (G, P, C, Q) or (G, S)."""
         assert self.slice_plan is not None  # stacked
-        if self.slice_plan.rows:
-            return a.reshape((self.n_slices, *self.slice_plan.pcq))
-        return a.reshape((self.n_slices, -1))
+        if self.slice_plan.geometry:  # the columns family: each slice flat
+            return a.reshape((self.n_slices, -1))
+        return a.reshape((self.n_slices, *self.slice_plan.pcq))
 
     def output(
         self, out: NDArray[np.floating] | None, dtype: np.dtype[Any]
     ) -> tuple[NDArray[np.floating], bool]:
         """The C-contiguous buffer to write, and whether it must be copied into out."""
-        return functional.output_buffer(out, dtype, self.shape, self.transposed)
+        return output_buffer(out, dtype, self.shape, self.transposed)
 
     def result(
         self, buffer: NDArray[np.floating], out: NDArray[np.floating] | None, copy_back: bool
     ) -> NDArray[np.floating]:
         """The result in the caller's layout: out (copied into if need be) or the buffer."""
-        return functional.in_caller_layout(buffer, out, copy_back, self.transposed)
+        return in_caller_layout(buffer, out, copy_back, self.transposed)
 
     def merged(self, per_slice: NDArray[np.float64]) -> NDArray[np.float64]:
         """(G, C) per-slice values as the C * G per-feature values of the merged view."""
@@ -187,7 +187,7 @@ def planned(
 ) -> tuple[NDArray[np.floating], GhostPlan]:
     """x checked as data (`_checks.data`) and its `GhostPlan`, made once per key.
 
-    As `functional._planned`: a key is stored only once its checks have passed.
+    As `_plan.plan_for`: a key is stored only once its checks have passed.
     """
     key: _PlanKey | None = None
     if isinstance(x, np.ndarray) and type(axis) is int and type(virtual_batch_size) is int:
@@ -198,7 +198,7 @@ def planned(
     x = _checks.data("x", x)
     plan = GhostPlan.of(x, axis, virtual_batch_size)
     if key is not None:
-        if len(_PLANS) >= functional.MAX_PLANS:
+        if len(_PLANS) >= MAX_PLANS:
             _PLANS.clear()
         _PLANS[key] = plan
     return x, plan
@@ -206,15 +206,15 @@ def planned(
 
 @overload
 def ghost_batch_norm_train(
-    x: NDArray[_Float],
+    x: NDArray[Float],
     gamma: ArrayLike | None = ...,
     beta: ArrayLike | None = ...,
     *,
     virtual_batch_size: int,
     axis: SupportsIndex = ...,
     eps: float = ...,
-    out: NDArray[_Float] | None = ...,
-) -> tuple[NDArray[_Float], NDArray[np.float64], NDArray[np.float64]]: ...
+    out: NDArray[Float] | None = ...,
+) -> tuple[NDArray[Float], NDArray[np.float64], NDArray[np.float64]]: ...
 @overload
 def ghost_batch_norm_train(
     x: ArrayLike,
@@ -225,7 +225,7 @@ def ghost_batch_norm_train(
     axis: SupportsIndex = ...,
     eps: float = ...,
     out: NDArray[np.floating] | None = ...,
-) -> functional._Forward: ...
+) -> Forward: ...
 def ghost_batch_norm_train(
     x: ArrayLike,
     gamma: ArrayLike | None = None,
@@ -235,7 +235,7 @@ def ghost_batch_norm_train(
     axis: SupportsIndex = 0,
     eps: float = 1e-5,
     out: NDArray[np.floating] | None = None,
-) -> functional._Forward:
+) -> Forward:
     """Normalize each virtual batch of k examples with its own statistics (training mode).
 
     Parameters
@@ -272,70 +272,56 @@ def ghost_batch_norm_train(
         As `batch_norm_train`; k not an int.
     """
     x, plan = planned(x, axis, virtual_batch_size)
-    return train(x, plan, gamma, beta, eps, out)
-
-
-def train(
-    x: NDArray[np.floating],
-    plan: GhostPlan,
-    gamma: ArrayLike | None,
-    beta: ArrayLike | None,
-    eps: float,
-    out: NDArray[np.floating] | None,
-) -> functional._Forward:
-    """`ghost_batch_norm_train` once x is checked and planned (`planned`)."""
-    if plan.n_slices == 1:
-        y, mean, invstd = functional.batch_norm_train(
-            x, gamma, beta, axis=plan.axis, eps=eps, out=out
-        )
-        return y, mean[None], invstd[None]
-    n_features, axis = plan.n_features, plan.axis
     dtype = _checks.vector_dtype(x, gamma, beta)
-    gamma_k = _checks.per_feature("gamma", gamma, n_features, x, axis, 1.0, dtype)
-    beta_k = _checks.per_feature("beta", beta, n_features, x, axis, 0.0, dtype)
+    n, axis = plan.n_features, plan.axis
+    gamma_k = _checks.per_feature("gamma", gamma, n, x, axis, 1.0, dtype)
+    beta_k = _checks.per_feature("beta", beta, n, x, axis, 0.0, dtype)
     eps = _checks.positive_eps(eps)
     if out is not None:
         _checks.output(out, x, (("x", x), ("gamma", gamma), ("beta", beta)))
+    return train(x, plan, gamma_k, beta_k, eps, out)
+
+
+def train(
+    x: Array, plan: GhostPlan, gamma: Array, beta: Array, eps: float, out: Array | None
+) -> Forward:
+    """`ghost_batch_norm_train`'s executor: checks nothing (see `_engine`).
+
+    x is planned (`planned`); gamma and beta as the kernels take them.
+    """
+    if plan.plain is not None:
+        y, mean, invstd = _engine.train(plan.plain, x, gamma, beta, eps, out)
+        return y, mean[None], invstd[None]
     buffer, copy_back = plan.output(out, x.dtype)
     x_form = plan.form(x)
-    if plan.stacked:
-        x_k, y_k, slice_plan = plan.stack(x_form), plan.stack(buffer), plan.slice_plan
-        assert slice_plan is not None  # stacked
-        if slice_plan.rows:
-            mean, invstd = functional._launch(
-                plan.serial, kernels.rows_train_forward, x_k, gamma_k, beta_k, eps, y_k
-            )
-        else:
-            mean, invstd = functional._launch(
-                plan.serial, kernels.columns_train_forward, x_k, *slice_plan.columns_args,
-                gamma_k, beta_k, eps, y_k,
-            )  # fmt: skip
+    if plan.slice_plan is not None:
+        mean, invstd = launch(
+            plan.serial, plan.slice_plan.family.ghost_train_forward, plan.stack(x_form),
+            *plan.slice_plan.geometry, gamma, beta, eps, plan.stack(buffer),
+        )  # fmt: skip
     else:
-        assert plan.merged_shape is not None and plan.merged_axis is not None  # not stacked
-        _, merged_mean, merged_invstd = functional.batch_norm_train(
-            x_form.reshape(plan.merged_shape),
-            np.repeat(gamma_k, plan.n_slices),
-            np.repeat(beta_k, plan.n_slices),
-            axis=plan.merged_axis,
-            eps=eps,
-            out=buffer.reshape(plan.merged_shape),
-        )
+        merged = plan.merged_plan
+        assert merged is not None  # neither plain nor stacked
+        _, merged_mean, merged_invstd = _engine.train(
+            merged, x_form.reshape(merged.shape), np.repeat(gamma, plan.n_slices),
+            np.repeat(beta, plan.n_slices), eps, buffer.reshape(merged.shape),
+        )  # fmt: skip
         mean, invstd = plan.per_slice(merged_mean), plan.per_slice(merged_invstd)
     return plan.result(buffer, out, copy_back), mean, invstd
 
 
 @overload
 def ghost_batch_norm_backward(
-    dy: NDArray[_Float],
-    x: NDArray[_Float],
+    dy: NDArray[Float],
+    x: NDArray[Float],
     mean: ArrayLike,
     invstd: ArrayLike,
     gamma: ArrayLike | None = ...,
     *,
     virtual_batch_size: int,
     axis: SupportsIndex = ...,
-    out: NDArray[_Float] | None = ...,
-) -> tuple[NDArray[_Float], NDArray[_Float], NDArray[_Float]]: ...
+    out: NDArray[Float] | None = ...,
+) -> tuple[NDArray[Float], NDArray[Float], NDArray[Float]]: ...
 @overload
 def ghost_batch_norm_backward(
     dy: ArrayLike,
@@ -347,7 +333,7 @@ def ghost_batch_norm_backward(
     virtual_batch_size: int,
     axis: SupportsIndex = ...,
     out: NDArray[np.floating] | None = ...,
-) -> functional._Gradients: ...
+) -> Gradients: ...
 def ghost_batch_norm_backward(
     dy: ArrayLike,
     x: ArrayLike,
@@ -358,7 +344,7 @@ def ghost_batch_norm_backward(
     virtual_batch_size: int,
     axis: SupportsIndex = 0,
     out: NDArray[np.floating] | None = None,
-) -> functional._Gradients:
+) -> Gradients:
     """Gradients of `ghost_batch_norm_train`: each virtual batch's training backward.
 
     Parameters
@@ -388,72 +374,60 @@ def ghost_batch_norm_backward(
         order (in float64, rounded once to x's dtype).
     """
     x, plan = planned(x, axis, virtual_batch_size)
-    dx, dgamma, dbeta = backward(dy, x, plan, mean, invstd, gamma, out)
-    return dx, dgamma.astype(dx.dtype, copy=False), dbeta.astype(dx.dtype, copy=False)
-
-
-def backward(
-    dy: ArrayLike,
-    x: NDArray[np.floating],
-    plan: GhostPlan,
-    mean: ArrayLike,
-    invstd: ArrayLike,
-    gamma: ArrayLike | None,
-    out: NDArray[np.floating] | None,
-) -> tuple[NDArray[np.floating], NDArray[np.float64], NDArray[np.float64]]:
-    """`ghost_batch_norm_backward` with float64 dgamma and dbeta, x checked and planned."""
     dy = _checks.float_array("dy", dy)
     _checks.same_shape("dy", dy, x)
     if dy.dtype != x.dtype:
         raise TypeError(f"dy has dtype {dy.dtype}, but x has dtype {x.dtype}: they must match")
     mean64 = _per_slice_stat("mean", mean, plan, x)
     invstd64 = _per_slice_stat("invstd", invstd, plan, x)
-    if plan.n_slices == 1:
-        dx, dgamma, dbeta = functional._backward(
-            dy, x, mean64[0], invstd64[0], gamma, plan.axis, True, out
-        )
-        assert dx is not None  # input_grad: dx is computed
-        return dx, dgamma, dbeta
     gamma_k = _checks.per_feature(
         "gamma", gamma, plan.n_features, x, plan.axis, 1.0, _checks.vector_dtype(x, gamma)
     )
     if out is not None:
         inputs = (("dy", dy), ("x", x), ("mean", mean), ("invstd", invstd), ("gamma", gamma))
         _checks.output(out, x, inputs, may_be=("dy", dy))
+    dx, dgamma, dbeta = backward(dy, x, plan, mean64, invstd64, gamma_k, out)
+    return dx, dgamma.astype(dx.dtype, copy=False), dbeta.astype(dx.dtype, copy=False)
+
+
+def backward(
+    dy: Array,
+    x: Array,
+    plan: GhostPlan,
+    mean: Float64,
+    invstd: Float64,
+    gamma: Array,
+    out: Array | None,
+) -> tuple[Array, Float64, Float64]:
+    """`ghost_batch_norm_backward`'s executor, float64 dgamma and dbeta: checks nothing.
+
+    mean and invstd are C-contiguous float64 (G, C); gamma as the kernels take it.
+    """
+    if plan.plain is not None:
+        return _engine.backward(plan.plain, dy, x, mean[0], invstd[0], gamma, True, out)
     buffer, copy_back = plan.output(out, x.dtype)
     dy_form, x_form = plan.form(dy), plan.form(x)
-    if plan.stacked:
-        dy_k, x_k, dx_k = plan.stack(dy_form), plan.stack(x_form), plan.stack(buffer)
-        slice_plan = plan.slice_plan
-        assert slice_plan is not None  # stacked
-        if slice_plan.rows:
-            dgamma, dbeta = functional._launch(
-                plan.serial, kernels.rows_backward, dy_k, x_k, mean64, invstd64, gamma_k, dx_k
-            )
-        else:
-            dgamma, dbeta = functional._launch(
-                plan.serial, kernels.columns_backward, dy_k, x_k, *slice_plan.columns_args,
-                mean64, invstd64, gamma_k, dx_k,
-            )  # fmt: skip
+    if plan.slice_plan is not None:
+        dgamma, dbeta = launch(
+            plan.serial, plan.slice_plan.family.ghost_backward, plan.stack(dy_form),
+            plan.stack(x_form), *plan.slice_plan.geometry, mean, invstd, gamma,
+            plan.stack(buffer),
+        )  # fmt: skip
         return plan.result(buffer, out, copy_back), dgamma, dbeta
-    assert plan.merged_shape is not None and plan.merged_axis is not None  # not stacked
-    merged_dy = dy_form.reshape(plan.merged_shape)
-    # out is dy (which the caller may pass) and written in place: the functional
-    # allows that when out is the very view it reads dy from.
+    merged = plan.merged_plan
+    assert merged is not None  # neither plain nor stacked
+    merged_dy = dy_form.reshape(merged.shape)
+    # out is dy (which the caller may pass) and written in place: allowed when
+    # out is the very view dy is read from.
     in_place = out is dy and not copy_back
-    merged_out = merged_dy if in_place else buffer.reshape(plan.merged_shape)
-    _, merged_dgamma, merged_dbeta = functional._backward(
-        merged_dy,
-        x_form.reshape(plan.merged_shape),
-        plan.merged(mean64),
-        plan.merged(invstd64),
-        np.repeat(gamma_k, plan.n_slices),
-        plan.merged_axis,
-        True,
-        merged_out,
-    )
-    dgamma = kernels.slice_sums(plan.per_slice(merged_dgamma))
-    dbeta = kernels.slice_sums(plan.per_slice(merged_dbeta))
+    _, merged_dgamma, merged_dbeta = _engine.backward(
+        merged, merged_dy, x_form.reshape(merged.shape), plan.merged(mean), plan.merged(invstd),
+        np.repeat(gamma, plan.n_slices), True,
+        merged_dy if in_place else buffer.reshape(merged.shape),
+    )  # fmt: skip
+    # Each feature's slices summed in slice order (a reduction over the leading axis).
+    dgamma = plan.per_slice(merged_dgamma).sum(axis=0)
+    dbeta = plan.per_slice(merged_dbeta).sum(axis=0)
     return plan.result(buffer, out, copy_back), dgamma, dbeta
 
 

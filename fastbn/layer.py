@@ -8,52 +8,22 @@ leaves every attribute as it was.
 
 from __future__ import annotations
 
+import dataclasses
 import math
-import numbers
 from collections.abc import Mapping
-from typing import Any, Literal, TypeAlias
+from typing import Any, Literal
 
 import numpy as np
-from numpy.typing import ArrayLike, DTypeLike, NDArray
+from numpy.typing import ArrayLike, DTypeLike
 
-from fastbn import _checks, _running, functional, ghost
+from fastbn import _checks, _engine, _running, ghost
 from fastbn import renorm as batch_renorm
+from fastbn._plan import Plan, plan_for
+from fastbn._types import Array, Float64
 
 __all__ = ["BatchNorm"]
 
-_LAYER_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
-
-_Array: TypeAlias = NDArray[np.floating]
-_Float64: TypeAlias = NDArray[np.float64]
-# The forward cache (see the end of __init__).
-_Cache: TypeAlias = tuple[
-    _Array,
-    _Float64,
-    _Float64,
-    bool,
-    functional._Plan | ghost.GhostPlan,
-    tuple[_Float64, _Float64] | None,
-]
-
-
-def _is_real(value: object) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
-
-
-def _layer_dtype(dtype: DTypeLike) -> np.dtype[Any]:
-    """Return dtype as np.dtype float32 or float64, or raise TypeError."""
-    try:
-        # np.dtype(None) would be float64: None is no choice of dtype here.
-        resolved = None if dtype is None else np.dtype(dtype)
-    except TypeError:
-        resolved = None
-    if resolved is None or resolved not in _LAYER_DTYPES:
-        raise TypeError(f"dtype must be np.float32 or np.float64, got {dtype!r}")
-    return resolved
+_FLOAT64 = np.dtype(np.float64)
 
 
 class BatchNorm:
@@ -161,15 +131,12 @@ class BatchNorm:
         d_max: float = 5.0,
         activation: Literal["relu"] | None = None,
     ) -> None:
-        if not _is_int(num_features):
-            raise TypeError(f"num_features must be an int, got {num_features!r}")
-        if num_features <= 0:
-            raise ValueError(f"num_features must be positive, got {num_features}")
-        if not _is_int(axis):
+        num_features = _checks.positive_int("num_features", num_features)
+        if not _checks.is_int(axis):
             raise TypeError(f"axis must be an int, got {axis!r}")
         eps = _checks.positive_eps(eps)
         if momentum is not None:
-            if not _is_real(momentum):
+            if not _checks.is_real(momentum):
                 raise TypeError(f"momentum must be a real number or None, got {momentum!r}")
             if not 0 <= momentum <= 1:
                 raise ValueError(f"momentum must be in [0, 1] or None, got {momentum!r}")
@@ -181,7 +148,7 @@ class BatchNorm:
         for name, flag in flags:
             if not isinstance(flag, (bool, np.bool_)):
                 raise TypeError(f"{name} must be a bool, got {flag!r}")
-        layer_dtype = _layer_dtype(dtype)
+        layer_dtype = _checks.layer_dtype(dtype)
         if virtual_batch_size is not None:
             virtual_batch_size = ghost.checked_virtual_batch_size(virtual_batch_size)
             if renorm:
@@ -216,24 +183,21 @@ class BatchNorm:
 
         shape = (self.num_features,)
         if self.affine:
-            self.gamma: _Array | None = np.ones(shape, layer_dtype)
-            self.beta: _Array | None = np.zeros(shape, layer_dtype)
-            self.dgamma: _Array | None = np.zeros(shape, layer_dtype)
-            self.dbeta: _Array | None = np.zeros(shape, layer_dtype)
+            self.gamma: Array | None = np.ones(shape, layer_dtype)
+            self.beta: Array | None = np.zeros(shape, layer_dtype)
+            self.dgamma: Array | None = np.zeros(shape, layer_dtype)
+            self.dbeta: Array | None = np.zeros(shape, layer_dtype)
         else:
             self.gamma = self.beta = self.dgamma = self.dbeta = None
         if self.track_running_stats:
-            self.running_mean: _Array | None = np.zeros(shape, layer_dtype)
-            self.running_var: _Array | None = np.ones(shape, layer_dtype)
+            self.running_mean: Array | None = np.zeros(shape, layer_dtype)
+            self.running_var: Array | None = np.ones(shape, layer_dtype)
         else:
             self.running_mean = self.running_var = None
         self.num_batches_tracked = 0
-        # (x, mean, invstd, batch_stats, plan, renorm_rd) of the last successful
-        # forward: x by reference, mean and invstd float64, batch_stats whether
-        # the forward normalized with batch statistics (the training formula of
-        # backward), plan the functional plan of x, renorm_rd the float64 (r, d)
-        # of a Batch Renormalization forward, else None.
-        self._cache: _Cache | None = None
+        # What the last successful forward saved for backward(): x by reference,
+        # its plan and the float64 statistics (see `_Saved`), or None.
+        self._saved: _Saved | _GhostSaved | _RenormSaved | None = None
 
     # ------------------------------------------------------------------ modes
 
@@ -267,7 +231,7 @@ class BatchNorm:
 
     # ---------------------------------------------------------- computation
 
-    def forward(self, x: ArrayLike, out: _Array | None = None) -> _Array:
+    def forward(self, x: ArrayLike, out: Array | None = None) -> Array:
         """Normalize a batch.
 
         Training mode normalizes with the batch statistics and, when tracking,
@@ -305,134 +269,41 @@ class BatchNorm:
             Batch statistics that are not finite, or running statistics that
             would overflow the layer's dtype.
         """
-        renorm = self.renorm and self.training
-        if renorm:  # plain attributes, which may have changed since the last step
-            limits = batch_renorm.clip_limits(self.r_max, self.d_max)
         batch_stats = self.training or not self.track_running_stats
-        x, plan = self._checked_input(x, batch_stats)
+        x = _checks.layer_array(x, "x", self.dtype)
+        x, plan = plan_for(x, self.axis, batch_stats)
+        if plan.n_features != self.num_features:
+            raise ValueError(
+                f"x of shape {x.shape} has {plan.n_features} features along axis "
+                f"{self.axis}, but the layer has num_features={self.num_features}"
+            )
         if out is not None:
-            kept = None if self._cache is None else self._cache[0]
+            kept = None if self._saved is None else self._saved.x
             for held, what in ((x, "x"), (kept, "the x kept from the previous forward")):
                 if held is not None and np.shares_memory(out, held):
                     raise ValueError(
                         f"out overlaps {what}: the layer keeps x for backward(), "
                         "so write y into a separate array"
                     )
-        if self.training and self.virtual_batch_size is not None:
-            return self._ghost_forward(x, out)
-        if plan is None:
-            x, plan = functional._planned(x, self.axis, training=batch_stats)
-
-        # From here on, the functional passes' own work, on a plan that backward() reuses.
+            state = ("gamma", "beta", "running_mean", "running_var")
+            _checks.output(out, x, (("x", x), *((name, getattr(self, name)) for name in state)))
+        saved: _Saved | _GhostSaved | _RenormSaved
         if not batch_stats:
-            assert self.running_mean is not None and self.running_var is not None  # tracked
-            y = functional._eval(
-                x,
-                plan,
-                self.running_mean,
-                self.running_var,
-                self.gamma,
-                self.beta,
-                self.eps,
-                out,
-                relu=self.activation == "relu",
-            )
-            # Snapshots: the running statistics may change before backward().
-            mean = self.running_mean.astype(np.float64)
-            invstd = 1.0 / np.sqrt(self.running_var.astype(np.float64) + self.eps)
-            self._cache = (x, mean, invstd, False, plan, None)
-            return y
-
-        if renorm:
-            assert self.running_mean is not None and self.running_var is not None  # tracked
-            y, mean, invstd, r, d = batch_renorm._train(
-                x, plan, self.running_mean, self.running_var, self.gamma, self.beta, limits,
-                self.eps, out,
-            )  # fmt: skip
-            self._update_running_stats(mean, invstd, x.size // self.num_features)
-            self._cache = (x, mean, invstd, True, plan, (r, d))
-            return y
-
-        y, mean, invstd = functional._train(
-            x, plan, self.gamma, self.beta, self.eps, out, relu=self.activation == "relu"
-        )
-        if self.training and self.track_running_stats:
-            self._update_running_stats(mean, invstd, x.size // self.num_features)
+            y, saved = _eval_forward(self, x, plan, out)
+        elif self.training and self.virtual_batch_size is not None:
+            y, saved = _ghost_forward(self, x, out)
+        elif self.training and self.renorm:
+            y, saved = _renorm_forward(self, x, plan, out)
         else:
-            bad = _running.nonfinite_batch_stats(mean, invstd)
-            if bad:
-                features = _running.feature_list(bad)
-                raise FloatingPointError(
-                    f"the batch statistics of features {features} are not finite (NaN or inf "
-                    "in x, or a variance that overflows); the layer is unchanged"
-                )
-        self._cache = (x, mean, invstd, True, plan, None)
+            y, saved = _train_forward(self, x, plan, out)
+        self._saved = saved
         return y
 
-    def __call__(self, x: ArrayLike, out: _Array | None = None) -> _Array:
+    def __call__(self, x: ArrayLike, out: Array | None = None) -> Array:
         """Apply the layer: the same as ``forward(x, out=out)``."""
         return self.forward(x, out=out)
 
-    def _update_running_stats(self, mean: _Float64, invstd: _Float64, m: int) -> None:
-        """Fold a batch's statistics into the running ones, or raise and change nothing."""
-        count = self.num_batches_tracked + 1
-        f = 1.0 / count if self.momentum is None else self.momentum
-        bad = _running.fold_batch_stats(
-            self.running_mean, self.running_var, mean, invstd, self.eps, f, m / (m - 1)
-        )
-        if bad:
-            raise FloatingPointError(
-                f"the batch statistics of features {_running.feature_list(bad)} are not "
-                f"finite, or overflow {self.dtype} in the running statistics (NaN or inf in x, or "
-                "values too large); the layer is unchanged"
-            )
-        self.num_batches_tracked = count
-
-    def _ghost_forward(self, x: _Array, out: _Array | None) -> _Array:
-        """forward() in training mode with virtual batches (see ``virtual_batch_size``)."""
-        assert self.virtual_batch_size is not None  # forward() checked
-        x, plan = ghost.planned(x, self.axis, self.virtual_batch_size)
-        y, mean, invstd = ghost.train(x, plan, self.gamma, self.beta, self.eps, out)
-        if self.track_running_stats:
-            self._fold_virtual_batches(mean, invstd, plan.slice_values)
-        else:
-            bad = _running.nonfinite_batch_stats(mean.reshape(-1), invstd.reshape(-1))
-            if bad:
-                features = sorted({i % self.num_features for i in bad})
-                raise FloatingPointError(
-                    f"the statistics of features {_running.feature_list(features)} in virtual "
-                    f"batch {bad[0] // self.num_features} are not finite (NaN or inf in x, or a "
-                    "variance that overflows); the layer is unchanged"
-                )
-        self._cache = (x, mean, invstd, True, plan, None)
-        return y
-
-    def _fold_virtual_batches(self, mean: _Float64, invstd: _Float64, m: int) -> None:
-        """Fold each virtual batch's statistics (the rows of mean and invstd) in order.
-
-        Into copies, which replace the running statistics once every slice
-        passed: a slice that fails raises and leaves the layer unchanged.
-        """
-        assert self.running_mean is not None and self.running_var is not None  # tracked
-        running_mean, running_var = self.running_mean.copy(), self.running_var.copy()
-        count = self.num_batches_tracked
-        for g in range(mean.shape[0]):
-            count += 1
-            f = 1.0 / count if self.momentum is None else self.momentum
-            bad = _running.fold_batch_stats(
-                running_mean, running_var, mean[g], invstd[g], self.eps, f, m / (m - 1)
-            )
-            if bad:
-                raise FloatingPointError(
-                    f"the statistics of features {_running.feature_list(bad)} in virtual batch "
-                    f"{g} are not finite, or overflow {self.dtype} in the running statistics "
-                    "(NaN or inf in x, or values too large); the layer is unchanged"
-                )
-        self.running_mean[...] = running_mean
-        self.running_var[...] = running_var
-        self.num_batches_tracked = count
-
-    def backward(self, dy: ArrayLike, out: _Array | None = None) -> _Array:
+    def backward(self, dy: ArrayLike, out: Array | None = None) -> Array:
         """Backpropagate through the last forward().
 
         Where that forward used batch statistics, their dependence on x is
@@ -464,32 +335,55 @@ class BatchNorm:
         ValueError
             dy of another shape than x.
         """
-        if self._cache is None:
+        saved = self._saved
+        if saved is None:
             raise RuntimeError("backward() needs a forward() first: nothing to backpropagate")
-        x, mean, invstd, batch_stats, plan, renorm_rd = self._cache
-        dy = self._checked_dtype(dy, "dy")
-        # The functional backward less what the forward settled: x, mean and
-        # invstd are checked and planned already, and dgamma and dbeta come
-        # back in float64, which the assignments below round to the layer's
-        # dtype as astype would.
-        dx: _Array | None
-        if isinstance(plan, ghost.GhostPlan):
-            dx, dgamma, dbeta = ghost.backward(dy, x, plan, mean, invstd, self.gamma, out)
-        elif renorm_rd is None:
-            dx, dgamma, dbeta = functional._backward(
-                dy, x, mean, invstd, self.gamma, self.axis, batch_stats, out, forward_plan=plan,
-                relu=self.activation == "relu", beta=self.beta,
-            )  # fmt: skip
-        else:
-            dx, dgamma, dbeta = batch_renorm._backward(
-                dy, x, mean, invstd, *renorm_rd, self.gamma, self.axis, out, forward_plan=plan
-            )
+        dy = _checks.layer_array(dy, "dy", self.dtype)
+        _checks.same_shape("dy", dy, saved.x)
+        if out is not None:
+            inputs = (("dy", dy), ("x", saved.x), ("gamma", self.gamma))
+            _checks.output(out, saved.x, inputs, may_be=("dy", dy))
+        dx, dgamma, dbeta = saved.backward(self, dy, out)
         if self.affine:
             assert self.dgamma is not None and self.dbeta is not None  # affine
+            # float64 sums, rounded to the layer's dtype as astype would
             self.dgamma[...] = dgamma
             self.dbeta[...] = dbeta
-        assert dx is not None  # input_grad: dx is computed
         return dx
+
+    def fold(self, mean: Float64, invstd: Float64, count: int, what: str) -> None:
+        """Fold G batches' (G, C) statistics into the running ones in order, all or none.
+
+        count is the values per feature of each batch. If a result is not
+        finite, FloatingPointError naming ``what`` and the features, and the
+        layer is unchanged.
+        """
+        assert self.running_mean is not None and self.running_var is not None  # tracked
+        momentum = -1.0 if self.momentum is None else self.momentum
+        bad, g = _running.fold_batches(
+            self.running_mean, self.running_var, mean, invstd, self.eps, momentum,
+            self.num_batches_tracked, count / (count - 1),
+        )  # fmt: skip
+        if bad:
+            where = f" in virtual batch {g}" if mean.shape[0] > 1 else ""
+            raise FloatingPointError(
+                f"the {what} of features {_running.feature_list(bad)}{where} are not finite, "
+                f"or overflow {self.dtype} in the running statistics (NaN or inf in x, or "
+                "values too large); the layer is unchanged"
+            )
+        self.num_batches_tracked += mean.shape[0]
+
+    def affine_vectors(self, dtype: np.dtype[Any] | None = None) -> tuple[Array, Array]:
+        """gamma and beta as the kernels take them, in dtype (default the layer's).
+
+        Ones and zeros when affine=False.
+        """
+        dtype = self.dtype if dtype is None else dtype
+        n = self.num_features
+        return (
+            _checks.kernel_vector(self.gamma, n, dtype, 1.0),
+            _checks.kernel_vector(self.beta, n, dtype, 0.0),
+        )
 
     def step(self, lr: float) -> None:
         """Take a gradient-descent step: gamma -= lr * dgamma, beta -= lr * dbeta, in place.
@@ -501,7 +395,7 @@ class BatchNorm:
         lr : float
             The learning rate, a finite real number.
         """
-        if not _is_real(lr):
+        if not _checks.is_real(lr):
             raise TypeError(f"lr must be a real number, got {lr!r}")
         if not math.isfinite(lr):
             raise ValueError(f"lr must be finite, got {lr!r}")
@@ -513,7 +407,7 @@ class BatchNorm:
             self.gamma -= lr * self.dgamma
             self.beta -= lr * self.dbeta
 
-    def parameters(self) -> list[tuple[str, _Array, _Array]]:
+    def parameters(self) -> list[tuple[str, Array, Array]]:
         """List the learnable parameters with their gradients.
 
         Returns
@@ -549,7 +443,7 @@ class BatchNorm:
             self.gamma.fill(1)
             self.beta.fill(0)
 
-    def state_dict(self) -> dict[str, _Array | int]:
+    def state_dict(self) -> dict[str, Array | int]:
         """Return copies of the layer's state under PyTorch's names.
 
         Returns
@@ -559,7 +453,7 @@ class BatchNorm:
             ``running_mean``, ``running_var`` and ``num_batches_tracked``
             (when tracking running statistics): arrays copied, the counter an int.
         """
-        state: dict[str, _Array | int] = {}
+        state: dict[str, Array | int] = {}
         if self.affine:
             assert self.gamma is not None and self.beta is not None  # affine
             state["weight"] = self.gamma.copy()
@@ -631,10 +525,10 @@ class BatchNorm:
         if count is not None:
             self.num_batches_tracked = count
 
-    def _converted_state(self, key: str, value: ArrayLike) -> _Array:
+    def _converted_state(self, key: str, value: ArrayLike) -> Array:
         """Return a state_dict array checked and converted to the layer's dtype."""
         array = np.asarray(value)
-        if array.dtype not in _LAYER_DTYPES:
+        if array.dtype not in _checks.FLOAT_DTYPES:
             raise TypeError(
                 f"state_dict[{key!r}] has dtype {array.dtype}; expected float32 or float64"
             )
@@ -649,45 +543,6 @@ class BatchNorm:
         return converted
 
     # ------------------------------------------------------------ plumbing
-
-    def _checked_dtype(self, array: ArrayLike, name: str) -> _Array:
-        """Return array as an ndarray of the layer's dtype, or raise TypeError naming the fix."""
-        array = np.asarray(array)
-        if array.dtype != self.dtype:
-            other_layer = (
-                f", or build the layer with dtype=np.{array.dtype}"
-                if array.dtype in _LAYER_DTYPES
-                else ""
-            )
-            raise TypeError(
-                f"{name} has dtype {array.dtype} but the layer's dtype is {self.dtype}: "
-                f"convert it with {name}.astype(np.{self.dtype}){other_layer}"
-            )
-        return array
-
-    def _checked_input(
-        self, x: ArrayLike, batch_stats: bool
-    ) -> tuple[_Array, functional._Plan | None]:
-        """Return x as an array of the layer's dtype with num_features along axis, and its plan.
-
-        The plan is the functional one of x for the layer's axis and
-        ``batch_stats`` (the key's training), or None when no call has
-        planned such an x yet.
-        """
-        x = self._checked_dtype(x, "x")
-        plan = functional._cached_plan(x, self.axis, batch_stats)
-        if plan is None:
-            x = _checks.data("x", x)
-            axis = _checks.feature_axis(self.axis, x)
-            n_features = x.shape[axis]
-        else:  # x passed these checks when the plan was made
-            n_features = plan.n_features
-        if n_features != self.num_features:
-            raise ValueError(
-                f"x of shape {x.shape} has {n_features} features along axis "
-                f"{self.axis}, but the layer has num_features={self.num_features}"
-            )
-        return x, plan
 
     def __repr__(self) -> str:
         # The renorm options only when on: a plain layer reads as it always has.
@@ -708,5 +563,141 @@ class BatchNorm:
         # layer's state, so copies and pickles leave it out (as torch modules
         # hold no autograd graph).
         state = self.__dict__.copy()
-        state["_cache"] = None
+        state["_saved"] = None
         return state
+
+
+# ------------------------------------------------------------- the behaviours
+# Each forward normalizes a checked x (the layer's dtype and features, and its
+# plan) and returns y with what its backward needs; each saved object's
+# backward returns (dx, dgamma, dbeta), the sums in float64, for dy and out
+# checked by BatchNorm.backward. The running statistics change only through
+# BatchNorm.fold, once everything else succeeded: no lost state.
+
+
+def _relu(layer: BatchNorm) -> bool | None:
+    return True if layer.activation == "relu" else None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Saved:
+    """A plain forward's x, plan and float64 statistics; training: they were the batch's."""
+
+    x: Array
+    plan: Plan
+    mean: Float64
+    invstd: Float64
+    training: bool
+
+    def backward(
+        self, layer: BatchNorm, dy: Array, out: Array | None
+    ) -> tuple[Array, Float64, Float64]:
+        gamma, beta = layer.affine_vectors()
+        relu = beta if layer.activation == "relu" else None  # the ReLU's mask needs beta
+        return _engine.backward(
+            self.plan, dy, self.x, self.mean, self.invstd, gamma, self.training, out, relu
+        )
+
+
+def _eval_forward(
+    layer: BatchNorm, x: Array, plan: Plan, out: Array | None
+) -> tuple[Array, _Saved]:
+    """Eval mode: the running statistics, constants for backward."""
+    assert layer.running_mean is not None and layer.running_var is not None  # tracked
+    gamma, beta = layer.affine_vectors()
+    y = _engine.evaluate(
+        plan, x, layer.running_mean, layer.running_var, gamma, beta, layer.eps, out,
+        _relu(layer),
+    )  # fmt: skip
+    # Snapshots: the running statistics may change before backward().
+    mean = layer.running_mean.astype(np.float64)
+    invstd = 1.0 / np.sqrt(layer.running_var.astype(np.float64) + layer.eps)
+    return y, _Saved(x, plan, mean, invstd, False)
+
+
+def _train_forward(
+    layer: BatchNorm, x: Array, plan: Plan, out: Array | None
+) -> tuple[Array, _Saved]:
+    """Batch statistics, folded into the running ones when training and tracking."""
+    gamma, beta = layer.affine_vectors()
+    y, mean, invstd = _engine.train(plan, x, gamma, beta, layer.eps, out, _relu(layer))
+    if layer.training and layer.track_running_stats:
+        layer.fold(mean[None], invstd[None], plan.count, "batch statistics")
+    else:
+        _refuse_nonfinite(mean, invstd, "batch statistics", "")
+    return y, _Saved(x, plan, mean, invstd, True)
+
+
+def _refuse_nonfinite(mean: Float64, invstd: Float64, what: str, where: str) -> None:
+    """FloatingPointError for statistics that are not finite (the layer keeps its state)."""
+    bad = _running.nonfinite_batch_stats(mean, invstd)
+    if bad:
+        raise FloatingPointError(
+            f"the {what} of features {_running.feature_list(bad)}{where} are not finite (NaN "
+            "or inf in x, or a variance that overflows); the layer is unchanged"
+        )
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _GhostSaved:
+    """A ghost forward's x, its plan and each virtual batch's (G, C) float64 statistics."""
+
+    x: Array
+    plan: ghost.GhostPlan
+    mean: Float64
+    invstd: Float64
+
+    def backward(
+        self, layer: BatchNorm, dy: Array, out: Array | None
+    ) -> tuple[Array, Float64, Float64]:
+        gamma, _ = layer.affine_vectors()
+        return ghost.backward(dy, self.x, self.plan, self.mean, self.invstd, gamma, out)
+
+
+def _ghost_forward(layer: BatchNorm, x: Array, out: Array | None) -> tuple[Array, _GhostSaved]:
+    """Training with virtual batches (see ``virtual_batch_size``)."""
+    assert layer.virtual_batch_size is not None  # forward() chose this
+    x, plan = ghost.planned(x, layer.axis, layer.virtual_batch_size)
+    gamma, beta = layer.affine_vectors()
+    y, mean, invstd = ghost.train(x, plan, gamma, beta, layer.eps, out)
+    if layer.track_running_stats:
+        layer.fold(mean, invstd, plan.slice_values, "statistics")
+    else:
+        for g in range(mean.shape[0]):
+            _refuse_nonfinite(mean[g], invstd[g], "statistics", f" in virtual batch {g}")
+    return y, _GhostSaved(x, plan, mean, invstd)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _RenormSaved:
+    """A renorm forward's x, plan, float64 batch statistics and corrections r and d."""
+
+    x: Array
+    plan: Plan
+    mean: Float64
+    invstd: Float64
+    r: Float64
+    d: Float64
+
+    def backward(
+        self, layer: BatchNorm, dy: Array, out: Array | None
+    ) -> tuple[Array, Float64, Float64]:
+        gamma, _ = layer.affine_vectors(_FLOAT64)
+        return batch_renorm.backward(
+            self.plan, dy, self.x, self.mean, self.invstd, self.r, self.d, gamma, out
+        )
+
+
+def _renorm_forward(
+    layer: BatchNorm, x: Array, plan: Plan, out: Array | None
+) -> tuple[Array, _RenormSaved]:
+    """Batch Renormalization: r and d from the running statistics before this batch's fold."""
+    assert layer.running_mean is not None and layer.running_var is not None  # tracked
+    limits = batch_renorm.clip_limits(layer.r_max, layer.d_max)  # may have changed since
+    gamma, beta = layer.affine_vectors(_FLOAT64)
+    y, mean, invstd, r, d = batch_renorm.train(
+        plan, x, layer.running_mean.astype(np.float64), layer.running_var.astype(np.float64),
+        gamma, beta, limits, layer.eps, out,
+    )  # fmt: skip
+    layer.fold(mean[None], invstd[None], plan.count, "batch statistics")
+    return y, _RenormSaved(x, plan, mean, invstd, r, d)

@@ -17,13 +17,13 @@ integer class ids of shape (m,). Every layer has the same small interface:
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, Protocol
 
 import numpy as np
 from numpy.typing import ArrayLike, DTypeLike, NDArray
 
+from fastbn import _checks
 from fastbn.layer import BatchNorm
 
 __all__ = [
@@ -38,7 +38,6 @@ __all__ = [
     "minibatches",
 ]
 
-_FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 # A learnable parameter as parameters() lists it: (name, param, grad).
 _Parameter = tuple[str, NDArray[np.floating], NDArray[np.floating]]
@@ -52,51 +51,6 @@ class Layer(Protocol):
     def backward(self, dZ: NDArray[np.floating], /) -> NDArray[np.floating]: ...
 
     def parameters(self) -> Sequence[_Parameter]: ...
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
-
-
-def _is_real(value: object) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
-
-
-def _positive_int(name: str, value: int) -> int:
-    if not _is_int(value):
-        raise TypeError(f"{name} must be an int, got {value!r}")
-    if value <= 0:
-        raise ValueError(f"{name} must be positive, got {value}")
-    return int(value)
-
-
-def _float_dtype(dtype: DTypeLike) -> np.dtype[Any]:
-    """Return dtype as np.dtype float32 or float64, or raise TypeError."""
-    try:
-        # np.dtype(None) would be float64: None is no choice of dtype here.
-        resolved = None if dtype is None else np.dtype(dtype)
-    except TypeError:
-        resolved = None
-    # Not only `not in`: None == np.dtype(np.float64) is True.
-    if resolved is None or resolved not in _FLOAT_DTYPES:
-        raise TypeError(f"dtype must be np.float32 or np.float64, got {dtype!r}")
-    return resolved
-
-
-def _checked_dtype(array: ArrayLike, name: str, dtype: np.dtype[Any]) -> NDArray[Any]:
-    """Return array as an ndarray of ``dtype``, or raise the layers' TypeError naming the fix."""
-    array = np.asarray(array)
-    if array.dtype != dtype:
-        other_layer = (
-            f", or build the layer with dtype=np.{array.dtype}"
-            if array.dtype in _FLOAT_DTYPES
-            else ""
-        )
-        raise TypeError(
-            f"{name} has dtype {array.dtype} but the layer's dtype is {dtype}: "
-            f"convert it with {name}.astype(np.{dtype}){other_layer}"
-        )
-    return array
 
 
 class Dense:
@@ -135,8 +89,8 @@ class Dense:
         rng: np.random.Generator | None = None,
         dtype: DTypeLike = np.float32,
     ) -> None:
-        self.n_in = _positive_int("n_in", n_in)
-        self.n_out = _positive_int("n_out", n_out)
+        self.n_in = _checks.positive_int("n_in", n_in)
+        self.n_out = _checks.positive_int("n_out", n_out)
         if not isinstance(bias, (bool, np.bool_)):
             raise TypeError(f"bias must be a bool, got {bias!r}")
         if rng is None:
@@ -146,7 +100,7 @@ class Dense:
                 f"rng must be a numpy.random.Generator, got {rng!r}: "
                 "pass np.random.default_rng(seed)"
             )
-        self.dtype = _float_dtype(dtype)
+        self.dtype = _checks.layer_dtype(dtype)
         he_std = math.sqrt(2.0 / self.n_in)
         self.W: NDArray[np.floating] = (
             he_std * rng.standard_normal((self.n_out, self.n_in))
@@ -179,7 +133,7 @@ class Dense:
         ndarray, shape (n_out, m)
             A new array of the layer's dtype.
         """
-        A = _checked_dtype(A, "A", self.dtype)
+        A = _checks.layer_array(A, "A", self.dtype)
         if A.ndim != 2 or A.shape[0] != self.n_in:
             raise ValueError(
                 f"A has shape {A.shape}, but the layer expects (n_in, m) = ({self.n_in}, m)"
@@ -205,7 +159,7 @@ class Dense:
         """
         if self._A is None:
             raise RuntimeError("backward() needs a forward() first: nothing to backpropagate")
-        dZ = _checked_dtype(dZ, "dZ", self.dtype)
+        dZ = _checks.layer_array(dZ, "dZ", self.dtype)
         expected = (self.n_out, self._A.shape[1])
         if dZ.shape != expected:
             raise ValueError(f"dZ has shape {dZ.shape}; the last forward's output has {expected}")
@@ -257,7 +211,7 @@ class ReLU:
             A, Z's shape and dtype.
         """
         Z = np.asarray(Z)
-        if Z.dtype not in _FLOAT_DTYPES:
+        if Z.dtype not in _checks.FLOAT_DTYPES:
             raise TypeError(f"Z has dtype {Z.dtype}: convert it with Z.astype(np.float32)")
         self._positive = Z > 0
         return np.maximum(Z, 0)
@@ -447,7 +401,7 @@ class SoftmaxCrossEntropy:
             (softmax(logits) - one_hot(labels)) / m, in the logits' dtype.
         """
         logits = np.asarray(logits)
-        if logits.dtype not in _FLOAT_DTYPES:
+        if logits.dtype not in _checks.FLOAT_DTYPES:
             raise TypeError(
                 f"logits has dtype {logits.dtype}: convert it with logits.astype(np.float32)"
             )
@@ -509,7 +463,7 @@ def _optimizer_params(
 
 
 def _learning_rate(lr: float) -> float:
-    if not _is_real(lr):
+    if not _checks.is_real(lr):
         raise TypeError(f"lr must be a real number, got {lr!r}")
     if not (math.isfinite(lr) and lr > 0):
         raise ValueError(f"lr must be positive and finite, got {lr!r}")
@@ -535,7 +489,7 @@ class SGD:
     def __init__(self, params: Iterable[_Parameter], lr: float, momentum: float = 0.0) -> None:
         self._params, self._grads = _optimizer_params(params)
         self.lr = _learning_rate(lr)
-        if not _is_real(momentum):
+        if not _checks.is_real(momentum):
             raise TypeError(f"momentum must be a real number, got {momentum!r}")
         if not 0 <= momentum < 1:
             raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
@@ -583,11 +537,11 @@ class Adam:
         self.lr = _learning_rate(lr)
         beta1, beta2 = betas
         for name, beta in (("betas[0]", beta1), ("betas[1]", beta2)):
-            if not _is_real(beta):
+            if not _checks.is_real(beta):
                 raise TypeError(f"{name} must be a real number, got {beta!r}")
             if not 0 <= beta < 1:
                 raise ValueError(f"{name} must be in [0, 1), got {beta!r}")
-        if not _is_real(eps):
+        if not _checks.is_real(eps):
             raise TypeError(f"eps must be a real number, got {eps!r}")
         if not (math.isfinite(eps) and eps > 0):
             raise ValueError(f"eps must be positive and finite, got {eps!r}")
@@ -651,7 +605,7 @@ def minibatches(
     m = X.shape[1]
     if Y.shape[:1] != (m,):
         raise ValueError(f"Y has shape {Y.shape}; expected ({m}, ...) for X of shape {X.shape}")
-    batch_size = _positive_int("batch_size", batch_size)
+    batch_size = _checks.positive_int("batch_size", batch_size)
     if shuffle:
         if not isinstance(rng, np.random.Generator):
             raise TypeError(

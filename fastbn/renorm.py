@@ -19,27 +19,20 @@ keeps the mean's precision for float32 data).
 
 from __future__ import annotations
 
-import numbers
-from typing import SupportsIndex, TypeAlias, cast, overload
+from typing import SupportsIndex, TypeAlias, overload
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-from fastbn import _checks, functional
-from fastbn.functional import _Float
+from fastbn import _checks, _engine
+from fastbn._plan import Plan, plan_for
+from fastbn._types import Array, Float, Gradients
 
 __all__ = ["batch_renorm_backward", "batch_renorm_train", "clip_limits", "corrections"]
 
 # (r_min, r_max, d_max), from `clip_limits`.
 Limits: TypeAlias = tuple[float, float, float]
 _Float64: TypeAlias = NDArray[np.float64]
-
-
-def _real(name: str, value: object) -> float:
-    """value as a float, or TypeError naming it."""
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {value!r}")
-    return float(value)
 
 
 def clip_limits(
@@ -70,14 +63,14 @@ def clip_limits(
         A limit out of its range (NaN included).
     """
     r_max_name, d_max_name, r_min_name = names
-    r_max, d_max = _real(r_max_name, r_max), _real(d_max_name, d_max)
+    r_max, d_max = _checks.real(r_max_name, r_max), _checks.real(d_max_name, d_max)
     if not r_max >= 1.0:
         raise ValueError(f"{r_max_name} must be >= 1, got {r_max!r}")
     if not d_max >= 0.0:
         raise ValueError(f"{d_max_name} must be >= 0, got {d_max!r}")
     if r_min is None:
         return 1.0 / r_max, r_max, d_max
-    r_min = _real(r_min_name, r_min)
+    r_min = _checks.real(r_min_name, r_min)
     if not 0.0 <= r_min <= 1.0:
         raise ValueError(f"{r_min_name} must be in [0, 1], got {r_min!r}")
     return r_min, r_max, d_max
@@ -105,7 +98,7 @@ def corrections(
 
 @overload
 def batch_renorm_train(
-    x: NDArray[_Float],
+    x: NDArray[Float],
     running_mean: ArrayLike,
     running_var: ArrayLike,
     gamma: ArrayLike | None = ...,
@@ -116,8 +109,8 @@ def batch_renorm_train(
     r_min: float | None = ...,
     axis: SupportsIndex = ...,
     eps: float = ...,
-    out: NDArray[_Float] | None = ...,
-) -> tuple[NDArray[_Float], _Float64, _Float64, _Float64, _Float64]: ...
+    out: NDArray[Float] | None = ...,
+) -> tuple[NDArray[Float], _Float64, _Float64, _Float64, _Float64]: ...
 @overload
 def batch_renorm_train(
     x: ArrayLike,
@@ -184,28 +177,13 @@ def batch_renorm_train(
     r, d : ndarray of shape (C,), float64
         The corrections, for `batch_renorm_backward`.
     """
-    x, plan = functional._planned(x, axis, training=True)
+    x, plan = plan_for(x, axis, training=True)
     limits = clip_limits(r_max, d_max, r_min)
-    return _train(x, plan, running_mean, running_var, gamma, beta, limits, eps, out)
-
-
-def _train(
-    x: NDArray[np.floating],
-    plan: functional._Plan,
-    running_mean: ArrayLike,
-    running_var: ArrayLike,
-    gamma: ArrayLike | None,
-    beta: ArrayLike | None,
-    limits: Limits,
-    eps: float,
-    out: NDArray[np.floating] | None,
-) -> tuple[NDArray[np.floating], _Float64, _Float64, _Float64, _Float64]:
-    """`batch_renorm_train` once x and the axis are planned and the limits checked."""
-    n_features, axis = plan.n_features, plan.axis
-    mean_run = _checks.per_feature("running_mean", running_mean, n_features, x, axis)
-    var_run = _checks.per_feature("running_var", running_var, n_features, x, axis)
-    gamma64 = _checks.per_feature("gamma", gamma, n_features, x, axis, 1.0)
-    beta64 = _checks.per_feature("beta", beta, n_features, x, axis, 0.0)
+    n, axis = plan.n_features, plan.axis
+    mean_run = _checks.per_feature("running_mean", running_mean, n, x, axis)
+    var_run = _checks.per_feature("running_var", running_var, n, x, axis)
+    gamma64 = _checks.per_feature("gamma", gamma, n, x, axis, 1.0)
+    beta64 = _checks.per_feature("beta", beta, n, x, axis, 0.0)
     eps = _checks.positive_eps(eps)
     if out is not None:
         inputs = (
@@ -216,16 +194,35 @@ def _train(
             ("beta", beta),
         )
         _checks.output(out, x, inputs)
-    mean, var = functional._moments(x, plan)
-    r, d = corrections(mean, var, mean_run, var_run, eps, limits)
-    y = functional._eval(x, plan, mean, var, gamma64 * r, gamma64 * d + beta64, eps, out)
+    return train(plan, x, mean_run, var_run, gamma64, beta64, limits, eps, out)
+
+
+def train(
+    plan: Plan,
+    x: Array,
+    running_mean: Array,
+    running_var: Array,
+    gamma: Array,
+    beta: Array,
+    limits: Limits,
+    eps: float,
+    out: Array | None,
+) -> tuple[Array, _Float64, _Float64, _Float64, _Float64]:
+    """`batch_renorm_train`'s executor: checks nothing (see `fastbn._engine`).
+
+    The vectors are C-contiguous float64 (`_checks.per_feature`), the limits
+    checked (`clip_limits`).
+    """
+    mean, var = _engine.moments(plan, x)
+    r, d = corrections(mean, var, running_mean, running_var, eps, limits)
+    y = _engine.evaluate(plan, x, mean, var, gamma * r, gamma * d + beta, eps, out)
     return y, mean, 1.0 / np.sqrt(var + eps), r, d
 
 
 @overload
 def batch_renorm_backward(
-    dy: NDArray[_Float],
-    x: NDArray[_Float],
+    dy: NDArray[Float],
+    x: NDArray[Float],
     mean: ArrayLike,
     invstd: ArrayLike,
     r: ArrayLike,
@@ -233,8 +230,8 @@ def batch_renorm_backward(
     gamma: ArrayLike | None = ...,
     *,
     axis: SupportsIndex = ...,
-    out: NDArray[_Float] | None = ...,
-) -> tuple[NDArray[_Float], NDArray[_Float], NDArray[_Float]]: ...
+    out: NDArray[Float] | None = ...,
+) -> tuple[NDArray[Float], NDArray[Float], NDArray[Float]]: ...
 @overload
 def batch_renorm_backward(
     dy: ArrayLike,
@@ -247,7 +244,7 @@ def batch_renorm_backward(
     *,
     axis: SupportsIndex = ...,
     out: NDArray[np.floating] | None = ...,
-) -> functional._Gradients: ...
+) -> Gradients: ...
 def batch_renorm_backward(
     dy: ArrayLike,
     x: ArrayLike,
@@ -259,7 +256,7 @@ def batch_renorm_backward(
     *,
     axis: SupportsIndex = 0,
     out: NDArray[np.floating] | None = None,
-) -> functional._Gradients:
+) -> Gradients:
     """Gradients of Batch Renormalization's training forward, r and d held constant.
 
     dx is batch norm's training gradient with ``gamma * r`` in place of
@@ -288,9 +285,17 @@ def batch_renorm_backward(
         ``r * sum(dy * x_hat) + d * sum(dy)`` and ``sum(dy)`` over each
         feature, in x's dtype.
     """
-    x, plan = functional._planned(x, axis, training=False)
-    r64 = _checks.per_feature("r", r, plan.n_features, x, plan.axis)
-    d64 = _checks.per_feature("d", d, plan.n_features, x, plan.axis)
+    x, plan = plan_for(x, axis, training=False)
+    n, axis = plan.n_features, plan.axis
+    r64 = _checks.per_feature("r", r, n, x, axis)
+    d64 = _checks.per_feature("d", d, n, x, axis)
+    dy = _checks.float_array("dy", dy)
+    _checks.same_shape("dy", dy, x)
+    if dy.dtype != x.dtype:
+        raise TypeError(f"dy has dtype {dy.dtype}, but x has dtype {x.dtype}: they must match")
+    mean64 = _checks.per_feature("mean", mean, n, x, axis)
+    invstd64 = _checks.per_feature("invstd", invstd, n, x, axis)
+    gamma64 = _checks.per_feature("gamma", gamma, n, x, axis, 1.0)
     if out is not None:
         inputs = (
             ("dy", dy),
@@ -301,34 +306,34 @@ def batch_renorm_backward(
             ("d", d),
             ("gamma", gamma),
         )
-        # out is dy only if dy is an ndarray: no other is a view of out's memory.
-        _checks.output(out, x, inputs, may_be=("dy", cast("NDArray[np.floating]", dy)))
-    dx, dgamma, dbeta = _backward(dy, x, mean, invstd, r64, d64, gamma, plan.axis, out)
-    assert dx is not None  # input_grad: dx is computed
+        _checks.output(out, x, inputs, may_be=("dy", dy))
+    dx, dgamma, dbeta = backward(plan, dy, x, mean64, invstd64, r64, d64, gamma64, out)
     return dx, dgamma.astype(dx.dtype, copy=False), dbeta.astype(dx.dtype, copy=False)
 
 
-def _backward(
-    dy: ArrayLike,
-    x: NDArray[np.floating],
-    mean: ArrayLike,
-    invstd: ArrayLike,
-    r: NDArray[np.floating],
-    d: NDArray[np.floating],
-    gamma: ArrayLike | None,
-    axis: int,
-    out: NDArray[np.floating] | None,
-    forward_plan: functional._Plan | None = None,
-    input_grad: bool = True,
-) -> tuple[NDArray[np.floating] | None, _Float64, _Float64]:
-    """`batch_renorm_backward` with dgamma and dbeta in float64.
+def backward(
+    plan: Plan,
+    dy: Array,
+    x: Array,
+    mean: Array,
+    invstd: Array,
+    r: Array,
+    d: Array,
+    gamma: Array,
+    out: Array | None,
+) -> tuple[Array, _Float64, _Float64]:
+    """`batch_renorm_backward`'s executor, float64 dgamma and dbeta: checks nothing.
 
-    r and d are checked float64 vectors of length C; ``forward_plan`` and
-    ``input_grad`` are `functional._backward`'s (dx is None without input_grad).
+    Batch norm's training backward with ``gamma * r`` in place of gamma; the
+    vectors C-contiguous float64.
     """
-    gamma64 = _checks.per_feature("gamma", gamma, r.size, x, axis, 1.0)
-    dx, dgamma_hat, dbeta = functional._backward(
-        dy, x, mean, invstd, gamma64 * r, axis, True, out,
-        forward_plan=forward_plan, input_grad=input_grad,
-    )  # fmt: skip
+    dx, dgamma_hat, dbeta = _engine.backward(plan, dy, x, mean, invstd, gamma * r, True, out)
     return dx, r * dgamma_hat + d * dbeta, dbeta
+
+
+def param_grads(
+    plan: Plan, dy: Array, x: Array, mean: Array, invstd: Array, r: Array, d: Array
+) -> tuple[_Float64, _Float64]:
+    """`backward`'s float64 dgamma and dbeta alone: one pass over dy and x, no dx."""
+    dgamma_hat, dbeta = _engine.param_sums(plan, dy, x, mean, invstd)
+    return r * dgamma_hat + d * dbeta, dbeta

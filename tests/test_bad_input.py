@@ -46,7 +46,7 @@ def _assert_unchanged(bn, snap):
         if kind == "array":
             assert now is obj, f"{key} was replaced"
             assert now.tobytes() == copy.tobytes(), f"{key} changed"
-        elif key == "_cache":
+        elif key == "_saved":
             assert now is obj, "the forward cache changed"
         else:
             assert now == obj, f"{key} changed"
@@ -126,7 +126,7 @@ FORWARD_CASES = [
     ("out_list", lambda bn: bn(_x(), out=[[0.0] * M] * C), TypeError, "out", ["list"]),
     (
         "out_is_kept_x",
-        lambda bn: bn(_x(), out=bn._cache[0]),
+        lambda bn: bn(_x(), out=bn._saved.x),
         ValueError,
         "out",
         ["kept from the previous forward"],
@@ -177,7 +177,7 @@ BACKWARD_CASES = [
     ),
     (
         "out_is_x",
-        lambda bn: bn.backward(_x(), out=bn._cache[0]),
+        lambda bn: bn.backward(_x(), out=bn._saved.x),
         ValueError,
         "out",
         ["overlaps the input x"],

@@ -26,7 +26,7 @@ import pytest
 from conftest import python_env, run_python
 
 import fastbn
-from fastbn import _threading, functional
+from fastbn import _threading
 
 LAYERS = ["omp", "tbb", "workqueue", None]  # None: Numba's default choice
 
@@ -43,7 +43,7 @@ from fastbn import _threading, functional
 HANG_GUARD = 120  # seconds; only so that a hung pool fails instead of hanging
 rng = np.random.default_rng(20240611)
 twin_calls = [0]
-_real_twin = functional.serial_twin
+_real_twin = _threading.serial_twin
 
 
 def counting_twin(kernel):
@@ -51,7 +51,7 @@ def counting_twin(kernel):
     return _real_twin(kernel)
 
 
-functional.serial_twin = counting_twin
+_threading.serial_twin = counting_twin
 
 
 def data(shape, axis, dtype, order="C"):
@@ -485,13 +485,13 @@ def test_launch_runs_serial_twins_when_serial_only(monkeypatch):
         return [y, mean, invstd, *fastbn.batch_norm_backward(dy, x, mean, invstd)]
 
     calls = []
-    real_twin = functional.serial_twin
+    real_twin = _threading.serial_twin
 
     def counting_twin(kernel):
         calls.append(kernel)
         return real_twin(kernel)
 
-    monkeypatch.setattr(functional, "serial_twin", counting_twin)
+    monkeypatch.setattr(_threading, "serial_twin", counting_twin)
     parallel = run()
     assert calls == []
     monkeypatch.setattr(_threading, "serial_only", True)

@@ -29,7 +29,7 @@ from conftest import (
 
 import fastbn
 from fastbn import BatchNorm, ghost_batch_norm_backward, ghost_batch_norm_train
-from fastbn.kernels import ghost as kernels
+from fastbn.kernels import columns, rows
 from fastbn.kernels._twins import serial_twin
 
 # name -> (shape, axis, k): every layout, small, with G = 3 or 4 slices.
@@ -335,10 +335,10 @@ def test_kernels_give_the_same_bits_on_one_thread_and_many(rng, dtype):
     results = []
     for kernel_of in (lambda kernel: kernel, serial_twin):
         out, dx = np.empty(stacked, dtype), np.empty(stacked, dtype)
-        mean, invstd = kernel_of(kernels.rows_train_forward)(
+        mean, invstd = kernel_of(rows.ghost_train_forward)(
             x.reshape(stacked), gamma, beta, 1e-5, out
         )
-        sums = kernel_of(kernels.rows_backward)(
+        sums = kernel_of(rows.ghost_backward)(
             dy.reshape(stacked), x.reshape(stacked), mean, invstd, gamma, dx
         )
         results.append((out, mean, invstd, dx, *sums))
@@ -355,19 +355,18 @@ def test_columns_kernel_sums_the_slices_in_order(rng):
     g, k, c = 5, 12, 7
     x = make_data(rng, (g * k, c), np.float64)
     dy = rng.standard_normal(x.shape)
-    columns_args = (c, 1, fastbn.kernels.columns.group_width(c, 1))
+    columns_args = (c, 1, columns.group_width(c, 1))
     out = np.empty((g, k * c))
-    mean, invstd = kernels.columns_train_forward(
+    mean, invstd = columns.ghost_train_forward(
         x.reshape(g, -1), *columns_args, np.ones(c), np.zeros(c), 1e-5, out
     )
-    dgamma, dbeta = kernels.columns_backward(
+    dgamma, dbeta = columns.ghost_backward(
         dy.reshape(g, -1), x.reshape(g, -1), *columns_args, mean, invstd, np.ones(c), out
     )
     x_hat = (x.reshape(g, k, c) - mean[:, None]) * invstd[:, None]
     per_slice_dgamma = (dy.reshape(g, k, c) * x_hat).sum(axis=1)
     np.testing.assert_allclose(dgamma, per_slice_dgamma.sum(axis=0), rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(dbeta, dy.sum(axis=0), rtol=1e-12, atol=1e-12)
-    np.testing.assert_array_equal(kernels.slice_sums(np.arange(12.0).reshape(4, 3)), [18, 22, 26])
 
 
 # ---------------------------------------------------------------- the layer
@@ -473,11 +472,11 @@ def test_layer_without_running_stats(rng):
 
 
 def layer_state(layer):
-    cache = layer._cache
+    saved = layer._saved
     return (
         [a.copy() for a in (layer.gamma, layer.beta, layer.dgamma, layer.dbeta)],
         [layer.running_mean.copy(), layer.running_var.copy(), layer.num_batches_tracked],
-        None if cache is None else [cache[0], cache[1].copy(), cache[2].copy()],
+        None if saved is None else [saved.x, saved.mean.copy(), saved.invstd.copy()],
     )
 
 
@@ -523,7 +522,7 @@ def test_layer_without_running_stats_rejects_a_nonfinite_slice(rng):
     x[13, 4] = np.nan
     with raises(FloatingPointError, "features", "[4]", "virtual batch 2", "unchanged"):
         layer(x)
-    assert layer._cache is None
+    assert layer._saved is None
 
 
 def test_layer_options(rng):

@@ -4,7 +4,7 @@ test_functional's layout x memory-order grid holds small shapes, each one
 group of the columns family or one chunk of the rows family: a wrong term in a
 loop they never enter passes it. Here the shapes are found from the kernels'
 own constants and grid functions (`rows._grid`, `columns._grid`,
-`columns._memory_grid`, `functional._Plan`), so that together they enter
+`columns._memory_grid`, `fastbn._plan.Plan`), so that together they enter
 every loop, whatever those constants become:
 
 - columns family: the 4-groups-a-step loops of the sums and of the
@@ -50,8 +50,8 @@ from conftest import (
 )
 
 import fastbn
-from fastbn import functional
-from fastbn.functional import PARALLEL_MIN, ROWS_MIN_RUN
+from fastbn import _checks, _engine
+from fastbn._plan import PARALLEL_MIN, ROWS_MIN_RUN, Plan, plan_for
 from fastbn.ghost import GhostPlan
 from fastbn.kernels import columns, rows
 
@@ -127,12 +127,12 @@ def _rows_elementwise_loops(prefix, pcq):
 
 def loops_reached(shape, axis, dtype):
     """Labels of the kernel loops that the functional calls enter for x of shape, axis, dtype."""
-    plan = functional._Plan.of(np.empty(shape, dtype), axis, training=True)
+    plan = Plan.of(np.empty(shape, dtype), axis, training=True)
     size = math.prod(shape)
-    family = "rows" if plan.rows else "columns"
+    family = "rows" if plan.family is rows else "columns"
     found = {f"{family}: {'serial' if plan.serial else 'parallel'}"}
-    if not plan.rows:
-        _, run, width = plan.columns_args
+    if plan.family is columns:
+        _, run, width = plan.geometry
         return found | _columns_loops("columns", size, width, run)
     P, C, Q = plan.pcq
     if rows._per_feature(np.empty(plan.pcq, dtype)):
@@ -152,14 +152,14 @@ def ghost_loops_reached(shape, axis, k, dtype):
     """Labels of the ghost kernels' loops that ghost batch norm enters."""
     plan = GhostPlan.of(np.empty(shape, dtype), axis, k)
     threads = "serial" if plan.serial else "parallel"
-    if not plan.stacked:
-        return {"ghost: merged view", f"ghost merged: {threads}"}
     slice_plan = plan.slice_plan
-    if slice_plan.rows:
+    if slice_plan is None:
+        return {"ghost: merged view", f"ghost merged: {threads}"}
+    if slice_plan.family is rows:
         found = {f"ghost rows: {threads}"}
         found |= _rows_chunked_loops("ghost rows slice", slice_plan.pcq)
         return found | _rows_elementwise_loops("ghost rows slice", slice_plan.pcq)
-    _, run, width = slice_plan.columns_args
+    _, run, width = slice_plan.geometry
     slice_size = math.prod(shape) // plan.n_slices
     return {f"ghost columns: {threads}"} | _columns_loops(
         "ghost columns slice", slice_size, width, run
@@ -606,8 +606,8 @@ def test_synchronized_entries(rng, name, dtype):
     """The kernels a synchronized batch norm calls: moments, dgamma and dbeta, dx from sums."""
     shape, axis = case_shape(name, dtype)
     x, dy, gamma, _, _ = make_data(rng, shape, axis, dtype)
-    x, plan = functional._planned(x, axis, training=True)
-    mean, var = functional._moments(x, plan)
+    x, plan = plan_for(x, axis, training=True)
+    mean, var = _engine.moments(plan, x)
     _, mean_ref, invstd_ref = ref_train(x, axis=axis, eps=EPS)
     var_ref = feature_view(f64(x), axis).var(axis=1)  # two-pass, biased
     assert mean.dtype == var.dtype == np.float64
@@ -615,17 +615,25 @@ def test_synchronized_entries(rng, name, dtype):
     np.testing.assert_allclose(var, var_ref, rtol=STAT_TOL[np.dtype(dtype)], atol=0)
 
     dx_ref, dg_ref, db_ref = ref_backward(dy, x, mean_ref, invstd_ref, gamma, axis=axis)
-    none, dgamma, dbeta = functional._backward(
-        dy, x, mean_ref, invstd_ref, None, axis, True, None, input_grad=False
-    )
-    assert none is None and dgamma.dtype == dbeta.dtype == np.float64
+    dgamma, dbeta = _engine.param_sums(plan, dy, x, f64(mean_ref), f64(invstd_ref))
+    assert dgamma.dtype == dbeta.dtype == np.float64
     s = grad_scale(x, axis)
     # Float64 sums of float64 products of x's values: float64 accuracy, whatever x's dtype.
     assert_close(dgamma, dg_ref, np.float64, scale=s, err_msg="dgamma")
     assert_close(dbeta, db_ref, np.float64, scale=s, err_msg="dbeta")
     count = x.size // shape[axis]
-    dx = functional._train_input_gradient(
-        dy, x, plan, mean_ref, invstd_ref, gamma, f64(dg_ref), f64(db_ref), count
+    gamma_k = _checks.per_feature("gamma", gamma, shape[axis], x, axis, 1.0, x.dtype)
+    dx = _engine.input_gradient(
+        plan,
+        dy,
+        x,
+        f64(mean_ref),
+        f64(invstd_ref),
+        gamma_k,
+        f64(dg_ref),
+        f64(db_ref),
+        count,
+        None,
     )
     assert_close(dx, dx_ref, dtype, err_msg="dx")
 

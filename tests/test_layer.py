@@ -7,6 +7,7 @@ differences for the gradients.
 """
 
 import copy
+import dataclasses
 import pickle
 
 import numpy as np
@@ -72,11 +73,18 @@ def snapshot(bn):
     state = {
         name: (value.copy() if isinstance(value, np.ndarray) else value)
         for name, value in vars(bn).items()
-        if name != "_cache"
+        if name != "_saved"
     }
     state["ids"] = {name: id(value) for name, value in vars(bn).items()}
-    cache = bn._cache
-    state["cache"] = None if cache is None else (id(cache[0]), *(copy.copy(v) for v in cache[1:]))
+    saved = bn._saved
+    state["cache"] = (
+        None
+        if saved is None
+        else (
+            id(saved.x),
+            *(copy.copy(getattr(saved, f.name)) for f in dataclasses.fields(saved)[1:]),
+        )
+    )
     return state
 
 
@@ -650,7 +658,7 @@ def _out_overlaps_x(bn, x, rng):
 
 
 def _out_is_the_kept_x(bn, x, rng):
-    bn(x.copy(), out=bn._cache[0])
+    bn(x.copy(), out=bn._saved.x)
 
 
 def _out_wrong_shape(bn, x, rng):

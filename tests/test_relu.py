@@ -7,7 +7,7 @@ in the last bit). Independently of fastbn, to the float64 reference
 (``fastbn.reference`` with the mask written out) and to central finite
 differences. Every layout goes through each kernel path it can take: the
 columns family, the rows family's per-feature and chunked schedules, one
-thread and many (`functional.PARALLEL_MIN`), and the plans of
+thread and many (`fastbn._plan.PARALLEL_MIN`), and the plans of
 Fortran-ordered and non-contiguous input.
 """
 
@@ -26,7 +26,8 @@ from conftest import (
 )
 
 import fastbn
-from fastbn import BatchNorm, functional, reference
+from fastbn import BatchNorm, reference
+from fastbn._plan import plan_for
 from fastbn.kernels import rows
 
 EPS = 1e-5
@@ -71,8 +72,8 @@ SOME = (
 
 def kernel_path(x, axis):
     """(family, schedule, serial) that the functional calls take for x and axis."""
-    _, plan = functional._planned(x, axis, training=True)
-    if not plan.rows:
+    _, plan = plan_for(x, axis, training=True)
+    if plan.family is not rows:
         return "columns", None, plan.serial
     per_feature = rows._per_feature(np.empty(plan.pcq, x.dtype))
     return "rows", "per_feature" if per_feature else "chunked", plan.serial

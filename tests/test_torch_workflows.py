@@ -1070,7 +1070,7 @@ def test_fx_quantization_on_converted_model(bridge, gen):
 # ---------------------------------------------------------------- 8. forked DataLoader workers
 
 # The parent runs a layer on a batch big enough for the parallel kernels
-# (fastbn.functional.PARALLEL_MIN is 2**15 values), then forks two DataLoader
+# (fastbn._plan.PARALLEL_MIN is 2**15 values), then forks two DataLoader
 # workers whose items call the functional API and a layer (forward and
 # backward) on inputs above PARALLEL_MIN too; the parent then computes every
 # item itself. In torch mode the items use torch's BatchNorm and fastbn's

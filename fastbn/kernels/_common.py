@@ -170,13 +170,20 @@ def in_dtype(values, like):
     return out
 
 
+@njit(inline="always")
+def split(mean, t):
+    """A float64 mean as hi + lo of type t: hi is mean rounded, lo what rounding lost."""
+    hi = t(mean)
+    return hi, t(mean - np.float64(hi))
+
+
 @njit
 def split_mean(mean, like):
-    """mean as hi + lo in like's dtype: hi is mean rounded, lo what rounding lost."""
-    hi = in_dtype(mean, like)
+    """`split` of every feature's mean, in like's dtype: (hi, lo) arrays."""
+    hi = np.empty(mean.size, like.dtype)
     lo = np.empty_like(hi)
     for c in range(mean.size):
-        lo[c] = mean[c] - np.float64(hi[c])
+        hi[c], lo[c] = split(mean[c], like.dtype.type)
     return hi, lo
 
 

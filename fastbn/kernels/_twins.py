@@ -74,7 +74,7 @@ class Twins:
         self._namespace = namespace
         self._serial_globals = {"prange": range}
 
-    def __call__(self, entry=False, **options):
+    def __call__(self, entry=False, serial=False, quiet=False, **options):
         """Decorate a kernel; ``entry=True`` for one that Python calls: only those are cached.
 
         A cached kernel that calls another cached kernel can be saved, in a
@@ -82,25 +82,44 @@ class Twins:
         that process, and crash the next process that loads it (Numba issues
         4807, 8578, 10128; seen here as segmentation faults). So kernels that
         other kernels call are not cached themselves: each entry carries them.
+
+        ``serial=True``: one function only, compiled with the serial globals
+        (every twin it calls is a serial twin), under both names: a body
+        that parallel loops run once per unit, such as one ghost slice.
+        ``quiet=True``: the parallel kernel compiles without Numba's warning
+        that parallel=True found no loop, as for an entry that runs serial
+        bodies in its loop.
         """
 
         def decorate(func):
+            if serial:
+                return self._serial_copy(func, entry, options, func)
             kernel = njit(cache=entry, **options)(func)
-            copy = types.FunctionType(
-                func.__code__, self._serial_globals, func.__name__, func.__defaults__,
-                func.__closure__,
-            )  # fmt: skip
-            copy.__qualname__ = f"{func.__qualname__}_serial"
-            copy.__module__ = func.__module__
-            copy.__doc__ = func.__doc__
-            serial = njit(cache=entry, **options)(copy)
-            serial._compile_for_args = _quiet(serial._compile_for_args)
-            self._serial_globals[func.__name__] = serial
-            self._namespace[f"{func.__name__}_serial"] = serial
-            _SERIAL[kernel] = serial
-            return kernel
+            if quiet:
+                kernel._compile_for_args = _quiet(kernel._compile_for_args)
+            return self._serial_copy(func, entry, options, kernel)
 
         return decorate
+
+    def _serial_copy(self, func, entry, options, kernel):
+        """Compile func's serial copy and register it as kernel's twin; return kernel.
+
+        kernel is func itself for ``serial=True``: then the copy is returned.
+        """
+        copy = types.FunctionType(
+            func.__code__, self._serial_globals, func.__name__, func.__defaults__, func.__closure__
+        )
+        copy.__qualname__ = f"{func.__qualname__}_serial"
+        copy.__module__ = func.__module__
+        copy.__doc__ = func.__doc__
+        serial = njit(cache=entry, **options)(copy)
+        serial._compile_for_args = _quiet(serial._compile_for_args)
+        self._serial_globals[func.__name__] = serial
+        self._namespace[f"{func.__name__}_serial"] = serial
+        if kernel is func:
+            kernel = serial
+        _SERIAL[kernel] = serial
+        return kernel
 
     def finish(self):
         """Give the serial copies every other global of the module (call at its end)."""

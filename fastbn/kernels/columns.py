@@ -26,6 +26,8 @@ from fastbn.kernels._common import (
     normalized,
     relu_params,
     relu_passes,
+    row_sums,
+    split,
     train_coefficients,
     zeros,
 )
@@ -350,9 +352,7 @@ def _apply_per_feature(x, out, n_features, run, width, mean, scale, beta, relu=N
     t = x.dtype.type
     params = np.empty((4, n_features), x.dtype)  # mean as hi + lo, scale, shift
     for c in range(n_features):
-        hi = t(mean[c])
-        params[0, c] = hi
-        params[1, c] = mean[c] - np.float64(hi)
+        params[0, c], params[1, c] = split(mean[c], t)
         params[2, c] = scale[c]
         params[3, c] = beta[c]
     p = tile_rows(params, n_features, run, width)
@@ -380,19 +380,13 @@ def _train(x, n_features, run, width, gamma, beta, eps, out, relu):
 
 
 @twin(entry=True)
-def train_forward(x, n_features, run, width, gamma, beta, eps, out):
-    """Batch statistics, then out = gamma * (x - mean) * invstd + beta.
+def train_forward(x, n_features, run, width, gamma, beta, eps, out, relu):
+    """Batch statistics, then out = gamma * (x - mean) * invstd + beta (relu True: max(., 0)).
 
     x and out are 1-D C-contiguous, rows of n_features * run values; width
-    is a multiple of that. Returns float64 mean and invstd.
+    is a multiple of that. Returns float64 mean and invstd. relu is None or True.
     """
-    return _train(x, n_features, run, width, gamma, beta, eps, out, None)
-
-
-@twin(entry=True)
-def train_forward_relu(x, n_features, run, width, gamma, beta, eps, out):
-    """train_forward followed by a ReLU: out = max(y, 0)."""
-    return _train(x, n_features, run, width, gamma, beta, eps, out, True)
+    return _train(x, n_features, run, width, gamma, beta, eps, out, relu)
 
 
 @twin()
@@ -407,15 +401,11 @@ def _eval(x, n_features, run, width, running_mean, running_var, gamma, beta, eps
 
 
 @twin(entry=True)
-def eval_forward(x, n_features, run, width, running_mean, running_var, gamma, beta, eps, out):
-    """out = gamma * (x - running_mean) / sqrt(running_var + eps) + beta."""
-    _eval(x, n_features, run, width, running_mean, running_var, gamma, beta, eps, out, None)
-
-
-@twin(entry=True)
-def eval_forward_relu(x, n_features, run, width, running_mean, running_var, gamma, beta, eps, out):
-    """eval_forward followed by a ReLU: out = max(y, 0)."""
-    _eval(x, n_features, run, width, running_mean, running_var, gamma, beta, eps, out, True)
+def eval_forward(
+    x, n_features, run, width, running_mean, running_var, gamma, beta, eps, out, relu
+):
+    """out = gamma * (x - running_mean) / sqrt(running_var + eps) + beta (relu True: max(., 0))."""
+    _eval(x, n_features, run, width, running_mean, running_var, gamma, beta, eps, out, relu)
 
 
 @twin()
@@ -436,11 +426,9 @@ def _train_dx(dy, x, n_features, run, width, mean, invstd, gamma, dgamma, dbeta,
     t = x.dtype.type
     params = np.empty((6, n_features), x.dtype)  # the coefficients of _input_gradient_block
     for c in range(n_features):
-        hi = t(mean[c])
         params[0, c] = scale[c]
         params[1, c] = invstd[c]
-        params[2, c] = hi
-        params[3, c] = mean[c] - np.float64(hi)
+        params[2, c], params[3, c] = split(mean[c], t)
         params[4, c] = k_xhat[c]
         params[5, c] = k0[c]
     p = tile_rows(params, n_features, run, width)
@@ -463,20 +451,19 @@ def _backward(dy, x, n_features, run, width, mean, invstd, gamma, training, out)
 
 
 @twin(entry=True)
-def backward(dy, x, n_features, run, width, mean, invstd, gamma, training, out):
-    """dx into out; returns float64 dgamma and dbeta, x_hat recomputed from x."""
-    return _backward(dy, x, n_features, run, width, mean, invstd, gamma, training, out)
+def backward(dy, x, n_features, run, width, mean, invstd, gamma, beta, training, out):
+    """dx into out; returns float64 dgamma and dbeta, x_hat recomputed from x.
 
-
-@twin(entry=True)
-def backward_relu(dy, x, n_features, run, width, mean, invstd, gamma, beta, training, out):
-    """backward through the forward followed by a ReLU (its mask recomputed from x).
-
-    Here dy is masked into a buffer first, and backward runs on that: one
-    pass and one input-sized buffer more than the rows family's fused loops,
-    whose mask parameters are per feature. With per-position parameters the
-    fused loops stayed scalar (LLVM here) and ran 4x the plain backward.
+    beta None: plain batch norm; else the forward's shift, and the gradient
+    goes through the ReLU fused after it (its mask recomputed from x). Then
+    dy is masked into a buffer first, and the plain backward runs on that:
+    one pass and one input-sized buffer more than the rows family's fused
+    loops, whose mask parameters are per feature. With per-position
+    parameters the fused loops stayed scalar (LLVM here) and ran 4x the
+    plain backward.
     """
+    if beta is None:
+        return _backward(dy, x, n_features, run, width, mean, invstd, gamma, training, out)
     relu = tile_rows(relu_params(mean, invstd, gamma, beta, x), n_features, run, width)
     passed = np.empty_like(dy)  # not out: in place, the backward's loops run scalar
     _passed_scaled(dy, x, passed, np.ones(width, x.dtype), relu)
@@ -501,6 +488,68 @@ def train_input_gradient(
 ):
     """dx of the training formula from given sums over count values per feature."""
     _train_dx(dy, x, n_features, run, width, mean, invstd, gamma, dgamma, dbeta, count, out)
+
+
+# Ghost batches: G slices stacked as (G, S), each slice flat (rows of C * Q
+# values) and normalized with its own statistics, as in rows.py: one parallel
+# loop over the slices through this family's serial internals.
+
+
+@twin(serial=True)
+def _train_slice(x, n_features, run, width, gamma, beta, eps, out, mean, invstd):
+    slice_mean, var = _mean_var(x, n_features, run, width)
+    slice_invstd = 1.0 / np.sqrt(var + eps)
+    _apply_per_feature(x, out, n_features, run, width, slice_mean, gamma * slice_invstd, beta)
+    mean[:] = slice_mean
+    invstd[:] = slice_invstd
+
+
+@twin(serial=True)
+def _backward_slice(dy, x, n_features, run, width, mean, invstd, gamma, out, dgamma, dbeta):
+    slice_dgamma, slice_dbeta = _param_sums(dy, x, n_features, run, width, mean, invstd)
+    _train_dx(
+        dy, x, n_features, run, width, mean, invstd, gamma, slice_dgamma, slice_dbeta,
+        x.size // n_features, out,
+    )  # fmt: skip
+    dgamma[:] = slice_dgamma
+    dbeta[:] = slice_dbeta
+
+
+@twin(parallel=True)
+def _train_slices(x, n_features, run, width, gamma, beta, eps, out, mean, invstd):
+    for g in prange(x.shape[0]):
+        _train_slice(x[g], n_features, run, width, gamma, beta, eps, out[g], mean[g], invstd[g])
+
+
+@twin(parallel=True)
+def _backward_slices(dy, x, n_features, run, width, mean, invstd, gamma, out, dgamma, dbeta):
+    for g in prange(x.shape[0]):
+        _backward_slice(
+            dy[g], x[g], n_features, run, width, mean[g], invstd[g], gamma, out[g], dgamma[g],
+            dbeta[g],
+        )  # fmt: skip
+
+
+@twin(entry=True, quiet=True)
+def ghost_train_forward(x, n_features, run, width, gamma, beta, eps, out):
+    """Each slice x[g] (flat rows of n_features * run values) normalized on its own into out[g].
+
+    x and out are (G, S) C-contiguous; returns float64 mean and invstd of
+    shape (G, C).
+    """
+    mean = np.empty((x.shape[0], n_features))
+    invstd = np.empty((x.shape[0], n_features))
+    _train_slices(x, n_features, run, width, gamma, beta, eps, out, mean, invstd)
+    return mean, invstd
+
+
+@twin(entry=True, quiet=True)
+def ghost_backward(dy, x, n_features, run, width, mean, invstd, gamma, out):
+    """Each slice's training dx into out; returns float64 dgamma and dbeta summed over slices."""
+    dgamma = np.empty(mean.shape)
+    dbeta = np.empty(mean.shape)
+    _backward_slices(dy, x, n_features, run, width, mean, invstd, gamma, out, dgamma, dbeta)
+    return row_sums(dgamma.T), row_sums(dbeta.T)
 
 
 twin.finish()

@@ -28,6 +28,7 @@ from fastbn.kernels._common import (
     row_sums,
     scale_centered,
     shifted_sums,
+    split,
     split_mean,
     train_coefficients,
 )
@@ -205,8 +206,7 @@ def _train_feature(x, shape, c, gamma, beta, eps, out, mean, invstd, relu):
         s2 += b2
     mean[c], invstd[c] = feature_stats(s1, s2, shift, P * Q, eps)
     t = x.dtype.type
-    mean_hi = t(mean[c])
-    mean_lo = t(mean[c] - np.float64(mean_hi))
+    mean_hi, mean_lo = split(mean[c], t)
     scale = t(gamma[c] * invstd[c])
     for p in range(P):
         scale_centered(x, out, (p * C + c) * Q, Q, mean_hi, mean_lo, scale, t(beta[c]), relu)
@@ -220,8 +220,7 @@ def _backward_feature(dy, x, shape, c, mean, invstd, gamma, training, out, dgamm
     """
     P, C, Q = shape
     t = x.dtype.type
-    mean_hi = t(mean[c])
-    mean_lo = t(mean[c] - np.float64(mean_hi))
+    mean_hi, mean_lo = split(mean[c], t)
     y_scale = t(gamma[c] * invstd[c])
     s1 = 0.0
     s2 = 0.0
@@ -294,18 +293,13 @@ def _train(x, gamma, beta, eps, out, relu):
 
 
 @twin(entry=True)
-def train_forward(x, gamma, beta, eps, out):
-    """Batch statistics, then out = gamma * (x - mean) * invstd + beta.
+def train_forward(x, gamma, beta, eps, out, relu):
+    """Batch statistics, then out = gamma * (x - mean) * invstd + beta (relu True: max(., 0)).
 
     x and out are (P, C, Q) C-contiguous; returns float64 mean and invstd.
+    relu is None or True.
     """
-    return _train(x, gamma, beta, eps, out, None)
-
-
-@twin(entry=True)
-def train_forward_relu(x, gamma, beta, eps, out):
-    """train_forward followed by a ReLU: out = max(y, 0)."""
-    return _train(x, gamma, beta, eps, out, True)
+    return _train(x, gamma, beta, eps, out, relu)
 
 
 @twin()
@@ -323,15 +317,9 @@ def _eval(x, running_mean, running_var, gamma, beta, eps, out, relu):
 
 
 @twin(entry=True)
-def eval_forward(x, running_mean, running_var, gamma, beta, eps, out):
-    """out = gamma * (x - running_mean) / sqrt(running_var + eps) + beta."""
-    _eval(x, running_mean, running_var, gamma, beta, eps, out, None)
-
-
-@twin(entry=True)
-def eval_forward_relu(x, running_mean, running_var, gamma, beta, eps, out):
-    """eval_forward followed by a ReLU: out = max(y, 0)."""
-    _eval(x, running_mean, running_var, gamma, beta, eps, out, True)
+def eval_forward(x, running_mean, running_var, gamma, beta, eps, out, relu):
+    """out = gamma * (x - running_mean) / sqrt(running_var + eps) + beta (relu True: max(., 0))."""
+    _eval(x, running_mean, running_var, gamma, beta, eps, out, relu)
 
 
 @twin()
@@ -384,14 +372,14 @@ def _backward(dy, x, mean, invstd, gamma, training, out, relu):
 
 
 @twin(entry=True)
-def backward(dy, x, mean, invstd, gamma, training, out):
-    """dx into out; returns float64 dgamma and dbeta, x_hat recomputed from x."""
-    return _backward(dy, x, mean, invstd, gamma, training, out, None)
+def backward(dy, x, mean, invstd, gamma, beta, training, out):
+    """dx into out; returns float64 dgamma and dbeta, x_hat recomputed from x.
 
-
-@twin(entry=True)
-def backward_relu(dy, x, mean, invstd, gamma, beta, training, out):
-    """backward through the forward followed by a ReLU (its mask recomputed from x)."""
+    beta None: plain batch norm; else the forward's shift, and the gradient
+    goes through the ReLU fused after it (its mask recomputed from x).
+    """
+    if beta is None:
+        return _backward(dy, x, mean, invstd, gamma, training, out, None)
     relu = relu_params(mean, invstd, gamma, beta, x)
     return _backward(dy, x, mean, invstd, gamma, training, out, relu)
 
@@ -412,6 +400,71 @@ def param_grads(dy, x, mean, invstd):
 def train_input_gradient(dy, x, mean, invstd, gamma, dgamma, dbeta, count, out):
     """dx of the training formula from given sums over count values per feature."""
     _train_dx(dy, x, mean, invstd, gamma, dgamma, dbeta, count, out)
+
+
+# Ghost batches: G slices stacked as (G, P, C, Q), each normalized with its own
+# statistics. One parallel loop over the slices, a slice a unit, each through
+# this family's serial internals (`twin(serial=True)`): a slice is normalized
+# as a one-thread call would normalize it alone, whatever the thread count.
+# The per-feature schedule is not used: a slice is read twice (statistics,
+# then output), from cache where it fits there. Statistics are (G, C) float64.
+
+
+@twin(serial=True)
+def _train_slice(x, gamma, beta, eps, out, mean, invstd):
+    slice_mean, var = _mean_var(x)
+    slice_invstd = 1.0 / np.sqrt(var + eps)
+    mean_hi, mean_lo = split_mean(slice_mean, x)
+    scale = in_dtype(gamma * slice_invstd, x)
+    _apply(x.reshape(-1), out.reshape(-1), x.shape, mean_hi, mean_lo, scale, in_dtype(beta, x))
+    mean[:] = slice_mean
+    invstd[:] = slice_invstd
+
+
+@twin(serial=True)
+def _backward_slice(dy, x, mean, invstd, gamma, out, dgamma, dbeta):
+    slice_dgamma, slice_dbeta = _param_sums(dy, x, mean, invstd)
+    count = x.shape[0] * x.shape[2]
+    _train_dx(dy, x, mean, invstd, gamma, slice_dgamma, slice_dbeta, count, out)
+    dgamma[:] = slice_dgamma
+    dbeta[:] = slice_dbeta
+
+
+@twin(parallel=True)
+def _train_slices(x, gamma, beta, eps, out, mean, invstd):
+    for g in prange(x.shape[0]):
+        _train_slice(x[g], gamma, beta, eps, out[g], mean[g], invstd[g])
+
+
+@twin(parallel=True)
+def _backward_slices(dy, x, mean, invstd, gamma, out, dgamma, dbeta):
+    for g in prange(x.shape[0]):
+        _backward_slice(dy[g], x[g], mean[g], invstd[g], gamma, out[g], dgamma[g], dbeta[g])
+
+
+@twin(entry=True, quiet=True)
+def ghost_train_forward(x, gamma, beta, eps, out):
+    """Each slice x[g] (P, C, Q) normalized with its own statistics into out[g].
+
+    x and out are (G, P, C, Q) C-contiguous; returns float64 mean and invstd
+    of shape (G, C).
+    """
+    mean = np.empty((x.shape[0], x.shape[2]))
+    invstd = np.empty((x.shape[0], x.shape[2]))
+    _train_slices(x, gamma, beta, eps, out, mean, invstd)
+    return mean, invstd
+
+
+@twin(entry=True, quiet=True)
+def ghost_backward(dy, x, mean, invstd, gamma, out):
+    """Each slice's training dx into out; returns float64 dgamma and dbeta summed over slices.
+
+    dy, x and out are (G, P, C, Q) C-contiguous, mean and invstd (G, C).
+    """
+    dgamma = np.empty(mean.shape)
+    dbeta = np.empty(mean.shape)
+    _backward_slices(dy, x, mean, invstd, gamma, out, dgamma, dbeta)
+    return row_sums(dgamma.T), row_sums(dbeta.T)
 
 
 twin.finish()

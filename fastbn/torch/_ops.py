@@ -46,9 +46,10 @@ from typing import Any, TypeAlias, cast, overload
 
 import numpy as np
 import torch
-from numpy.typing import NDArray
 
-from fastbn import functional
+from fastbn import _checks, _engine
+from fastbn._plan import Plan, plan_for
+from fastbn._types import Array, Float64
 from fastbn.torch import _compat
 
 __all__ = [
@@ -65,10 +66,12 @@ __all__ = [
     "fold_torch",
     "grad_array",
     "input_gradient_arrays",
+    "kernel_vector",
     "moments_arrays",
     "out_array",
     "param_grad",
     "param_sums",
+    "planned",
     "reduced_dims",
     "running_invstd",
     "torch_moments",
@@ -77,8 +80,6 @@ __all__ = [
     "vector",
 ]
 
-Array: TypeAlias = NDArray[np.floating]
-Float64: TypeAlias = NDArray[np.float64]
 # Gradients of a Function's inputs, None where none is needed.
 Grads: TypeAlias = tuple[torch.Tensor | None, ...]
 
@@ -267,6 +268,24 @@ def fold_torch(
     return finite
 
 
+def planned(input: torch.Tensor, training: bool) -> tuple[Array, Plan, bool]:
+    """(array over input's memory, its plan, whether it is the channels-last permutation).
+
+    The plan checks what torch's checks left (one value per channel, for
+    training, is checked by the callers with torch's error).
+    """
+    x, axis, last = as_array(input)
+    x, plan = plan_for(x, axis, training)
+    return x, plan, last
+
+
+def kernel_vector(
+    t: torch.Tensor | None, plan: Plan, dtype: np.dtype[Any], default: float
+) -> Array:
+    """A (C,) tensor (None: ``default``s) as the kernels take it, in dtype (checked by torch)."""
+    return _checks.kernel_vector(vector(t), plan.n_features, dtype, default)
+
+
 def train_arrays(
     input: torch.Tensor,
     weight: torch.Tensor | None,
@@ -275,11 +294,12 @@ def train_arrays(
     relu: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Batch-statistics forward on the kernels: (y, mean, invstd), the last two float64 (C,)."""
-    x, axis, last = as_array(input)
+    x, plan, last = planned(input, training=True)
     y = empty_output(input, last)
-    x, plan = functional._planned(x, axis, training=True)
-    _, mean, invstd = functional._train(
-        x, plan, vector(weight), vector(bias), eps, out_array(y, last), relu=relu
+    gamma = kernel_vector(weight, plan, x.dtype, 1.0)
+    beta = kernel_vector(bias, plan, x.dtype, 0.0)
+    _, mean, invstd = _engine.train(
+        plan, x, gamma, beta, eps, out_array(y, last), True if relu else None
     )
     return y, torch.from_numpy(mean), torch.from_numpy(invstd)
 
@@ -294,12 +314,13 @@ def eval_arrays(
     relu: bool = False,
 ) -> torch.Tensor:
     """Running-statistics forward on the kernels: y."""
-    x, axis, last = as_array(input)
+    x, plan, last = planned(input, training=False)
     y = empty_output(input, last)
-    x, plan = functional._planned(x, axis, training=False)
-    functional._eval(
-        x, plan, vector(running_mean), vector(running_var), vector(weight), vector(bias), eps,
-        out_array(y, last), relu=relu,
+    dtype = x.dtype
+    _engine.evaluate(
+        plan, x, kernel_vector(running_mean, plan, dtype, 0.0),
+        kernel_vector(running_var, plan, dtype, 1.0), kernel_vector(weight, plan, dtype, 1.0),
+        kernel_vector(bias, plan, dtype, 0.0), eps, out_array(y, last), True if relu else None,
     )  # fmt: skip
     return y
 
@@ -332,14 +353,18 @@ def backward_arrays(
     the input, the statistics, weight and bias.
     """
     need_input, need_weight, need_bias = needs
-    x, axis, last = as_array(input)
-    x, plan = functional._planned(x, axis, training=False)
-    dx = empty_output(input, last) if need_input or relu else None
-    _, dgamma, dbeta = functional._backward(
-        grad_array(grad, last), x, mean.numpy(), invstd.numpy(), vector(weight), plan.axis,
-        training, None if dx is None else out_array(dx, last), forward_plan=plan,
-        input_grad=dx is not None, relu=relu, beta=vector(bias),
-    )  # fmt: skip
+    x, plan, last = planned(input, training=False)
+    dy, mean64, invstd64 = grad_array(grad, last), mean.numpy(), invstd.numpy()
+    dx = None
+    if need_input or relu:
+        dx = empty_output(input, last)
+        beta = kernel_vector(bias, plan, x.dtype, 0.0) if relu else None
+        _, dgamma, dbeta = _engine.backward(
+            plan, dy, x, mean64, invstd64, kernel_vector(weight, plan, x.dtype, 1.0), training,
+            out_array(dx, last), beta,
+        )  # fmt: skip
+    else:
+        dgamma, dbeta = _engine.param_sums(plan, dy, x, mean64, invstd64)
     return (
         dx if need_input else None,
         param_grad(dgamma, x.dtype) if need_weight else None,
@@ -351,20 +376,14 @@ def param_sums(
     grad: torch.Tensor, input: torch.Tensor, mean: Float64, invstd: Float64
 ) -> tuple[Float64, Float64]:
     """The float64 per-channel sums of grad * x_hat and of grad, on the kernels."""
-    x, axis, last = as_array(input)
-    x, plan = functional._planned(x, axis, training=False)
-    _, dgamma, dbeta = functional._backward(
-        grad_array(grad, last), x, mean, invstd, None, plan.axis, True, None,
-        forward_plan=plan, input_grad=False,
-    )  # fmt: skip
-    return dgamma, dbeta
+    x, plan, last = planned(input, training=False)
+    return _engine.param_sums(plan, grad_array(grad, last), x, mean, invstd)
 
 
 def moments_arrays(input: torch.Tensor) -> tuple[Float64, Float64]:
     """The float64 mean and biased variance per channel of input, on the kernels."""
-    x, axis, _ = as_array(input)
-    x, plan = functional._planned(x, axis, training=True)
-    return functional._moments(x, plan)
+    x, plan, _ = planned(input, training=True)
+    return _engine.moments(plan, x)
 
 
 def input_gradient_arrays(
@@ -383,12 +402,11 @@ def input_gradient_arrays(
     batch norm's input gradient; mean and invstd are the statistics the
     forward normalized with.
     """
-    x, axis, last = as_array(input)
-    x, plan = functional._planned(x, axis, training=False)
+    x, plan, last = planned(input, training=False)
     dx = empty_output(input, last)
-    functional._train_input_gradient(
-        grad_array(grad, last), x, plan, mean, invstd, vector(weight), dgamma, dbeta, count,
-        out_array(dx, last),
+    _engine.input_gradient(
+        plan, grad_array(grad, last), x, mean, invstd, kernel_vector(weight, plan, x.dtype, 1.0),
+        dgamma, dbeta, count, out_array(dx, last),
     )  # fmt: skip
     return dx
 

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from numpy.typing import NDArray
 
-from fastbn import _running
+from fastbn import _checks, _running
 from fastbn.torch import _compat, _ops
 
 __all__ = [
@@ -36,6 +36,7 @@ __all__ = [
     "check_sizes",
     "fold",
     "forward",
+    "needs_grad",
     "takes_torch_op",
     "verify_batch_size",
     "warn_not_taken",
@@ -132,9 +133,10 @@ def takes_torch_op(input: torch.Tensor, *tensors: torch.Tensor | None) -> bool:
     )
 
 
-def _needs_grad(
+def needs_grad(
     input: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None
 ) -> bool:
+    """Whether autograd must record this call: grad mode on, and a tensor that requires grad."""
     return torch.is_grad_enabled() and (
         input.requires_grad
         or (weight is not None and weight.requires_grad)
@@ -176,13 +178,14 @@ def forward(
         )  # fmt: skip
         return torch.relu(y) if relu else y
     check_sizes(input.shape[1], running_mean, running_var, weight, bias)
+    eps = _checks.positive_eps(eps)
     if torch.compiler.is_compiling():
         y = _compiled(
             input, running_mean, running_var, weight, bias, training, momentum, eps,
             num_batches_tracked,
         )  # fmt: skip
         return torch.relu(y) if relu else y
-    grad = _needs_grad(input, weight, bias)
+    grad = needs_grad(input, weight, bias)
     if not training:
         assert running_mean is not None and running_var is not None  # else torch's op took it
         if grad:
@@ -195,7 +198,7 @@ def forward(
     if running_mean is not None:
         assert running_var is not None  # given with running_mean
         fold(
-            running_mean, running_var, mean.numpy(), invstd.numpy(), eps, momentum,
+            running_mean, running_var, mean.numpy()[None], invstd.numpy()[None], eps, momentum,
             num_batches_tracked, input.numel() // input.shape[1], stacklevel,
         )  # fmt: skip
     return y
@@ -213,23 +216,25 @@ def fold(
     stacklevel: int,
     what: str = "batch statistics",
 ) -> bool:
-    """Eager running-statistics update in place: all features and the counter, or nothing.
+    """Eager running-statistics update in place: every batch, feature and the counter, or nothing.
 
-    mean and invstd are a batch's float64 statistics over count values per
-    channel. Returns whether the batch was taken; if not, a RuntimeWarning
-    names the features (``what`` the statistics, in its message).
+    mean and invstd are (G, C): G batches' float64 statistics over count
+    values per channel each (ghost batches; G = 1 for one batch), folded in
+    order. Returns whether they were taken; if not, a RuntimeWarning names
+    the features (``what`` the statistics, in its message).
     """
     counter_array = None if counter is None else counter.numpy()
-    if momentum is None:
-        momentum = 0.0 if counter_array is None else 1.0 / (int(counter_array) + 1)
-    bad = _running.fold_batch_stats(
-        running_mean.numpy(), running_var.numpy(), mean, invstd, eps, momentum, count / (count - 1)
-    )
+    if momentum is None:  # the cumulative average (-1: see fold_batches), or 0 without a counter
+        momentum = 0.0 if counter_array is None else -1.0
+    bad, _ = _running.fold_batches(
+        running_mean.numpy(), running_var.numpy(), mean, invstd, eps, momentum,
+        0 if counter_array is None else int(counter_array), count / (count - 1),
+    )  # fmt: skip
     if bad:
         warn_not_taken(bad, running_mean.dtype, stacklevel + 1, what)
         return False
     if counter_array is not None:
-        counter_array += 1
+        counter_array += mean.shape[0]
     return True
 
 

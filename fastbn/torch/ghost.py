@@ -25,13 +25,11 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
 import torch
-from numpy.typing import NDArray
 
-from fastbn import ghost
+from fastbn import _checks, ghost
 from fastbn.torch import _compat, _ops
-from fastbn.torch.functional import check_sizes, fold, takes_torch_op
+from fastbn.torch.functional import check_sizes, fold, needs_grad, takes_torch_op
 
 __all__ = ["GhostBatchNormFunction", "forward"]
 
@@ -90,17 +88,16 @@ def forward(
                 running_mean, running_var, mean, var, momentum, num_batches_tracked, count
             )
         return y
-    if torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (input, weight, bias)
-    ):
+    eps = _checks.positive_eps(eps)
+    if needs_grad(input, weight, bias):
         y, mean_t, invstd_t = _apply(input, weight, bias, k, eps)
     else:
         y, mean_t, invstd_t = _train_arrays(input, weight, bias, k, eps)
     if running_mean is not None:
         assert running_var is not None  # given with running_mean
-        _fold_slices(
+        fold(
             running_mean, running_var, mean_t.numpy(), invstd_t.numpy(), eps, momentum,
-            num_batches_tracked, count, stacklevel + 1,
+            num_batches_tracked, count, stacklevel,
         )  # fmt: skip
     return y
 
@@ -117,37 +114,6 @@ def _check_batch(size: Sequence[int], k: int) -> None:
             f"Expected more than 1 value per channel when training, got input size "
             f"{tuple(size)} with virtual_batch_size={k}"
         )
-
-
-def _fold_slices(
-    running_mean: torch.Tensor,
-    running_var: torch.Tensor,
-    mean: NDArray[np.float64],
-    invstd: NDArray[np.float64],
-    eps: float,
-    momentum: float | None,
-    counter: torch.Tensor | None,
-    count: int,
-    stacklevel: int,
-) -> None:
-    """Eager: each slice's (G, C) statistics folded in order by torch's rule, all or none.
-
-    Into clones, which replace the buffers and counter once every slice was
-    taken; `fold` warns of a slice that was not, with ``stacklevel``.
-    """
-    new_mean, new_var = running_mean.clone(), running_var.clone()
-    new_counter = None if counter is None else counter.clone()
-    for g in range(mean.shape[0]):
-        taken = fold(
-            new_mean, new_var, mean[g], invstd[g], eps, momentum, new_counter, count, stacklevel
-        )
-        if not taken:
-            return
-    running_mean.copy_(new_mean)
-    running_var.copy_(new_var)
-    if counter is not None:
-        assert new_counter is not None  # its clone
-        counter.copy_(new_counter)
 
 
 def _formula(
@@ -183,9 +149,11 @@ def _train_arrays(
     x, axis, last = _ops.as_array(input)
     y = _ops.empty_output(input, last)
     x, plan = ghost.planned(x, axis, k)
-    _, mean, invstd = ghost.train(
-        x, plan, _ops.vector(weight), _ops.vector(bias), eps, _ops.out_array(y, last)
+    gamma, beta = (
+        _checks.kernel_vector(_ops.vector(t), plan.n_features, x.dtype, default)
+        for t, default in ((weight, 1.0), (bias, 0.0))
     )
+    _, mean, invstd = ghost.train(x, plan, gamma, beta, eps, _ops.out_array(y, last))
     return y, torch.from_numpy(mean), torch.from_numpy(invstd)
 
 
@@ -233,9 +201,10 @@ class GhostBatchNormFunction(torch.autograd.Function):
         x, axis, last = _ops.as_array(input)
         x, plan = ghost.planned(x, axis, ctx.virtual_batch_size)
         dx = _ops.empty_output(input, last)
+        gamma = _checks.kernel_vector(_ops.vector(weight), plan.n_features, x.dtype, 1.0)
         _, dgamma, dbeta = ghost.backward(
-            _ops.grad_array(grad, last), x, plan, mean.numpy(), invstd.numpy(),
-            _ops.vector(weight), _ops.out_array(dx, last),
+            _ops.grad_array(grad, last), x, plan, mean.numpy(), invstd.numpy(), gamma,
+            _ops.out_array(dx, last),
         )  # fmt: skip
         return (
             dx if needs[0] else None,

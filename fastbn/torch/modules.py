@@ -56,7 +56,7 @@ else:
     _MixinBase = object
 
 
-class _FastBatchNorm(_MixinBase):
+class FastBatchNorm(_MixinBase):
     """The forward shared by the three modules: torch's module logic on `functional.forward`."""
 
     def __init__(
@@ -198,15 +198,15 @@ def forward_state(module: _BatchNorm) -> _ForwardState:
     )
 
 
-class BatchNorm1d(_FastBatchNorm, torch.nn.BatchNorm1d):
+class BatchNorm1d(FastBatchNorm, torch.nn.BatchNorm1d):
     """torch.nn.BatchNorm1d on fastbn's kernels: (N, C) and (N, C, L) input."""
 
 
-class BatchNorm2d(_FastBatchNorm, torch.nn.BatchNorm2d):
+class BatchNorm2d(FastBatchNorm, torch.nn.BatchNorm2d):
     """torch.nn.BatchNorm2d on fastbn's kernels: (N, C, H, W), contiguous or channels_last."""
 
 
-class BatchNorm3d(_FastBatchNorm, torch.nn.BatchNorm3d):
+class BatchNorm3d(FastBatchNorm, torch.nn.BatchNorm3d):
     """torch.nn.BatchNorm3d on fastbn's kernels: (N, C, D, H, W), any of its two layouts."""
 
 

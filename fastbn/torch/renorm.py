@@ -36,12 +36,12 @@ that TorchScript does not compile); torch.compile takes them whole.
 from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
 import torch
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.types import Device
 
-from fastbn import functional as fastbn_functional
-from fastbn import renorm
+from fastbn import _checks, renorm
 from fastbn.torch import _compat, _ops, functional
 from fastbn.torch.modules import forward_state, leaf_call
 
@@ -77,12 +77,16 @@ class BatchRenormFunction(torch.autograd.Function):
         eps: float,
         limits: renorm.Limits,
     ) -> tuple[torch.Tensor, ...]:
-        x, axis, last = _ops.as_array(input)
+        x, plan, last = _ops.planned(input, training=True)
         y = _ops.empty_output(input, last)
-        x, plan = fastbn_functional._planned(x, axis, training=True)
-        _, mean, invstd, r, d = renorm._train(
-            x, plan, _ops.vector(running_mean), _ops.vector(running_var), _ops.vector(weight),
-            _ops.vector(bias), limits, eps, _ops.out_array(y, last),
+        float64 = np.dtype(np.float64)
+        running_mean64, running_var64, gamma, beta = (
+            _ops.kernel_vector(t, plan, float64, default)
+            for t, default in ((running_mean, 0.0), (running_var, 1.0), (weight, 1.0), (bias, 0.0))
+        )
+        _, mean, invstd, r, d = renorm.train(
+            plan, x, running_mean64, running_var64, gamma, beta, limits, eps,
+            _ops.out_array(y, last),
         )  # fmt: skip
         return (y, *(torch.from_numpy(a) for a in (mean, invstd, r, d)))
 
@@ -109,14 +113,18 @@ class BatchRenormFunction(torch.autograd.Function):
 
             grads = _ops.differentiable_grads(needs, grad, formula, input, weight, bias)
             return (*grads, None, None, None, None)
-        x, axis, last = _ops.as_array(input)
-        x, plan = fastbn_functional._planned(x, axis, training=True)
-        dx = _ops.empty_output(input, last) if needs[0] else None
-        _, dgamma, dbeta = renorm._backward(
-            _ops.grad_array(grad, last), x, mean.numpy(), invstd.numpy(), r.numpy(), d.numpy(),
-            _ops.vector(weight), plan.axis, None if dx is None else _ops.out_array(dx, last),
-            forward_plan=plan, input_grad=needs[0],
-        )  # fmt: skip
+        x, plan, last = _ops.planned(input, training=True)
+        dy = _ops.grad_array(grad, last)
+        statistics = (mean.numpy(), invstd.numpy(), r.numpy(), d.numpy())
+        dx = None
+        if needs[0]:
+            dx = _ops.empty_output(input, last)
+            gamma = _ops.kernel_vector(weight, plan, np.dtype(np.float64), 1.0)
+            _, dgamma, dbeta = renorm.backward(
+                plan, dy, x, *statistics, gamma, _ops.out_array(dx, last)
+            )
+        else:
+            dgamma, dbeta = renorm.param_grads(plan, dy, x, *statistics)
         return (
             dx,
             _ops.param_grad(dgamma, x.dtype) if needs[1] else None,
@@ -215,7 +223,7 @@ def _torch_train(
 # --------------------------------------------------------------- modules
 
 
-class _BatchRenorm(_BatchNorm):
+class BatchRenormBase(_BatchNorm):
     """torch's _BatchNorm with Batch Renormalization in training mode.
 
     Parameters
@@ -308,28 +316,24 @@ class _BatchRenorm(_BatchNorm):
             return _torch_train(
                 input, weight, bias, running_mean, running_var, self.eps, limits, momentum, counter
             )
-        if torch.is_grad_enabled() and any(
-            t is not None and t.requires_grad for t in (input, weight, bias)
-        ):
-            y, mean, invstd, _, _ = _apply(
-                input, weight, bias, running_mean, running_var, self.eps, limits
-            )
+        eps = _checks.positive_eps(self.eps)
+        args = (input, weight, bias, running_mean, running_var, eps, limits)
+        if functional.needs_grad(input, weight, bias):
+            y, mean, invstd, _, _ = _apply(*args)
         else:
-            y, mean, invstd, _, _ = BatchRenormFunction.forward(
-                input, weight, bias, running_mean, running_var, self.eps, limits
-            )
+            y, mean, invstd, _, _ = BatchRenormFunction.forward(*args)
         functional.fold(
-            running_mean, running_var, mean.numpy(), invstd.numpy(), self.eps, momentum, counter,
-            input.numel() // input.shape[1], stacklevel=5,
+            running_mean, running_var, mean.numpy()[None], invstd.numpy()[None], eps, momentum,
+            counter, input.numel() // input.shape[1], stacklevel=5,
         )  # fmt: skip
         return y
 
 
-class BatchRenorm1d(_BatchRenorm):
+class BatchRenorm1d(BatchRenormBase):
     """Batch Renormalization of (N, C) and (N, C, L) input.
 
     torch.nn.BatchNorm1d's arguments plus ``renorm_clipping``, and the
-    attributes rmax, rmin, dmax: see `_BatchRenorm`.
+    attributes rmax, rmin, dmax: see `BatchRenormBase`.
     """
 
     def _check_input_dim(self, input: torch.Tensor) -> None:
@@ -337,11 +341,11 @@ class BatchRenorm1d(_BatchRenorm):
             raise ValueError(f"expected 2D or 3D input (got {input.dim()}D input)")
 
 
-class BatchRenorm2d(_BatchRenorm):
+class BatchRenorm2d(BatchRenormBase):
     """Batch Renormalization of (N, C, H, W) input, contiguous or channels_last.
 
     torch.nn.BatchNorm2d's arguments plus ``renorm_clipping``, and the
-    attributes rmax, rmin, dmax: see `_BatchRenorm`.
+    attributes rmax, rmin, dmax: see `BatchRenormBase`.
     """
 
     def _check_input_dim(self, input: torch.Tensor) -> None:
@@ -349,11 +353,11 @@ class BatchRenorm2d(_BatchRenorm):
             raise ValueError(f"expected 4D input (got {input.dim()}D input)")
 
 
-class BatchRenorm3d(_BatchRenorm):
+class BatchRenorm3d(BatchRenormBase):
     """Batch Renormalization of (N, C, D, H, W) input, contiguous or channels_last_3d.
 
     torch.nn.BatchNorm3d's arguments plus ``renorm_clipping``, and the
-    attributes rmax, rmin, dmax: see `_BatchRenorm`.
+    attributes rmax, rmin, dmax: see `BatchRenormBase`.
     """
 
     def _check_input_dim(self, input: torch.Tensor) -> None:

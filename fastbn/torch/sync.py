@@ -31,11 +31,10 @@ from torch.autograd.function import once_differentiable
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.types import Device
 
-from fastbn import _checks
-from fastbn import functional as fastbn_functional
+from fastbn import _checks, _engine
 from fastbn.torch import _ops, functional
-from fastbn.torch.modules import _FastBatchNorm, forward_state
-from fastbn.torch.renorm import _BatchRenorm
+from fastbn.torch.modules import FastBatchNorm, forward_state
+from fastbn.torch.renorm import BatchRenormBase
 
 __all__ = ["SyncBatchNorm"]
 
@@ -141,12 +140,11 @@ class _SyncBatchNormFunction(torch.autograd.Function):
             # An empty batch gives an empty output, as torch's BatchNorm gives.
             return torch.empty_like(input), mean_t, invstd_t, count
         if fast:
-            x, axis, last = _ops.as_array(input)
+            x, plan, last = _ops.planned(input, training=False)
             y = _ops.empty_output(input, last)
-            x, plan = fastbn_functional._planned(x, axis, training=False)
-            fastbn_functional._eval(
-                x, plan, mean, var, _ops.vector(weight), _ops.vector(bias), eps,
-                _ops.out_array(y, last),
+            _engine.evaluate(
+                plan, x, mean, var, _ops.kernel_vector(weight, plan, x.dtype, 1.0),
+                _ops.kernel_vector(bias, plan, x.dtype, 0.0), eps, _ops.out_array(y, last),
             )  # fmt: skip
             return y, mean_t, invstd_t, count
         with torch.no_grad():
@@ -221,8 +219,8 @@ def _fold(
     what = "global batch statistics"
     if running_mean.dtype in (torch.float32, torch.float64) and running_mean.is_cpu:
         functional.fold(
-            running_mean, running_var, mean.numpy(), invstd.numpy(), eps, momentum, counter,
-            count, stacklevel=7, what=what,
+            running_mean, running_var, mean.numpy()[None], invstd.numpy()[None], eps, momentum,
+            counter, count, stacklevel=7, what=what,
         )  # fmt: skip
         return
     # float16, bfloat16 buffers: the same rule in torch ops
@@ -234,7 +232,7 @@ def _fold(
         )
 
 
-class SyncBatchNorm(_FastBatchNorm, _BatchNorm):
+class SyncBatchNorm(FastBatchNorm, _BatchNorm):
     """Batch norm synchronized across the processes of a torch.distributed group, on CPUs.
 
     ``torch.nn.SyncBatchNorm``'s constructor and semantics, for CPU tensors:
@@ -463,7 +461,7 @@ class SyncBatchNorm(_FastBatchNorm, _BatchNorm):
 
 def _unsupported(layer: torch.nn.Module) -> str | None:
     """Why `SyncBatchNorm.convert_sync_batchnorm` refuses layer, or None if it converts it."""
-    if isinstance(layer, _BatchRenorm):
+    if isinstance(layer, BatchRenormBase):
         return (
             "Batch Renormalization corrects the batch statistics toward the running ones "
             "(r and d), which a SyncBatchNorm does not do; replace it with a BatchNorm layer "
