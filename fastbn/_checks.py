@@ -201,6 +201,15 @@ def kernel_vector(
     return kernel_input(np.ascontiguousarray(v))
 
 
+def gradient(dy: ArrayLike, x: NDArray[np.floating]) -> NDArray[np.floating]:
+    """dy as a float array of x's shape and dtype (an upstream gradient)."""
+    dy = float_array("dy", dy)
+    same_shape("dy", dy, x)
+    if dy.dtype != x.dtype:
+        raise TypeError(f"dy has dtype {dy.dtype}, but x has dtype {x.dtype}: they must match")
+    return dy
+
+
 def same_shape(name: str, a: NDArray[np.floating], x: NDArray[np.floating]) -> None:
     """``a`` must have x's shape (dy against x)."""
     if a.shape != x.shape:

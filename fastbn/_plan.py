@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from types import ModuleType
-from typing import Any, SupportsIndex, TypeAlias
+from typing import Any, Generic, SupportsIndex, TypeVar
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
@@ -34,6 +35,7 @@ __all__ = [
     "PARALLEL_MIN",
     "ROWS_MIN_RUN",
     "Plan",
+    "PlanCache",
     "in_caller_layout",
     "output_buffer",
     "plan_for",
@@ -42,6 +44,8 @@ __all__ = [
 PARALLEL_MIN = 1 << 15  # values below which one thread beats a parallel launch
 ROWS_MIN_RUN = 16  # shorter runs are folded into the columns family's groups
 MAX_PLANS = 256  # plans kept; past that the cache starts over
+
+PlanT = TypeVar("PlanT")
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -202,31 +206,44 @@ def in_caller_layout(
     return out
 
 
-# (dtype, shape, strides, axis, training) of an ndarray x and an int axis.
-_PlanKey: TypeAlias = tuple[np.dtype[Any], tuple[int, ...], tuple[int, ...], int, bool]
-_PLANS: dict[_PlanKey, Plan] = {}
+class PlanCache(Generic[PlanT]):
+    """Plans made once per key and reused: ``cache(x, axis, option) -> (x, plan)``.
 
-
-def plan_for(
-    x: ArrayLike, axis: SupportsIndex, training: bool
-) -> tuple[NDArray[np.floating], Plan]:
-    """x checked as data (`_checks.data`) and its `Plan` for axis and training.
-
-    Raises the errors of x, the axis and the counts of values. ``training``
-    is part of the key because M == 1 is an error there only.
+    The key is (dtype, shape, strides, axis, option) of an ndarray x, an int
+    axis and an option of type ``option_type`` (bool training, or a ghost
+    batch's int k: a True never finds the plan of a 1). The
+    common case looks its plan up before any check; a key is stored only
+    once ``make(x, axis, option)`` (which checks what the key decides) has
+    passed, after x was checked as data (`_checks.data`). Past MAX_PLANS
+    the cache starts over.
     """
-    key: _PlanKey | None = None
-    # The common case, an ndarray and an int axis, looks its plan up before
-    # any check: a key is stored only once its checks have passed.
-    if isinstance(x, np.ndarray) and type(axis) is int:
-        key = (x.dtype, x.shape, x.strides, axis, training)
-        plan = _PLANS.get(key)
-        if plan is not None:
-            return x, plan
-    x = _checks.data("x", x)
-    plan = Plan.of(x, axis, training)
-    if key is not None:
-        if len(_PLANS) >= MAX_PLANS:
-            _PLANS.clear()
-        _PLANS[key] = plan
-    return x, plan
+
+    def __init__(
+        self, make: Callable[[NDArray[np.floating], SupportsIndex, Any], PlanT], option_type: type
+    ) -> None:
+        self._make = make
+        self._option_type = option_type
+        self._plans: dict[tuple[Any, ...], PlanT] = {}
+
+    def __call__(
+        self, x: ArrayLike, axis: SupportsIndex, option: Any
+    ) -> tuple[NDArray[np.floating], PlanT]:
+        key = None
+        if isinstance(x, np.ndarray) and type(axis) is int and type(option) is self._option_type:
+            key = (x.dtype, x.shape, x.strides, axis, option)
+            plan = self._plans.get(key)
+            if plan is not None:
+                return x, plan
+        x = _checks.data("x", x)
+        plan = self._make(x, axis, option)
+        if key is not None:
+            if len(self._plans) >= MAX_PLANS:
+                self._plans.clear()
+            self._plans[key] = plan
+        return x, plan
+
+
+# plan_for(x, axis, training): x checked as data and its Plan. Raises the errors of x,
+# the axis and the counts of values; training is part of the key because M == 1 is an
+# error there only.
+plan_for: PlanCache[Plan] = PlanCache(Plan.of, bool)

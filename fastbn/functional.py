@@ -136,7 +136,7 @@ def _train(
     relu: bool | None,
 ) -> Forward:
     """`batch_norm_train` (with relu True: `batch_norm_relu_train`): check, then run."""
-    x, plan = plan_for(x, axis, training=True)
+    x, plan = plan_for(x, axis, True)
     gamma_k, beta_k = _affine(x, plan, gamma, beta)
     eps = _checks.positive_eps(eps)
     if out is not None:
@@ -278,7 +278,7 @@ def _eval(
     relu: bool | None,
 ) -> Array:
     """`batch_norm_eval` (with relu True: `batch_norm_relu_eval`): check, then run."""
-    x, plan = plan_for(x, axis, training=False)
+    x, plan = plan_for(x, axis, False)
     n, axis = plan.n_features, plan.axis
     dtype = _checks.vector_dtype(x, running_mean, running_var, gamma, beta)
     mean_k = _checks.per_feature("running_mean", running_mean, n, x, axis, None, dtype)
@@ -448,11 +448,8 @@ def _backward(
     dgamma and dbeta come back in float64, as the engine gives them.
     """
     x = _checks.data("x", x)
-    dy = _checks.float_array("dy", dy)
-    _checks.same_shape("dy", dy, x)
-    if dy.dtype != x.dtype:
-        raise TypeError(f"dy has dtype {dy.dtype}, but x has dtype {x.dtype}: they must match")
-    x, plan = plan_for(x, axis, training=False)
+    dy = _checks.gradient(dy, x)
+    x, plan = plan_for(x, axis, False)
     n, axis = plan.n_features, plan.axis
     mean64 = _checks.per_feature("mean", mean, n, x, axis)
     invstd64 = _checks.per_feature("invstd", invstd, n, x, axis)

@@ -26,13 +26,13 @@ from __future__ import annotations
 
 import dataclasses
 import numbers
-from typing import Any, SupportsIndex, TypeAlias, overload
+from typing import Any, SupportsIndex, overload
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
 from fastbn import _checks, _engine
-from fastbn._plan import MAX_PLANS, PARALLEL_MIN, Plan, in_caller_layout, output_buffer
+from fastbn._plan import PARALLEL_MIN, Plan, PlanCache, in_caller_layout, output_buffer
 from fastbn._threading import launch
 from fastbn._types import Array, Float, Float64, Forward, Gradients
 
@@ -177,31 +177,9 @@ class GhostPlan:
         return np.ascontiguousarray(merged.reshape(self.n_features, self.n_slices).T)
 
 
-# (dtype, shape, strides, axis, virtual_batch_size) of an ndarray x, an int axis and k.
-_PlanKey: TypeAlias = tuple[np.dtype[Any], tuple[int, ...], tuple[int, ...], int, int]
-_PLANS: dict[_PlanKey, GhostPlan] = {}
-
-
-def planned(
-    x: ArrayLike, axis: SupportsIndex, virtual_batch_size: int
-) -> tuple[NDArray[np.floating], GhostPlan]:
-    """x checked as data (`_checks.data`) and its `GhostPlan`, made once per key.
-
-    As `_plan.plan_for`: a key is stored only once its checks have passed.
-    """
-    key: _PlanKey | None = None
-    if isinstance(x, np.ndarray) and type(axis) is int and type(virtual_batch_size) is int:
-        key = (x.dtype, x.shape, x.strides, axis, virtual_batch_size)
-        plan = _PLANS.get(key)
-        if plan is not None:
-            return x, plan
-    x = _checks.data("x", x)
-    plan = GhostPlan.of(x, axis, virtual_batch_size)
-    if key is not None:
-        if len(_PLANS) >= MAX_PLANS:
-            _PLANS.clear()
-        _PLANS[key] = plan
-    return x, plan
+# planned(x, axis, virtual_batch_size): x checked as data and its GhostPlan, made once
+# per key (as `_plan.plan_for`).
+planned: PlanCache[GhostPlan] = PlanCache(GhostPlan.of, int)
 
 
 @overload
@@ -374,10 +352,7 @@ def ghost_batch_norm_backward(
         order (in float64, rounded once to x's dtype).
     """
     x, plan = planned(x, axis, virtual_batch_size)
-    dy = _checks.float_array("dy", dy)
-    _checks.same_shape("dy", dy, x)
-    if dy.dtype != x.dtype:
-        raise TypeError(f"dy has dtype {dy.dtype}, but x has dtype {x.dtype}: they must match")
+    dy = _checks.gradient(dy, x)
     mean64 = _per_slice_stat("mean", mean, plan, x)
     invstd64 = _per_slice_stat("invstd", invstd, plan, x)
     gamma_k = _checks.per_feature(

@@ -177,7 +177,7 @@ def batch_renorm_train(
     r, d : ndarray of shape (C,), float64
         The corrections, for `batch_renorm_backward`.
     """
-    x, plan = plan_for(x, axis, training=True)
+    x, plan = plan_for(x, axis, True)
     limits = clip_limits(r_max, d_max, r_min)
     n, axis = plan.n_features, plan.axis
     mean_run = _checks.per_feature("running_mean", running_mean, n, x, axis)
@@ -285,14 +285,11 @@ def batch_renorm_backward(
         ``r * sum(dy * x_hat) + d * sum(dy)`` and ``sum(dy)`` over each
         feature, in x's dtype.
     """
-    x, plan = plan_for(x, axis, training=False)
+    x, plan = plan_for(x, axis, False)
     n, axis = plan.n_features, plan.axis
     r64 = _checks.per_feature("r", r, n, x, axis)
     d64 = _checks.per_feature("d", d, n, x, axis)
-    dy = _checks.float_array("dy", dy)
-    _checks.same_shape("dy", dy, x)
-    if dy.dtype != x.dtype:
-        raise TypeError(f"dy has dtype {dy.dtype}, but x has dtype {x.dtype}: they must match")
+    dy = _checks.gradient(dy, x)
     mean64 = _checks.per_feature("mean", mean, n, x, axis)
     invstd64 = _checks.per_feature("invstd", invstd, n, x, axis)
     gamma64 = _checks.per_feature("gamma", gamma, n, x, axis, 1.0)

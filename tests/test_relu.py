@@ -72,7 +72,7 @@ SOME = (
 
 def kernel_path(x, axis):
     """(family, schedule, serial) that the functional calls take for x and axis."""
-    _, plan = plan_for(x, axis, training=True)
+    _, plan = plan_for(x, axis, True)
     if plan.family is not rows:
         return "columns", None, plan.serial
     per_feature = rows._per_feature(np.empty(plan.pcq, x.dtype))
