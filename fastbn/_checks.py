@@ -180,6 +180,10 @@ def per_feature(
             f"{name} has shape {v.shape}, expected ({n_features},): one value per feature "
             f"of x with shape {x.shape} and axis={axis}"
         )
+    if v.dtype is dtype:  # the common case, inline: a call costs more than the test
+        flags = v.flags
+        if flags.c_contiguous and flags.writeable:
+            return v
     return kernel_vector(v, n_features, dtype, 0.0)
 
 
@@ -196,7 +200,8 @@ def kernel_vector(
     # The identity test first: comparing unequal dtypes costs more.
     if v.dtype is not dtype and v.dtype != dtype:
         return v.astype(dtype)  # a new array: contiguous and writable
-    if v.flags.c_contiguous and v.flags.writeable:
+    flags = v.flags
+    if flags.c_contiguous and flags.writeable:
         return v
     return kernel_input(np.ascontiguousarray(v))
 

@@ -22,7 +22,7 @@ import dataclasses
 import math
 from collections.abc import Callable
 from types import ModuleType
-from typing import Any, Generic, SupportsIndex, TypeVar
+from typing import Any, SupportsIndex, TypeVar
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
@@ -35,9 +35,9 @@ __all__ = [
     "PARALLEL_MIN",
     "ROWS_MIN_RUN",
     "Plan",
-    "PlanCache",
     "in_caller_layout",
     "output_buffer",
+    "plan_cache",
     "plan_for",
 ]
 
@@ -165,12 +165,16 @@ class Plan:
 
         That is out itself (or its transpose) when its layout fits, else a new array.
         """
+        if out is None:  # the common case, inline: a small call feels every frame
+            return np.empty(self.shape, dtype), False
         return output_buffer(out, dtype, self.shape, self.transposed)
 
     def result(
         self, buffer: NDArray[np.floating], out: NDArray[np.floating] | None, copy_back: bool
     ) -> NDArray[np.floating]:
         """The result in the caller's layout: out (copied into if need be) or the buffer."""
+        if out is None:
+            return buffer.T if self.transposed else buffer
         return in_caller_layout(buffer, out, copy_back, self.transposed)
 
 
@@ -206,44 +210,42 @@ def in_caller_layout(
     return out
 
 
-class PlanCache(Generic[PlanT]):
-    """Plans made once per key and reused: ``cache(x, axis, option) -> (x, plan)``.
+def plan_cache(
+    make: Callable[[NDArray[np.floating], SupportsIndex, Any], PlanT], option_type: type
+) -> Callable[[ArrayLike, SupportsIndex, Any], tuple[NDArray[np.floating], PlanT]]:
+    """Plans made once per key and reused: the function ``(x, axis, option) -> (x, plan)``.
 
     The key is (dtype, shape, strides, axis, option) of an ndarray x, an int
     axis and an option of type ``option_type`` (bool training, or a ghost
-    batch's int k: a True never finds the plan of a 1). The
-    common case looks its plan up before any check; a key is stored only
-    once ``make(x, axis, option)`` (which checks what the key decides) has
+    batch's int k: a True never finds the plan of a 1). The common case
+    looks its plan up before any check; a key is stored only once
+    ``make(x, axis, option)`` (which checks what the key decides) has
     passed, after x was checked as data (`_checks.data`). Past MAX_PLANS
-    the cache starts over.
+    the cache starts over. (A closure: a small call pays no method lookup.)
     """
+    plans: dict[tuple[Any, ...], PlanT] = {}
 
-    def __init__(
-        self, make: Callable[[NDArray[np.floating], SupportsIndex, Any], PlanT], option_type: type
-    ) -> None:
-        self._make = make
-        self._option_type = option_type
-        self._plans: dict[tuple[Any, ...], PlanT] = {}
-
-    def __call__(
-        self, x: ArrayLike, axis: SupportsIndex, option: Any
+    def planned(
+        x: ArrayLike, axis: SupportsIndex, option: Any
     ) -> tuple[NDArray[np.floating], PlanT]:
         key = None
-        if isinstance(x, np.ndarray) and type(axis) is int and type(option) is self._option_type:
+        if isinstance(x, np.ndarray) and type(axis) is int and type(option) is option_type:
             key = (x.dtype, x.shape, x.strides, axis, option)
-            plan = self._plans.get(key)
+            plan = plans.get(key)
             if plan is not None:
                 return x, plan
         x = _checks.data("x", x)
-        plan = self._make(x, axis, option)
+        plan = make(x, axis, option)
         if key is not None:
-            if len(self._plans) >= MAX_PLANS:
-                self._plans.clear()
-            self._plans[key] = plan
+            if len(plans) >= MAX_PLANS:
+                plans.clear()
+            plans[key] = plan
         return x, plan
+
+    return planned
 
 
 # plan_for(x, axis, training): x checked as data and its Plan. Raises the errors of x,
 # the axis and the counts of values; training is part of the key because M == 1 is an
 # error there only.
-plan_for: PlanCache[Plan] = PlanCache(Plan.of, bool)
+plan_for = plan_cache(Plan.of, bool)

@@ -32,7 +32,7 @@ def fold_batches(running_mean, running_var, mean, invstd, eps, momentum, counter
     """Apply PyTorch's running-statistics update in place, batch after batch, all or none.
 
     mean and invstd are (G, C): G batches' float64 statistics, folded in
-    order (ghost batches; G = 1 for one batch). Batch g's factor f is
+    order (ghost batches), or (C,) for one batch. Batch g's factor f is
     momentum, or for momentum < 0 (torch's None) the cumulative average
     1 / (counter + g + 1), counter being num_batches_tracked before the call.
     running = (1 - f) * running + f * batch, in float64 and rounded once to
@@ -40,6 +40,8 @@ def fold_batches(running_mean, running_var, mean, invstd, eps, momentum, counter
     If a result is not finite in that dtype, nothing is written, and the
     offending features and their batch are returned; else ([], -1).
     """
+    mean = mean.reshape((-1, running_mean.size))
+    invstd = invstd.reshape((-1, running_mean.size))
     new_mean = running_mean.copy()
     new_var = running_var.copy()
     for g in range(mean.shape[0]):

@@ -15,7 +15,7 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
 from fastbn import _checks, _engine
-from fastbn._plan import Plan, plan_for
+from fastbn._plan import plan_for
 from fastbn._types import Array, Float, Float64, Forward, Gradients
 
 __all__ = [
@@ -137,26 +137,13 @@ def _train(
 ) -> Forward:
     """`batch_norm_train` (with relu True: `batch_norm_relu_train`): check, then run."""
     x, plan = plan_for(x, axis, True)
-    gamma_k, beta_k = _affine(x, plan, gamma, beta)
+    dtype = _checks.vector_dtype(x, gamma, beta)
+    gamma_k = _checks.per_feature("gamma", gamma, plan.n_features, x, plan.axis, 1.0, dtype)
+    beta_k = _checks.per_feature("beta", beta, plan.n_features, x, plan.axis, 0.0, dtype)
     eps = _checks.positive_eps(eps)
     if out is not None:
         _checks.output(out, x, (("x", x), ("gamma", gamma), ("beta", beta)))
     return _engine.train(plan, x, gamma_k, beta_k, eps, out, relu)
-
-
-def _affine(
-    x: Array, plan: Plan, gamma: ArrayLike | None, beta: ArrayLike | None, *stats: ArrayLike
-) -> tuple[Array, Array]:
-    """gamma and beta checked and as the kernels take them (dtype: `_checks.vector_dtype`).
-
-    ``stats``: the running statistics of the same call, which share the dtype.
-    """
-    dtype = _checks.vector_dtype(x, gamma, beta, *stats)
-    n, axis = plan.n_features, plan.axis
-    return (
-        _checks.per_feature("gamma", gamma, n, x, axis, 1.0, dtype),
-        _checks.per_feature("beta", beta, n, x, axis, 0.0, dtype),
-    )
 
 
 @overload
@@ -283,7 +270,8 @@ def _eval(
     dtype = _checks.vector_dtype(x, running_mean, running_var, gamma, beta)
     mean_k = _checks.per_feature("running_mean", running_mean, n, x, axis, None, dtype)
     var_k = _checks.per_feature("running_var", running_var, n, x, axis, None, dtype)
-    gamma_k, beta_k = _affine(x, plan, gamma, beta, running_mean, running_var)
+    gamma_k = _checks.per_feature("gamma", gamma, n, x, axis, 1.0, dtype)
+    beta_k = _checks.per_feature("beta", beta, n, x, axis, 0.0, dtype)
     eps = _checks.positive_eps(eps)
     if out is not None:
         inputs = (

@@ -32,7 +32,7 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
 from fastbn import _checks, _engine
-from fastbn._plan import PARALLEL_MIN, Plan, PlanCache, in_caller_layout, output_buffer
+from fastbn._plan import PARALLEL_MIN, Plan, in_caller_layout, output_buffer, plan_cache
 from fastbn._threading import launch
 from fastbn._types import Array, Float, Float64, Forward, Gradients
 
@@ -179,7 +179,7 @@ class GhostPlan:
 
 # planned(x, axis, virtual_batch_size): x checked as data and its GhostPlan, made once
 # per key (as `_plan.plan_for`).
-planned: PlanCache[GhostPlan] = PlanCache(GhostPlan.of, int)
+planned = plan_cache(GhostPlan.of, int)
 
 
 @overload

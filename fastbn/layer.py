@@ -352,9 +352,9 @@ class BatchNorm:
         return dx
 
     def fold(self, mean: Float64, invstd: Float64, count: int, what: str) -> None:
-        """Fold G batches' (G, C) statistics into the running ones in order, all or none.
+        """Fold G batches' (G, C) statistics (or one batch's (C,)) into the running ones.
 
-        count is the values per feature of each batch. If a result is not
+        In order, all or none; count is the values per feature of each batch. If a result is not
         finite, FloatingPointError naming ``what`` and the features, and the
         layer is unchanged.
         """
@@ -365,13 +365,13 @@ class BatchNorm:
             self.num_batches_tracked, count / (count - 1),
         )  # fmt: skip
         if bad:
-            where = f" in virtual batch {g}" if mean.shape[0] > 1 else ""
+            where = f" in virtual batch {g}" if mean.ndim == 2 and mean.shape[0] > 1 else ""
             raise FloatingPointError(
                 f"the {what} of features {_running.feature_list(bad)}{where} are not finite, "
                 f"or overflow {self.dtype} in the running statistics (NaN or inf in x, or "
                 "values too large); the layer is unchanged"
             )
-        self.num_batches_tracked += mean.shape[0]
+        self.num_batches_tracked += 1 if mean.ndim == 1 else mean.shape[0]
 
     def affine_vectors(self, dtype: np.dtype[Any] | None = None) -> tuple[Array, Array]:
         """gamma and beta as the kernels take them, in dtype (default the layer's).
@@ -579,7 +579,7 @@ def _relu(layer: BatchNorm) -> bool | None:
     return True if layer.activation == "relu" else None
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
+@dataclasses.dataclass(slots=True)  # not frozen: a frozen one costs ~1 us to make
 class _Saved:
     """A plain forward's x, plan and float64 statistics; training: they were the batch's."""
 
@@ -622,7 +622,7 @@ def _train_forward(
     gamma, beta = layer.affine_vectors()
     y, mean, invstd = _engine.train(plan, x, gamma, beta, layer.eps, out, _relu(layer))
     if layer.training and layer.track_running_stats:
-        layer.fold(mean[None], invstd[None], plan.count, "batch statistics")
+        layer.fold(mean, invstd, plan.count, "batch statistics")
     else:
         _refuse_nonfinite(mean, invstd, "batch statistics", "")
     return y, _Saved(x, plan, mean, invstd, True)
@@ -638,7 +638,7 @@ def _refuse_nonfinite(mean: Float64, invstd: Float64, what: str, where: str) -> 
         )
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
+@dataclasses.dataclass(slots=True)  # not frozen: a frozen one costs ~1 us to make
 class _GhostSaved:
     """A ghost forward's x, its plan and each virtual batch's (G, C) float64 statistics."""
 
@@ -668,7 +668,7 @@ def _ghost_forward(layer: BatchNorm, x: Array, out: Array | None) -> tuple[Array
     return y, _GhostSaved(x, plan, mean, invstd)
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
+@dataclasses.dataclass(slots=True)  # not frozen: a frozen one costs ~1 us to make
 class _RenormSaved:
     """A renorm forward's x, plan, float64 batch statistics and corrections r and d."""
 
@@ -699,5 +699,5 @@ def _renorm_forward(
         plan, x, layer.running_mean.astype(np.float64), layer.running_var.astype(np.float64),
         gamma, beta, limits, layer.eps, out,
     )  # fmt: skip
-    layer.fold(mean[None], invstd[None], plan.count, "batch statistics")
+    layer.fold(mean, invstd, plan.count, "batch statistics")
     return y, _RenormSaved(x, plan, mean, invstd, r, d)

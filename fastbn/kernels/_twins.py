@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import types
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 from numba import njit
@@ -34,9 +35,9 @@ __all__ = ["Twins", "serial_twin"]
 _SERIAL: dict[Dispatcher[Any], Dispatcher[Any]] = {}
 
 
-def serial_twin(kernel):
-    """The one-thread twin of a kernel declared with `Twins`."""
-    return _SERIAL[kernel]
+# serial_twin(kernel): the one-thread twin of a kernel declared with `Twins` (the dict's
+# own lookup: a small call pays no Python frame for it).
+serial_twin: Callable[[Any], Any] = _SERIAL.__getitem__
 
 
 def _quiet(compile_for_args):

@@ -198,7 +198,7 @@ def forward(
     if running_mean is not None:
         assert running_var is not None  # given with running_mean
         fold(
-            running_mean, running_var, mean.numpy()[None], invstd.numpy()[None], eps, momentum,
+            running_mean, running_var, mean.numpy(), invstd.numpy(), eps, momentum,
             num_batches_tracked, input.numel() // input.shape[1], stacklevel,
         )  # fmt: skip
     return y
@@ -219,8 +219,8 @@ def fold(
     """Eager running-statistics update in place: every batch, feature and the counter, or nothing.
 
     mean and invstd are (G, C): G batches' float64 statistics over count
-    values per channel each (ghost batches; G = 1 for one batch), folded in
-    order. Returns whether they were taken; if not, a RuntimeWarning names
+    values per channel each (ghost batches), folded in order, or (C,) for one
+    batch. Returns whether they were taken; if not, a RuntimeWarning names
     the features (``what`` the statistics, in its message).
     """
     counter_array = None if counter is None else counter.numpy()
@@ -234,7 +234,7 @@ def fold(
         warn_not_taken(bad, running_mean.dtype, stacklevel + 1, what)
         return False
     if counter_array is not None:
-        counter_array += mean.shape[0]
+        counter_array += 1 if mean.ndim == 1 else mean.shape[0]
     return True
 
 

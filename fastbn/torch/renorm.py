@@ -323,7 +323,7 @@ class BatchRenormBase(_BatchNorm):
         else:
             y, mean, invstd, _, _ = BatchRenormFunction.forward(*args)
         functional.fold(
-            running_mean, running_var, mean.numpy()[None], invstd.numpy()[None], eps, momentum,
+            running_mean, running_var, mean.numpy(), invstd.numpy(), eps, momentum,
             counter, input.numel() // input.shape[1], stacklevel=5,
         )  # fmt: skip
         return y

@@ -219,7 +219,7 @@ def _fold(
     what = "global batch statistics"
     if running_mean.dtype in (torch.float32, torch.float64) and running_mean.is_cpu:
         functional.fold(
-            running_mean, running_var, mean.numpy()[None], invstd.numpy()[None], eps, momentum,
+            running_mean, running_var, mean.numpy(), invstd.numpy(), eps, momentum,
             counter, count, stacklevel=7, what=what,
         )  # fmt: skip
         return
