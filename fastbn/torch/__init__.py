@@ -7,6 +7,7 @@
 `import fastbn` never imports torch; this subpackage needs torch >= 2.4.
 """
 
+from fastbn.torch import _threads
 from fastbn.torch.functional import batch_norm
 from fastbn.torch.modules import (
     BatchNorm1d,
@@ -20,6 +21,8 @@ from fastbn.torch.modules import (
 )
 from fastbn.torch.renorm import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d
 from fastbn.torch.sync import SyncBatchNorm
+
+_threads.start_numba_keeping_torch_threads()
 
 __all__ = [
     "BatchNorm1d",

@@ -223,18 +223,19 @@ def fold(
     batch. Returns whether they were taken; if not, a RuntimeWarning names
     the features (``what`` the statistics, in its message).
     """
-    counter_array = None if counter is None else counter.numpy()
+    counter_array = _ops.vector(counter)
+    counted = 0 if counter_array is None else counter_array.item()
     if momentum is None:  # the cumulative average (-1: see fold_batches), or 0 without a counter
         momentum = 0.0 if counter_array is None else -1.0
     bad, _ = _running.fold_batches(
-        running_mean.numpy(), running_var.numpy(), mean, invstd, eps, momentum,
-        0 if counter_array is None else int(counter_array), count / (count - 1),
+        _ops.vector(running_mean), _ops.vector(running_var), mean, invstd, eps, momentum,
+        counted, count / (count - 1),
     )  # fmt: skip
     if bad:
         warn_not_taken(bad, running_mean.dtype, stacklevel + 1, what)
         return False
-    if counter_array is not None:
-        counter_array += 1 if mean.ndim == 1 else mean.shape[0]
+    if counter_array is not None:  # item assignment: an in-place += on a 0-d array costs 10x
+        counter_array[()] = counted + (1 if mean.ndim == 1 else mean.shape[0])
     return True
 
 
