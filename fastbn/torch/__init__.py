@@ -4,10 +4,13 @@
     model = fbt.convert(model)      # every torch BatchNorm1d/2d/3d becomes fastbn's
     y = fbt.batch_norm(x, running_mean, running_var, weight, bias, training=True)
 
-`import fastbn` never imports torch; this subpackage needs torch >= 2.4.
+`import fastbn` never imports torch; this subpackage is tested with torch 2.13.0 (the
+``torch`` extra) and warns under another release.
 """
 
-from fastbn.torch import _threads
+import torch
+
+from fastbn.torch import _compat, _threads
 from fastbn.torch.functional import batch_norm
 from fastbn.torch.modules import (
     BatchNorm1d,
@@ -22,6 +25,7 @@ from fastbn.torch.modules import (
 from fastbn.torch.renorm import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d
 from fastbn.torch.sync import SyncBatchNorm
 
+_compat.warn_if_untested(torch.__version__)
 _threads.start_numba_keeping_torch_threads()
 
 __all__ = [

@@ -1,4 +1,8 @@
-"""The torch internals the bridge uses for speed, each beside the public way it falls back to.
+"""The torch the bridge is tested on, and the internals it uses, each beside its public fallback.
+
+`TESTED_TORCH` is the release the test suite runs on (the ``torch`` extra of
+pyproject.toml pins it); importing `fastbn.torch` under another release
+warns once (`warn_if_untested`), naming it.
 
 Each name below is read once, at import: where a torch release lacks the
 internal, the public mechanism takes its place (slower per call, same
@@ -20,13 +24,37 @@ results). `fastbn.torch`'s tests force every fallback.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.autograd.forward_ad as forward_ad
 
-__all__ = ["dual_tensors", "function_apply", "transforms_active"]
+__all__ = [
+    "TESTED_TORCH",
+    "dual_tensors",
+    "function_apply",
+    "transforms_active",
+    "warn_if_untested",
+]
+
+TESTED_TORCH = "2.13.0"  # the torch extra's pin; the test suite's torch
+
+
+def warn_if_untested(version: str) -> None:
+    """A RuntimeWarning when version (torch.__version__) is not the tested release."""
+    release = version.split("+")[0]  # "2.13.0+cpu" is 2.13.0
+    if release != TESTED_TORCH:
+        warnings.warn(
+            f"fastbn.torch is tested with torch {TESTED_TORCH} only, and this is torch "
+            f"{version}: the bridge uses torch internals with public fallbacks, so it should "
+            f"work, but it has not been tested here; pip install 'fastbn[torch]' installs "
+            f"torch {TESTED_TORCH}",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+
 
 _FUNCTION_BASE_APPLY: Any = getattr(getattr(torch._C, "_FunctionBase", None), "__dict__", {}).get(
     "apply"
