@@ -9,7 +9,6 @@ import warnings
 from pathlib import Path
 
 import pytest
-import tomllib
 from conftest import python_env, run_python
 
 torch = pytest.importorskip("torch")
