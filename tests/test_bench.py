@@ -92,6 +92,7 @@ def test_a_row_read_once_is_held_to_rw_in_the_mid_range():
             "pass": "train",
             "seconds": {"fastbn-out": 1.0},
             "roofline_kernels": kernels,
+            "roofline": r_plus_rw,
             "vs_roofline": 1.0 / r_plus_rw,
         }
 
@@ -100,3 +101,13 @@ def test_a_row_read_once_is_held_to_rw_in_the_mid_range():
     ratio = report.floor_ratio(512 * 1024)
     assert ratio(once) == 1.0 / 0.8
     assert ratio(twice) == 1.0 / 1.6
+    # The table's roofline and /roof columns show the floor the targets use.
+    floor = report.floor_seconds(512 * 1024)
+    for r, expected in ((once, 0.8), (twice, 1.6)):
+        r.update(case="c", dtype="float32", gbps=1.0, vs_numpy=1.0, vs_torch=1.0)
+        r["seconds"].update(fastbn=1.0, numpy=1.0, torch=1.0)
+        r["threads"] = {"fastbn": 1, "torch": 1}
+        names = [name for name, _ in report.COLUMNS]
+        cells = dict(zip(names, report.table_cells(r, floor), strict=True))
+        assert cells["roofline"] == report.format_time(expected)
+        assert cells["/roof"] == report.format_ratio(1.0 / expected)

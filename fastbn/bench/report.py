@@ -248,16 +248,22 @@ def streamed_rows(rows, l2):
     return [r for r in rows if is_large(r) and not read_once(r, l2)]
 
 
-def floor_ratio(l2):
-    """fastbn-out over its floor: R + RW (R2 + R2W), or RW (R2W) for rows read once."""
+def floor_seconds(l2):
+    """A row's floor, in seconds: R + RW (R2 + R2W), or RW (R2W) for rows read once."""
     once = {"train": "RW", "backward": "R2W"}
 
-    def ratio(r):
+    def seconds(r):
         if r["pass"] in once and read_once(r, l2):
-            return kernel_ratio(once[r["pass"]])(r)
-        return r["vs_roofline"]
+            return r["roofline_kernels"][once[r["pass"]]]["seconds"]
+        return r["roofline"]
 
-    return ratio
+    return seconds
+
+
+def floor_ratio(l2):
+    """fastbn-out over its floor (`floor_seconds`): what the targets and the /roof column use."""
+    floor = floor_seconds(l2)
+    return lambda r: r["seconds"]["fastbn-out"] / floor(r)
 
 
 def kernel_ratio(kernel):
@@ -399,7 +405,8 @@ def format_header(results):
             " 2x the data's bytes, backward 3x (1 GB = 1e9 bytes)",
             "xNumPy = numpy / fastbn, xTorch = torch / fastbn (all allocating outputs);"
             " /roof = fastbn-out / roofline, the roofline being R + RW (train), RW (eval),"
-            " R2 + R2W (backward)",
+            " R2 + R2W (backward); RW (train) and R2W (backward) for features-first rows"
+            " read from memory once (each feature in L2), as the targets hold them",
         ]
     )
 
@@ -422,7 +429,8 @@ COLUMNS = (
 )
 
 
-def table_cells(row):
+def table_cells(row, floor=lambda r: r["roofline"]):
+    """A row's cells; floor gives its floor in seconds (`floor_seconds`), the targets' one."""
     seconds = row["seconds"]
     threads = row["threads"]
     return (
@@ -434,11 +442,11 @@ def table_cells(row):
         format_time(seconds["fastbn-out"]),
         format_time(seconds["numpy"]),
         format_time(seconds.get("torch")),
-        format_time(row["roofline"]),
+        format_time(floor(row)),
         f"{row['gbps']:.1f}",
         format_ratio(row["vs_numpy"]),
         format_ratio(row["vs_torch"]),
-        format_ratio(row["vs_roofline"]),
+        format_ratio(seconds["fastbn-out"] / floor(row)),
         f"{threads['fastbn']}/{threads.get('torch', '-')}",
     )
 
@@ -476,10 +484,11 @@ def format_targets(targets):
 
 
 def format_report(results):
+    floor = floor_seconds(results["machine"]["l2_bytes"] or L2_ASSUMED)
     return "\n\n".join(
         [
             format_header(results),
-            format_table(results["rows"]),
+            format_table(results["rows"], cells=lambda row: table_cells(row, floor)),
             format_small(results["small"]),
             format_cold_start(results["cold_start"]),
             format_targets(results["targets"]),
