@@ -1,4 +1,5 @@
-"""Batch Renormalization on batches of 4: the digits MLP with batch norm, with and without renorm.
+"""Batch Renormalization on batches of 4: the digits MLP with batch norm, with and without renorm
+==============================================================================================
 
 With small mini-batches, the batch statistics that training normalizes with
 are noisy and differ from the running statistics that eval mode uses, so the
@@ -80,7 +81,7 @@ def run(X_train, y_train, X_test, y_test, *, renorm, hidden, epochs, hold, ramp,
 
 
 def main():
-    args = parse_args(__doc__.splitlines()[0])
+    args = parse_args(__doc__.partition("\n")[0])
     if args.quick:
         hidden, epochs, hold, ramp, seeds = 16, 2, 1, 1, (0,)
     else:

@@ -1,4 +1,5 @@
-"""Data-parallel training on CPUs: DistributedDataParallel with fastbn's SyncBatchNorm.
+"""Data-parallel training on CPUs: DistributedDataParallel with fastbn's SyncBatchNorm
+===================================================================================
 
 A small CNN (conv-BN-ReLU twice, then a linear layer) learns scikit-learn's
 8x8 digits on several processes over ``torch.distributed`` (gloo): every
@@ -67,7 +68,7 @@ SEED = 0
 
 
 def parse_args():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.partition("\n")[0])
     parser.add_argument("--quick", action="store_true", help="two epochs on part of the data")
     parser.add_argument("--out", default=".", help="folder to write the PNG plot into")
     parser.add_argument("--epochs", type=int, default=15)

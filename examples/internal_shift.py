@@ -1,4 +1,5 @@
-"""Internal covariate shift: how one hidden layer's pre-activations move during training.
+"""Internal covariate shift: how one hidden layer's pre-activations move during training
+=====================================================================================
 
 The notes' argument for batch norm: as the earlier layers learn, the
 distribution of a later layer's inputs keeps shifting, and that layer keeps
@@ -64,7 +65,7 @@ def trace(X_train, y_train, *, batch_norm, watched, hidden, epochs, seed):
 
 
 def main():
-    args = parse_args(__doc__.splitlines()[0])
+    args = parse_args(__doc__.partition("\n")[0])
     hidden, epochs = (16, 1) if args.quick else (128, 10)
     X_train, y_train, _, _ = digits()
     start = time.perf_counter()

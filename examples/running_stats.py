@@ -1,4 +1,5 @@
-"""Batch norm at test time: running statistics, and what momentum does to them.
+"""Batch norm at test time: running statistics, and what momentum does to them
+===========================================================================
 
 A digits MLP with batch norm (as in ``train_digits.py``) is trained with
 mini-batch SGD once per momentum of the running statistics. In training mode
@@ -80,7 +81,7 @@ def batch_statistics_accuracy(model, X_test, y_test, batch_size, rng):
 
 
 def main():
-    args = parse_args(__doc__.splitlines()[0])
+    args = parse_args(__doc__.partition("\n")[0])
     hidden, epochs = (16, 1) if args.quick else (128, 15)
     test_batch_sizes = (2, 8, 450) if args.quick else (2, 4, 8, 16, 32, 450)
     X_train, y_train, X_test, y_test = digits()

@@ -1,4 +1,5 @@
-"""Train a 3-hidden-layer MLP on handwritten digits, with and without batch norm.
+"""Train a 3-hidden-layer MLP on handwritten digits, with and without batch norm
+=============================================================================
 
 scikit-learn's bundled 8x8 digits (1347 training and 450 test images, no
 download) and a 64-128-128-128-10 ReLU network in ``fastbn.nn``, trained with
@@ -81,7 +82,7 @@ def first_epoch_at(accuracies, level):
 
 
 def main():
-    args = parse_args(__doc__.splitlines()[0])
+    args = parse_args(__doc__.partition("\n")[0])
     hidden, epochs = (16, 2) if args.quick else (128, 30)
     X_train, y_train, X_test, y_test = digits()
     start = time.perf_counter()

@@ -58,7 +58,7 @@ def batch_norm(
     Parameters
     ----------
     input : Tensor
-        (N, C, *) data.
+        ``(N, C, *)`` data.
     running_mean, running_var : Tensor of shape (C,) or None
         Running statistics: used in eval, updated in place in training.
     weight, bias : Tensor of shape (C,), optional

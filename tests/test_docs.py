@@ -1,0 +1,251 @@
+"""The documentation site's sources (docs/), checked without building them.
+
+- Every public name (``__all__``) of fastbn, fastbn.nn, fastbn.torch,
+  fastbn.kernels and fastbn.reference is listed in its API page's autosummary
+  tables, each of which generates a page per name, and no listed name is
+  stale. ``__all__`` is read from the sources, so this needs neither Sphinx
+  nor torch.
+- Every ```python block of the user guide runs, as the README's do
+  (tests/test_readme.py): the guide holds the long explanations that moved
+  out of the README, and their code stays tested.
+- The guide's links to its own pages and headings resolve; the examples'
+  docstrings open with the title sphinx-gallery needs; the numbers the guide
+  reports for the examples are checked in kind, as the README's were.
+
+CI builds the site itself (``sphinx-build -W`` in .ci/run).
+"""
+
+import ast
+import importlib.util
+import pathlib
+import re
+import socket
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+DOCS = ROOT / "docs"
+GUIDE = DOCS / "guide"
+EXAMPLES = ROOT / "examples"
+HAS_TORCH = importlib.util.find_spec("torch") is not None
+
+# Module -> (its source file, the API page that documents it).
+API_PAGES = {
+    "fastbn": ("fastbn/__init__.py", "docs/api/fastbn.rst"),
+    "fastbn.nn": ("fastbn/nn.py", "docs/api/nn.rst"),
+    "fastbn.torch": ("fastbn/torch/__init__.py", "docs/api/torch.rst"),
+    "fastbn.kernels": ("fastbn/kernels/__init__.py", "docs/api/kernels.rst"),
+    "fastbn.reference": ("fastbn/reference.py", "docs/api/reference.rst"),
+}
+
+
+def public_names(source):
+    """The module's ``__all__``, read from its source without importing it."""
+    tree = ast.parse((ROOT / source).read_text())
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(
+            isinstance(t, ast.Name) and t.id == "__all__" for t in node.targets
+        ):
+            return ast.literal_eval(node.value)
+    raise AssertionError(f"{source} has no __all__")
+
+
+def autosummary_entries(page):
+    """(module, name, toctree) for each entry of each autosummary directive of an .rst page."""
+    text = (ROOT / page).read_text()
+    entries = []
+    module = None
+    lines = text.splitlines()
+    for i, line in enumerate(lines):
+        directive = re.match(r"\.\. (?:currentmodule|module):: (\S+)$", line)
+        if directive:
+            module = directive.group(1)
+        if line.strip() != ".. autosummary::":
+            continue
+        toctree = None
+        for body in lines[i + 1 :]:
+            if body and not body.startswith("   "):
+                break
+            option = re.match(r"   :toctree: (\S+)", body)
+            if option:
+                toctree = option.group(1)
+            elif body.strip() and not body.strip().startswith(":"):
+                entries.append((module, body.strip(), toctree))
+    return entries
+
+
+@pytest.mark.parametrize("module", sorted(API_PAGES))
+def test_every_public_name_has_its_api_page(module):
+    source, page = API_PAGES[module]
+    entries = autosummary_entries(page)
+    assert entries, f"{page} lists no names"
+    for entry_module, name, toctree in entries:
+        assert entry_module == module, (page, name, entry_module)
+        # :toctree: is what makes autosummary write the name's own page.
+        assert toctree == "generated/", (page, name, "no :toctree: generated/")
+    listed = [name for _, name, _ in entries]
+    # A name without a page of its own (a string, not an object to introspect)
+    # is described in place by a ".. data::" directive.
+    listed += re.findall(r"^\.\. data:: (\S+)$", (ROOT / page).read_text(), re.MULTILINE)
+    assert len(listed) == len(set(listed)), f"{page} lists a name twice"
+    names = set(public_names(source))
+    missing = sorted(names - set(listed))
+    stale = sorted(set(listed) - names)
+    assert not missing, f"public names of {module} without an API page in {page}: {missing}"
+    assert not stale, f"{page} lists names that {module}.__all__ does not: {stale}"
+
+
+def test_every_api_page_is_in_the_api_index():
+    index = (DOCS / "api" / "index.rst").read_text()
+    for _, page in API_PAGES.values():
+        assert re.search(rf"^   {pathlib.Path(page).stem}$", index, re.MULTILINE), page
+
+
+# The guide's pages, each in the guide's toctree.
+GUIDE_PAGES = sorted(GUIDE.glob("*.md"))
+
+
+def test_every_guide_page_is_in_the_guide_toctree():
+    index = (GUIDE / "index.md").read_text()
+    toctree = re.search(r"```\{toctree\}\n(.*?)```", index, re.DOTALL).group(1)
+    listed = {line.strip() for line in toctree.splitlines() if line and not line.startswith(":")}
+    assert listed == {p.stem for p in GUIDE_PAGES if p.stem != "index"}
+
+
+def python_blocks(path):
+    text = path.read_text()
+    return re.findall(r"^```python\n(.*?)^```", text, flags=re.DOTALL | re.MULTILINE)
+
+
+GUIDE_BLOCKS = [
+    pytest.param(page, index, id=f"{page.stem}-block{index}")
+    for page in GUIDE_PAGES
+    for index in range(len(python_blocks(page)))
+]
+
+
+def test_the_guide_has_python_blocks():
+    # A change of fence style would otherwise make every block test vanish.
+    assert len(GUIDE_BLOCKS) >= 10
+    for page in GUIDE_PAGES:
+        assert page.read_text().count("```python") == len(python_blocks(page)), page
+
+
+@pytest.mark.parametrize(("page", "index"), GUIDE_BLOCKS)
+def test_guide_block_runs(page, index, tmp_path, monkeypatch):
+    code = python_blocks(page)[index]
+    if re.search(r"^\s*import torch|^\s*import fastbn\.torch", code, re.MULTILINE):
+        if not HAS_TORCH:
+            pytest.skip("needs torch")
+    monkeypatch.chdir(tmp_path)  # a block that writes files writes them here
+    if "init_process_group" in code:  # a group of one, on a free port of this machine
+        for key in ("RANK", "WORLD_SIZE", "MASTER_ADDR"):
+            monkeypatch.delenv(key, raising=False)
+        monkeypatch.setenv("MASTER_PORT", str(_free_port()))
+    namespace = {"__name__": f"guide_{page.stem}_block_{index}"}
+    exec(compile(code, f"docs/guide/{page.name} python block {index}", "exec"), namespace)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def heading_anchors(path):
+    """The anchors of a Markdown page's headings (MyST's and GitHub's slugs agree on these)."""
+    anchors = set()
+    for line in path.read_text().splitlines():
+        heading = re.match(r"#{1,6} (.*)", line)
+        if heading:
+            title = heading.group(1).strip().lower().replace("`", "")
+            anchors.add(re.sub(r"[^\w\- ]", "", title).replace(" ", "-"))
+    return anchors
+
+
+def local_links(text):
+    """(target, anchor) of each relative Markdown link: ``[text](target#anchor)``."""
+    links = []
+    for target in re.findall(r"\]\(([^)\s]+)\)", text):
+        if re.match(r"[a-z]+:", target):  # http:, https:, mailto:
+            continue
+        path, _, anchor = target.partition("#")
+        links.append((path, anchor))
+    return links
+
+
+@pytest.mark.parametrize("page", GUIDE_PAGES, ids=lambda p: p.name)
+def test_guide_links_resolve(page):
+    for path, anchor in local_links(page.read_text()):
+        target = (page.parent / path).resolve() if path else page
+        if "auto_examples" in path:  # written by the build, from examples/
+            target = EXAMPLES / pathlib.Path(path).with_suffix(".py").name
+            if target.stem == "index":
+                target = EXAMPLES / "GALLERY_HEADER.rst"
+        assert target.exists(), (page.name, path)
+        if anchor:
+            assert anchor in heading_anchors(target), (page.name, path, anchor)
+
+
+def test_the_guide_and_the_readme_give_the_same_test_command():
+    readme = (ROOT / "README.md").read_text()
+    commands = re.search(r"^```bash\n(.*?)^```", readme, flags=re.DOTALL | re.MULTILINE)
+    test_command = commands.group(1).strip().splitlines()[1]
+    for page in ("index.md", "contributing.md"):
+        assert f"\n{test_command}\n" in (GUIDE / page).read_text(), page
+
+
+GALLERY = sorted(p for p in EXAMPLES.glob("*.py") if not p.name.startswith("_"))
+
+
+@pytest.mark.parametrize("script", GALLERY, ids=lambda p: p.name)
+def test_example_opens_with_a_gallery_title(script):
+    # sphinx-gallery takes the page's title from the docstring's first lines:
+    # a title, underlined with "=" to its length.
+    docstring = ast.get_docstring(ast.parse(script.read_text()), clean=False)
+    title, underline, blank = docstring.splitlines()[:3]
+    assert title and not title.endswith("."), title
+    assert underline == "=" * len(title) and blank == "", script.name
+
+
+def test_ci_builds_the_docs_with_warnings_as_errors():
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert re.search(r"^pip install .*\.\[docs\]", ci, re.MULTILINE)
+    assert re.search(r"^sphinx-build -W --keep-going -b html docs ", ci, re.MULTILINE)
+
+
+# What the guide says each example reports, and a pattern its --quick run's
+# output must match for each (the quick run's values differ; their kind not).
+EXAMPLE_REPORTS = {
+    # "with and without batch norm, at learning rates 0.1 and 1.0": accuracy per epoch
+    "train_digits.py": [
+        rf"lr {lr}, {bn}batch norm:\n +epoch +1: loss \d\.\d+, test accuracy \d\.\d+"
+        for lr in ("0.1", "1.0")
+        for bn in ("", "no ")
+    ],
+    # eval mode against test batches normalized by themselves, "with batches of 2"
+    "running_stats.py": [
+        r"eval mode \(running statistics\) \d\.\d+",
+        r"test batches of +2 normalized by themselves: \d\.\d+",
+    ],
+}
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("matplotlib") is None or importlib.util.find_spec("sklearn") is None,
+    reason="the examples need the examples extra",
+)
+@pytest.mark.parametrize("script", sorted(EXAMPLE_REPORTS))
+def test_example_quick_run_prints_what_the_guide_reports(script, tmp_path):
+    assert f"examples/{script}" in (GUIDE / "training.md").read_text()
+    result = subprocess.run(
+        [sys.executable, str(EXAMPLES / script), "--quick", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    for pattern in EXAMPLE_REPORTS[script]:
+        assert re.search(pattern, result.stdout, re.IGNORECASE), (pattern, result.stdout)
