@@ -19,17 +19,16 @@ import ast
 import importlib.util
 import pathlib
 import re
-import socket
 import subprocess
 import sys
 
 import pytest
+from markdown_pages import heading_anchors, local_links, python_blocks, run_block
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
 GUIDE = DOCS / "guide"
 EXAMPLES = ROOT / "examples"
-HAS_TORCH = importlib.util.find_spec("torch") is not None
 
 # Module -> (its source file, the API page that documents it).
 API_PAGES = {
@@ -114,15 +113,10 @@ def test_every_guide_page_is_in_the_guide_toctree():
     assert listed == {p.stem for p in GUIDE_PAGES if p.stem != "index"}
 
 
-def python_blocks(path):
-    text = path.read_text()
-    return re.findall(r"^```python\n(.*?)^```", text, flags=re.DOTALL | re.MULTILINE)
-
-
 GUIDE_BLOCKS = [
     pytest.param(page, index, id=f"{page.stem}-block{index}")
     for page in GUIDE_PAGES
-    for index in range(len(python_blocks(page)))
+    for index in range(len(python_blocks(page.read_text())))
 ]
 
 
@@ -130,50 +124,13 @@ def test_the_guide_has_python_blocks():
     # A change of fence style would otherwise make every block test vanish.
     assert len(GUIDE_BLOCKS) >= 10
     for page in GUIDE_PAGES:
-        assert page.read_text().count("```python") == len(python_blocks(page)), page
+        assert page.read_text().count("```python") == len(python_blocks(page.read_text())), page
 
 
 @pytest.mark.parametrize(("page", "index"), GUIDE_BLOCKS)
 def test_guide_block_runs(page, index, tmp_path, monkeypatch):
-    code = python_blocks(page)[index]
-    if re.search(r"^\s*import torch|^\s*import fastbn\.torch", code, re.MULTILINE):
-        if not HAS_TORCH:
-            pytest.skip("needs torch")
-    monkeypatch.chdir(tmp_path)  # a block that writes files writes them here
-    if "init_process_group" in code:  # a group of one, on a free port of this machine
-        for key in ("RANK", "WORLD_SIZE", "MASTER_ADDR"):
-            monkeypatch.delenv(key, raising=False)
-        monkeypatch.setenv("MASTER_PORT", str(_free_port()))
-    namespace = {"__name__": f"guide_{page.stem}_block_{index}"}
-    exec(compile(code, f"docs/guide/{page.name} python block {index}", "exec"), namespace)
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def heading_anchors(path):
-    """The anchors of a Markdown page's headings (MyST's and GitHub's slugs agree on these)."""
-    anchors = set()
-    for line in path.read_text().splitlines():
-        heading = re.match(r"#{1,6} (.*)", line)
-        if heading:
-            title = heading.group(1).strip().lower().replace("`", "")
-            anchors.add(re.sub(r"[^\w\- ]", "", title).replace(" ", "-"))
-    return anchors
-
-
-def local_links(text):
-    """(target, anchor) of each relative Markdown link: ``[text](target#anchor)``."""
-    links = []
-    for target in re.findall(r"\]\(([^)\s]+)\)", text):
-        if re.match(r"[a-z]+:", target):  # http:, https:, mailto:
-            continue
-        path, _, anchor = target.partition("#")
-        links.append((path, anchor))
-    return links
+    code = python_blocks(page.read_text())[index]
+    run_block(code, f"docs/guide/{page.name} python block {index}", tmp_path, monkeypatch)
 
 
 @pytest.mark.parametrize("page", GUIDE_PAGES, ids=lambda p: p.name)

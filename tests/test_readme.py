@@ -13,16 +13,15 @@ headings of those files. The long explanations live in the user guide
 import importlib.util
 import pathlib
 import re
-import socket
 import subprocess
 import sys
 
 import pytest
+from markdown_pages import heading_anchors, python_blocks, run_block
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
-BLOCKS = re.findall(r"^```python\n(.*?)^```", README, flags=re.DOTALL | re.MULTILINE)
-HAS_TORCH = importlib.util.find_spec("torch") is not None
+BLOCKS = python_blocks(README)
 
 
 def test_the_readme_has_python_blocks():
@@ -33,23 +32,7 @@ def test_the_readme_has_python_blocks():
 
 @pytest.mark.parametrize("index", range(len(BLOCKS)), ids=lambda i: f"block{i}")
 def test_readme_block_runs(index, tmp_path, monkeypatch):
-    code = BLOCKS[index]
-    if re.search(r"^\s*import torch|^\s*import fastbn\.torch", code, re.MULTILINE):
-        if not HAS_TORCH:
-            pytest.skip("needs torch")
-    monkeypatch.chdir(tmp_path)  # a block that writes files writes them here
-    if "init_process_group" in code:  # a group of one, on a free port of this machine
-        for key in ("RANK", "WORLD_SIZE", "MASTER_ADDR"):
-            monkeypatch.delenv(key, raising=False)
-        monkeypatch.setenv("MASTER_PORT", str(_free_port()))
-    namespace = {"__name__": f"readme_block_{index}"}
-    exec(compile(code, f"README.md python block {index}", "exec"), namespace)
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    run_block(BLOCKS[index], f"README.md python block {index}", tmp_path, monkeypatch)
 
 
 def test_the_readme_opens_with_the_two_commands():
@@ -91,17 +74,6 @@ def test_example_quick_run_prints_what_the_readme_reports(script, tmp_path):
         assert re.search(pattern, result.stdout, re.IGNORECASE), (pattern, result.stdout)
 
 
-def _heading_anchors(path):
-    """GitHub's anchors of a Markdown file's headings (the guide's MyST ones agree)."""
-    anchors = set()
-    for line in path.read_text().splitlines():
-        heading = re.match(r"#{1,6} (.*)", line)
-        if heading:
-            title = heading.group(1).strip().lower().replace("`", "")
-            anchors.add(re.sub(r"[^\w\- ]", "", title).replace(" ", "-"))
-    return anchors
-
-
 def test_the_readme_links_resolve():
     links = [
         target
@@ -114,4 +86,4 @@ def test_the_readme_links_resolve():
         target = ROOT / path
         assert target.exists(), link
         if anchor:
-            assert anchor in _heading_anchors(target), link
+            assert anchor in heading_anchors(target), link
