@@ -378,7 +378,8 @@ def parse_args(argv):
         "--shapes",
         help="comma-separated filter: SPEC names (4096x512), array shapes (512x4096), "
         "layouts (ff, bf, nchw, nhwc) or name:layout (4096x512:bf); with --torch: shapes"
-        " (32x128), layouts (bf, nchw, nhwc), shape:layout, models (resnet, mlp, models)",
+        " (32x128), layouts (bf, nchw, nhwc), shape:layout, model names (resnet18, mobilenetv2,"
+        " cnn, mlp), model:format (resnet18:nhwc), models (the whole model table)",
     )
     parser.add_argument(
         "--dtype", choices=["float32", "float64", "both"], help="default: both (float32 --quick)"
@@ -403,8 +404,15 @@ def parse_args(argv):
         "--torch",
         action="store_true",
         help="PyTorch mode, a table of its own: fastbn.torch's modules vs torch.nn's BatchNorm"
-        " (autograd train forward + backward, no_grad eval) and whole training steps of two"
-        " models, each library at its default thread count (--threads and --plot do not apply)",
+        " (autograd train forward + backward, no_grad eval) and the model table, whole training"
+        " steps of four models in NCHW and channels_last, each library at its default thread"
+        " count (--threads and --plot do not apply)",
+    )
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="with --torch: the model table again under torch.compile(model), both peers,"
+        " with each peer's compile time (a minute or more per model and format)",
     )
     parser.add_argument(
         "--numba-layer",
@@ -417,6 +425,8 @@ def parse_args(argv):
     args = parser.parse_args(argv)
     if args.numba_layer and not args.torch:
         parser.error("--numba-layer applies to --torch only")
+    if args.compile and not args.torch:
+        parser.error("--compile applies to --torch only")
     return args
 
 

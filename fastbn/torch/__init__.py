@@ -26,7 +26,7 @@ from fastbn.torch.renorm import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d
 from fastbn.torch.sync import SyncBatchNorm
 
 _compat.warn_if_untested(torch.__version__)
-_threads.start_numba_keeping_torch_threads()
+_threads.start_numba_beside_torch()
 
 __all__ = [
     "BatchNorm1d",
