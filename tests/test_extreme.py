@@ -163,3 +163,44 @@ def test_constant_features(rng, shape, axis, dtype, value):
     bn = BatchNorm(c, axis=axis, dtype=dtype)
     assert np.all(np.isfinite(bn(x)))
     assert np.all(bn.running_var[constant] == np.asarray(0.9, dtype))
+
+
+# name -> (shape, axis): both families, the rows family's two schedules, a few values.
+OVERFLOW_SHAPES = {
+    "rows_per_feature": ((8, 32), 0),
+    "rows_chunked": ((3, 32), 0),
+    "columns_features_first": ((3, 8), 0),
+    "columns_batch_first": ((8, 3), 1),
+}
+
+
+@pytest.mark.parametrize(("shape", "axis"), OVERFLOW_SHAPES.values(), ids=OVERFLOW_SHAPES.keys())
+def test_float64_squares_overflow_while_values_are_finite(rng, shape, axis):
+    """Feature 0 is [0, 1e300, 1e300, ...]: its squares overflow float64, its values do not.
+
+    The variance is then inf, as torch finds it: invstd 0 and y == beta (torch's output is
+    its bias), dx 0. Feature 1 holds an inf value: its statistics stay NaN. The others are
+    ordinary data, untouched by their neighbours.
+    """
+    x = rng.standard_normal(shape)
+    c, m = shape[axis], x.size // shape[axis]
+    big = np.full(m, 1e300)
+    big[0] = 0.0  # the first value: the kernels' shift, so the overflow is in the squares
+    x[feature_slice(x.ndim, axis, 0)] = big.reshape(x[feature_slice(x.ndim, axis, 0)].shape)
+    x[feature_slice(x.ndim, axis, 1)].flat[m // 2] = np.inf
+    gamma, beta = make_params(rng, c, np.float64)
+    dy = rng.standard_normal(shape)
+    y, mean, invstd = fastbn.batch_norm_train(x, gamma, beta, axis=axis)
+    dx, _, _ = fastbn.batch_norm_backward(dy, x, mean, invstd, gamma, axis=axis)
+    f0, f1 = feature_slice(x.ndim, axis, 0), feature_slice(x.ndim, axis, 1)
+    np.testing.assert_allclose(mean[0], 1e300 * (m - 1) / m, rtol=1e-12)
+    assert invstd[0] == 0.0  # 1 / sqrt(inf)
+    np.testing.assert_array_equal(y[f0], beta[0])
+    np.testing.assert_array_equal(dx[f0], 0.0)
+    assert np.isnan(invstd[1])  # inf - inf: an infinite value is no overflow
+    assert np.all(np.isnan(y[f1]))
+    rest = feature_slice(x.ndim, axis, slice(2, c))
+    y_ref, mean_ref, invstd_ref = ref_train(x[rest], gamma[2:], beta[2:], axis=axis)
+    np.testing.assert_allclose(mean[2:], mean_ref, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(invstd[2:], invstd_ref, rtol=1e-12)
+    assert_close(y[rest], y_ref, np.float64)

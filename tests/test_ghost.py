@@ -163,6 +163,43 @@ def test_one_slice_is_plain_batch_norm(rng, name, dtype):
         np.testing.assert_array_equal(got, expected)
 
 
+# Fortran-ordered x whose transpose (the C-contiguous form) has the examples axis first or
+# right after the feature axis: served as that transpose. The others are copied.
+FORTRAN_SERVED = ("features_first", "batch_first", "batch_first_neg", "nchw", "nchw_long_runs")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_fortran_order_is_served_as_its_transpose(rng, name, dtype):
+    """A Fortran-ordered x is normalized without a copy where its transpose fits the slices.
+
+    The plan says so (``transposed``), and y and dx come back Fortran-ordered (the
+    transposes of the buffers the kernels wrote); every result is the C-ordered call's,
+    within the suite's tolerances (other kernels may sum in another order).
+    """
+    shape, axis, k = LAYOUTS[name]
+    x_c = make_data(rng, shape, dtype)
+    dy_c = rng.standard_normal(shape).astype(dtype)
+    gamma, beta = make_params(rng, shape[axis], dtype)
+    x, dy = np.asfortranarray(x_c), np.asfortranarray(dy_c)
+    served = name in FORTRAN_SERVED
+    assert fastbn.ghost.planned(x, axis, k)[1].transposed == served
+    assert not fastbn.ghost.planned(x_c, axis, k)[1].transposed
+    results = check_against_slices(x, dy, gamma, beta, axis, k)
+    y, dx = results[0], results[3]
+    assert y.flags.f_contiguous == dx.flags.f_contiguous == served
+    results_c = check_against_slices(x_c, dy_c, gamma, beta, axis, k)
+    scale = np.sqrt(x.size / shape[axis])
+    for what, got, expected, s in zip(
+        ("y", "mean", "invstd", "dx", "dgamma", "dbeta"),
+        results,
+        results_c,
+        (1, 1, 1, 1, scale, scale),
+        strict=True,
+    ):
+        assert_close(got, expected, dtype, scale=s, err_msg=what)
+
+
 @pytest.mark.parametrize("name", ["batch_first", "nchw", "nhwc", "features_first"])
 @pytest.mark.parametrize("order", ["C", "F", "sliced"])
 def test_out_and_dx_in_place(rng, name, order):
@@ -523,6 +560,30 @@ def test_layer_without_running_stats_rejects_a_nonfinite_slice(rng):
     with raises(FloatingPointError, "features", "[4]", "virtual batch 2", "unchanged"):
         layer(x)
     assert layer._saved is None
+
+
+@pytest.mark.parametrize("g", [1, 2])
+@pytest.mark.parametrize("tracking", [True, False], ids=["tracked", "untracked"])
+def test_layer_names_the_virtual_batch_of_a_nan(rng, tracking, g):
+    """A NaN only in virtual batch g >= 1: the error says "in virtual batch g"; no change."""
+    shape, axis, k = LAYOUTS["batch_first"]  # G = 4 slices of 6 examples
+    layer = BatchNorm(shape[axis], axis=axis, track_running_stats=tracking, virtual_batch_size=k)
+    good = make_data(rng, shape, np.float32)
+    layer(good)
+    dy = rng.standard_normal(shape).astype(np.float32)
+    dx_before = layer.backward(dy)
+    state = [layer.gamma, layer.beta, layer.dgamma, layer.dbeta]
+    if tracking:
+        state += [layer.running_mean, layer.running_var]
+    saved = [a.copy() for a in state], layer.num_batches_tracked, layer._saved
+    bad = good.copy()
+    bad[g * k + 2, 3] = np.nan
+    with raises(FloatingPointError, "features", "[3]", f"in virtual batch {g} ", "unchanged"):
+        layer(bad)
+    for a, before in zip(state, saved[0], strict=True):
+        np.testing.assert_array_equal(a, before)
+    assert layer.num_batches_tracked == saved[1] and layer._saved is saved[2]
+    np.testing.assert_array_equal(layer.backward(dy), dx_before)
 
 
 def test_layer_options(rng):

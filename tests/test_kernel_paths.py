@@ -731,3 +731,82 @@ def test_ghost_train_and_backward(rng, name, dtype):
     s = grad_scale(x, axis)
     assert_close(dgamma, dg_ref, dtype, scale=s, err_msg="dgamma")
     assert_close(dbeta, db_ref, dtype, scale=s, err_msg="dbeta")
+
+
+# ---------------------------------------------------------------- a large mean in float32
+
+# name -> (shape, axis, a loop it reaches): each way the kernels subtract a mean from
+# float32 values (the rows family's two schedules, the columns family batch-first).
+LARGE_MEAN_CASES = {
+    "rows_per_feature": ((2 * rows.FEATURE_UNITS, 4096), 0, "rows: per-feature"),
+    "rows_chunked": ((rows.FEATURE_UNITS // 2, 4096), 0, "rows: chunked"),
+    "columns": ((4096, 2 * rows.FEATURE_UNITS), 1, "columns: parallel"),
+}
+# Small next to the data's variance (1e-4): invstd ~ 100, so that a mean rounded to
+# float32 (|error| up to half an ulp of 1000, 3e-5) moves y by up to ~3e-3.
+LARGE_MEAN_EPS = 1e-6
+
+
+def large_mean_data(rng, shape, axis):
+    """float32 x = mu_c + 0.01 * N(0, 1) with mu_c ~ 1000: the mean is not a float32 number."""
+    c = shape[axis]
+    mu = 1000.0 + rng.uniform(-1.0, 1.0, (c, 1))
+    x = from_features(mu + 0.01 * rng.standard_normal((c, math.prod(shape) // c)), shape, axis)
+    gamma = (rng.uniform(0.5, 2.0, c) * rng.choice([-1.0, 1.0], c)).astype(np.float32)
+    beta = rng.standard_normal(c).astype(np.float32)
+    return x.astype(np.float32), gamma, beta, mu.reshape(-1)
+
+
+def assert_low_part_matters(mean, invstd, gamma):
+    """Not vacuous: the mean rounded to float32 would move y by 100 tolerances or more."""
+    lost = np.abs(mean - mean.astype(np.float32).astype(np.float64)) * invstd * np.abs(gamma)
+    assert lost.max() > 100 * TOL[np.dtype(np.float32)], lost.max()
+
+
+@pytest.mark.parametrize("name", LARGE_MEAN_CASES)
+def test_large_mean_train_and_backward_keep_its_low_part(rng, name):
+    """y and dx subtract the float64 batch mean as float32 hi + lo (`_common.split`).
+
+    Dropping lo (the mean rounded to float32) costs up to ~3e-3 in y; y is held
+    to the suite's float32 tolerance (1e-5 at unit scale).
+    """
+    shape, axis, loop = LARGE_MEAN_CASES[name]
+    assert loop in loops_reached(shape, axis, np.float32)
+    x, gamma, beta, _ = large_mean_data(rng, shape, axis)
+    y, mean, invstd = fastbn.batch_norm_train(x, gamma, beta, axis=axis, eps=LARGE_MEAN_EPS)
+    y_ref, mean_ref, invstd_ref = ref_train(x, gamma, beta, axis=axis, eps=LARGE_MEAN_EPS)
+    assert_low_part_matters(mean_ref, invstd_ref, gamma)
+    assert_stats_close(mean, invstd, mean_ref, invstd_ref, np.float32)
+    assert_close(y, y_ref, np.float32, err_msg="y")
+    # dy along x_hat (plus noise): dgamma ~ M, so dx = gamma * invstd * (dy - x_hat *
+    # dgamma / M - dbeta / M) weighs x_hat, and any error in it, fully.
+    x_hat = (f64(x) - per_feature(mean_ref, x.ndim, axis)) * per_feature(invstd_ref, x.ndim, axis)
+    dy = (x_hat + 0.5 * rng.standard_normal(shape)).astype(np.float32)
+    dx, dgamma, dbeta = fastbn.batch_norm_backward(dy, x, mean, invstd, gamma, axis=axis)
+    dx_ref, dg_ref, db_ref = ref_backward(dy, x, mean, invstd, gamma, axis=axis)
+    # dx is of the size of gamma * invstd (~100): float32 rounding of order-one terms
+    # relative to that, as test_extreme holds a dx of any scale.
+    tol = TOL[np.dtype(np.float32)]
+    np.testing.assert_allclose(dx, dx_ref, rtol=0, atol=tol * np.abs(dx_ref).max(), err_msg="dx")
+    m = x.size // shape[axis]
+    assert_close(dgamma, dg_ref, np.float32, scale=m, err_msg="dgamma")  # ~M: dy along x_hat
+    assert_close(dbeta, db_ref, np.float32, scale=np.sqrt(m), err_msg="dbeta")
+
+
+@pytest.mark.parametrize("name", LARGE_MEAN_CASES)
+def test_large_running_mean_eval_keeps_its_low_part(rng, name):
+    """A float64 running mean ~1000 is subtracted as float32 hi + lo: y to 1e-5, not ~3e-3."""
+    shape, axis, loop = LARGE_MEAN_CASES[name]
+    assert loop in loops_reached(shape, axis, np.float32)
+    x, gamma, beta, mu = large_mean_data(rng, shape, axis)
+    c = shape[axis]
+    running_mean = mu + 0.005 * rng.standard_normal(c)  # float64: not a float32 number
+    running_var = 1e-4 * rng.uniform(0.5, 2.0, c)
+    invstd = 1.0 / np.sqrt(running_var + LARGE_MEAN_EPS)
+    assert_low_part_matters(running_mean, invstd, gamma)
+    y = fastbn.batch_norm_eval(
+        x, running_mean, running_var, gamma, beta, axis=axis, eps=LARGE_MEAN_EPS
+    )
+    y_ref = ref_eval(x, running_mean, running_var, gamma, beta, axis=axis, eps=LARGE_MEAN_EPS)
+    assert y.dtype == np.float32
+    assert_close(y, y_ref, np.float32)

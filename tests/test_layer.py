@@ -517,6 +517,22 @@ def test_load_state_dict_rejects_and_changes_nothing(rng, case):
     assert_same_state(bn, saved)
 
 
+def test_load_state_dict_takes_a_zero_counter(rng):
+    """num_batches_tracked == 0 (a fresh torch module's) is valid: it is loaded, not refused."""
+    bn = trained_layer(rng, np.float32)
+    state = {
+        "weight": rng.uniform(0.5, 2.0, C).astype(np.float32),
+        "bias": rng.standard_normal(C).astype(np.float32),
+        "running_mean": rng.standard_normal(C).astype(np.float32),
+        "running_var": rng.uniform(0.5, 2.0, C).astype(np.float32),
+    }
+    for counter in (0, np.array(0, np.int64)):
+        bn.load_state_dict({**state, "num_batches_tracked": counter})
+        assert bn.num_batches_tracked == 0 and type(bn.num_batches_tracked) is int
+        for key, value in state.items():
+            np.testing.assert_array_equal(bn.state_dict()[key], value, err_msg=key)
+
+
 def test_load_state_dict_names_missing_keys(rng):
     bn = trained_layer(rng, np.float32)
     saved = snapshot(bn)
@@ -719,6 +735,26 @@ def test_failed_call_loses_no_state(rng, failure, training, tracking):
     assert_same_state(bn, saved)
     # The cache still holds the last successful forward.
     np.testing.assert_array_equal(bn.backward(dy), dx_before)
+    assert_same_state(bn, saved)
+
+
+@pytest.mark.parametrize("tracking", [True, False], ids=["tracked", "untracked"])
+@pytest.mark.parametrize(
+    ("n_bad", "listed"),
+    [(10, "[0, 1, 2, 3, 4, 5, 6, 7 and 2 more]"), (8, "[0, 1, 2, 3, 4, 5, 6, 7]")],
+    ids=["ten", "eight"],
+)
+def test_nonfinite_features_listed_up_to_eight(rng, tracking, n_bad, listed):
+    """The error lists the first 8 offending features, then how many more there are."""
+    bn = trained_layer(rng, shape=(10, 24), track_running_stats=tracking)
+    x = make_batches(rng, (10, 24), 1)[0]
+    x[:n_bad, 3] = np.nan
+    saved = snapshot(bn)
+    with pytest.raises(FloatingPointError) as info:
+        bn(x)
+    message = str(info.value)
+    assert f"features {listed} " in message, message
+    assert "more" not in message.replace(listed, "")
     assert_same_state(bn, saved)
 
 

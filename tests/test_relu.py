@@ -206,6 +206,22 @@ def test_eval_is_batch_norm_then_relu_bit_for_bit(rng, name, dtype):
     assert 0 < np.count_nonzero(y_relu) < y.size
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("shape", "axis"), [((6, 1), 0), ((1, 6), 1), ((1, 6, 1, 1), 1)])
+def test_eval_takes_one_value_per_feature(rng, shape, axis, dtype):
+    """Eval needs no batch statistics: M == 1 is fine, as for batch_norm_eval."""
+    x = (0.5 + 2.0 * rng.standard_normal(shape)).astype(dtype)
+    c = shape[axis]
+    gamma = (rng.uniform(0.5, 2.0, c) * rng.choice([-1.0, 1.0], c)).astype(dtype)
+    beta = (0.5 * rng.standard_normal(c)).astype(dtype)
+    rm, rv = make_running(rng, c, dtype)
+    y = fastbn.batch_norm_eval(x, rm, rv, gamma, beta, axis=axis)
+    y_relu = fastbn.batch_norm_relu_eval(x, rm, rv, gamma, beta, axis=axis)
+    assert_same_bits(y_relu, np.maximum(y, 0))
+    y_ref = reference.batch_norm_eval(f64(x), f64(rm), f64(rv), f64(gamma), f64(beta), axis=axis)
+    assert_close(y_relu, np.maximum(y_ref, 0), dtype)
+
+
 def test_defaults_and_float64_parameters_of_float32_data(rng):
     """gamma and beta default to 1 and 0; float64 parameters of float32 data give the same bits."""
     x, _, gamma, beta = make_case(rng, "nchw_per_feature", np.float32)

@@ -237,6 +237,39 @@ def test_momentum_none_is_the_cumulative_average(gen, dtype):
     assert int(bn.num_batches_tracked) == 2
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bfloat16", "float16"])
+def test_momentum_none_on_torchs_op_path(gen, dtype):
+    """Dtypes the kernels do not take run torch's op, with the module's cumulative average.
+
+    Each step's factor is 1 / num_batches_tracked, as torch's module computes it: the
+    same op on the same arguments, so the same bits.
+    """
+    ours, theirs = make_pair(1, dtype=dtype, gen=gen, momentum=None)
+    for step in (1, 2):
+        x = make_input(gen, (6, C), dtype)
+        torch.testing.assert_close(ours(x), theirs(x), rtol=0, atol=0)
+        for name in ("running_mean", "running_var"):
+            assert torch.equal(getattr(ours, name), getattr(theirs, name)), (name, step)
+        assert int(ours.num_batches_tracked) == int(theirs.num_batches_tracked) == step
+    assert not torch.equal(ours.running_mean, torch.zeros(C, dtype=dtype))  # it moved
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit.script is deprecated
+def test_jit_script_with_momentum_none_is_torchs(gen):
+    """Scripted, a module runs torch's forward: momentum None is its cumulative average."""
+    ours, theirs = make_pair(1, gen=gen, momentum=None)
+    ours, theirs = torch.jit.script(ours), torch.jit.script(theirs)
+    for step in (1, 2):
+        x = make_input(gen, (6, C))
+        torch.testing.assert_close(ours(x), theirs(x), rtol=1e-10, atol=1e-10)
+        assert_state_close(ours, theirs, 1e-12)
+        assert int(ours.num_batches_tracked) == step
+    ours.eval()
+    theirs.eval()
+    x = make_input(gen, (6, C))
+    torch.testing.assert_close(ours(x), theirs(x), rtol=1e-10, atol=1e-10)
+
+
 def test_affine_false(gen):
     bn = fbt.BatchNorm1d(C, affine=False, dtype=torch.float64)
     assert bn.weight is None and bn.bias is None and list(bn.parameters()) == []
@@ -334,6 +367,22 @@ def test_one_value_per_channel_raises_in_training(dim, shape):
     ours.eval()
     theirs.eval()
     torch.testing.assert_close(ours(x), theirs(x), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("shape", [(1, C), (1, C, 1), (1, C, 1, 1)], ids=str)
+def test_one_value_per_channel_message_is_torchs(shape):
+    """fbt.batch_norm and the modules raise torch's ValueError, word for word."""
+    x = torch.randn(shape, dtype=torch.float64)
+    stats = (torch.zeros(C, dtype=torch.float64), torch.ones(C, dtype=torch.float64))
+    for running in ((None, None), stats):
+        expected = raised(lambda running=running: F.batch_norm(x, *running, training=True))
+        got = raised(lambda running=running: fbt.batch_norm(x, *running, training=True))
+        assert type(expected) is ValueError and str(expected).startswith(ONE_VALUE_PER_CHANNEL)
+        assert type(got) is ValueError and str(got) == str(expected)
+    ours, theirs = make_pair(max(1, len(shape) - 2))
+    expected, got = raised(lambda: theirs(x)), raised(lambda: ours(x))
+    assert str(expected).startswith(ONE_VALUE_PER_CHANNEL), expected
+    assert type(got) is ValueError and str(got) == str(expected)
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])

@@ -9,7 +9,8 @@ work tree is never written), each mutant's tests run with -x and a timeout:
 - kernels (the default): the MUTANTS below, hand-made for the Numba kernels
   (fastbn/kernels/*.py and the njit functions of fastbn/_running.py). Each is
   (name, file, exact source snippet, replacement, description); a snippet
-  that no longer occurs exactly once stops the script before anything runs.
+  that no longer occurs exactly once (or a file or mapped test file that is
+  gone) stops the script before anything runs.
 - --registry: cosmic-ray (from PyPI) over the pure-Python modules, each
   module's mutants against the test files of REGISTRY_TESTS only.
 
@@ -129,11 +130,19 @@ MUTANTS = [
         "row_sums: the last partial of each row left out",
     ),
     _m(
+        "common-split-lo-zero",
+        K + "_common.py",
+        "    return hi, t(mean - np.float64(hi))",
+        "    return hi, t(0)",
+        "split: the low part dropped everywhere (every mean rounded to x's dtype)",
+    ),
+    _m(
         "common-split-mean-lo-zero",
         K + "_common.py",
-        "        lo[c] = mean[c] - np.float64(hi[c])",
-        "        lo[c] = 0.0",
-        "split_mean: the low part dropped (mean rounded to x's dtype)",
+        "        hi[c], lo[c] = split(mean[c], like.dtype.type)",
+        "        hi[c], lo[c] = split(mean[c], like.dtype.type)[0], 0.0",
+        "split_mean: the low part dropped (rows chunked train, rows eval and dx, the ReLU "
+        "mask, blocks.normalize)",
     ),
     _m(
         "common-relu-params-no-gamma",
@@ -155,6 +164,13 @@ MUTANTS = [
         "    if s2 == np.inf",
         "    if s2 == -np.inf",
         "feature_moments: an overflowed square no longer gives var = inf",
+    ),
+    _m(
+        "common-moments-overflow-finite-check",
+        K + "_common.py",
+        "    if s2 == np.inf and np.isfinite(d):",
+        "    if s2 == np.inf:",
+        "feature_moments: a feature with an infinite value gets var = inf (invstd 0), not NaN",
     ),
     _m(
         "common-stats-no-eps",
@@ -311,6 +327,20 @@ MUTANTS = [
         "        _apply_per_feature(dy, out, n_features, run, width, zero, gamma, zero)",
         "_backward (eval): dx = gamma * dy, invstd left out",
     ),
+    _m(
+        "columns-apply-lo-zero",
+        K + "columns.py",
+        "        params[0, c], params[1, c] = split(mean[c], t)",
+        "        params[0, c], params[1, c] = split(mean[c], t)[0], 0.0",
+        "_apply_per_feature: the low part of the mean dropped (columns train and eval y)",
+    ),
+    _m(
+        "columns-train-dx-lo-zero",
+        K + "columns.py",
+        "        params[2, c], params[3, c] = split(mean[c], t)",
+        "        params[2, c], params[3, c] = split(mean[c], t)[0], 0.0",
+        "_train_dx: the low part of the mean dropped from x_hat (columns training dx)",
+    ),
     # --- rows.py: the contiguous-runs family
     _m(
         "rows-grid-chunks-floor",
@@ -337,9 +367,16 @@ MUTANTS = [
     _m(
         "rows-train-feature-lo-zero",
         K + "rows.py",
-        "    mean_lo = t(mean[c] - np.float64(mean_hi))\n    scale = t(gamma[c] * invstd[c])",
-        "    mean_lo = t(0)\n    scale = t(gamma[c] * invstd[c])",
-        "_train_feature: the low part of the mean dropped",
+        "    mean_hi, mean_lo = split(mean[c], t)\n    scale = t(gamma[c] * invstd[c])",
+        "    mean_hi, mean_lo = split(mean[c], t)[0], t(0)\n    scale = t(gamma[c] * invstd[c])",
+        "_train_feature: the low part of the mean dropped (per-feature schedule's y)",
+    ),
+    _m(
+        "rows-backward-feature-lo-zero",
+        K + "rows.py",
+        "    mean_hi, mean_lo = split(mean[c], t)\n    y_scale = t(gamma[c] * invstd[c])",
+        "    mean_hi, mean_lo = split(mean[c], t)[0], t(0)\n    y_scale = t(gamma[c] * invstd[c])",
+        "_backward_feature: the low part of the mean dropped (per-feature schedule's dx)",
     ),
     _m(
         "rows-backward-feature-dgamma",
@@ -376,64 +413,84 @@ MUTANTS = [
         "    invstd = 1.0 / np.sqrt(running_var.astype(np.float64))",
         "_eval: eps dropped",
     ),
-    # --- kernels/ghost.py: virtual batches
+    # --- ghost batch norm: each family's ghost_* entries over stacked slices
     _m(
-        "ghost-rows-backward-first-slice",
-        K + "ghost.py",
-        "    _rows_backward_slices(dy, x, mean, invstd, gamma, out, dgamma, dbeta)\n"
+        "rows-ghost-backward-first-slice",
+        K + "rows.py",
+        "    _backward_slices(dy, x, mean, invstd, gamma, out, dgamma, dbeta)\n"
         "    return row_sums(dgamma.T), row_sums(dbeta.T)",
-        "    _rows_backward_slices(dy, x, mean, invstd, gamma, out, dgamma, dbeta)\n"
+        "    _backward_slices(dy, x, mean, invstd, gamma, out, dgamma, dbeta)\n"
         "    return dgamma[0].copy(), dbeta[0].copy()",
-        "rows_backward: dgamma and dbeta of the first virtual batch only",
+        "ghost_backward (rows): dgamma and dbeta of the first virtual batch only",
     ),
     _m(
-        "ghost-columns-train-no-eps",
-        K + "ghost.py",
-        "    slice_mean, var = columns._mean_var_serial(x, n_features, run, width)\n"
+        "rows-ghost-train-no-eps",
+        K + "rows.py",
         "    slice_invstd = 1.0 / np.sqrt(var + eps)",
-        "    slice_mean, var = columns._mean_var_serial(x, n_features, run, width)\n"
         "    slice_invstd = 1.0 / np.sqrt(var)",
-        "_columns_train_slice: eps dropped",
+        "_train_slice (rows): eps dropped",
     ),
     _m(
-        "ghost-columns-train-last-slice",
-        K + "ghost.py",
-        "def _columns_train_slices("
-        "x, n_features, run, width, gamma, beta, eps, out, mean, invstd):\n"
+        "columns-ghost-train-no-eps",
+        K + "columns.py",
+        "    slice_invstd = 1.0 / np.sqrt(var + eps)",
+        "    slice_invstd = 1.0 / np.sqrt(var)",
+        "_train_slice (columns): eps dropped",
+    ),
+    _m(
+        "columns-ghost-train-last-slice",
+        K + "columns.py",
+        "def _train_slices(x, n_features, run, width, gamma, beta, eps, out, mean, invstd):\n"
         "    for g in prange(x.shape[0]):",
-        "def _columns_train_slices("
-        "x, n_features, run, width, gamma, beta, eps, out, mean, invstd):\n"
+        "def _train_slices(x, n_features, run, width, gamma, beta, eps, out, mean, invstd):\n"
         "    for g in prange(x.shape[0] - 1):",
-        "_columns_train_slices: the last virtual batch not normalized",
+        "_train_slices (columns): the last virtual batch not normalized",
+    ),
+    _m(
+        "columns-ghost-backward-first-slice",
+        K + "columns.py",
+        "    _backward_slices(dy, x, n_features, run, width, mean, invstd, gamma, out, dgamma, "
+        "dbeta)\n    return row_sums(dgamma.T), row_sums(dbeta.T)",
+        "    _backward_slices(dy, x, n_features, run, width, mean, invstd, gamma, out, dgamma, "
+        "dbeta)\n    return dgamma[0].copy(), dbeta[0].copy()",
+        "ghost_backward (columns): dgamma and dbeta of the first virtual batch only",
     ),
     # --- _running.py: the running-statistics fold (njit)
     _m(
         "running-var-eps-kept",
         "fastbn/_running.py",
-        "        var = 1.0 / (invstd[c] * invstd[c]) - eps",
-        "        var = 1.0 / (invstd[c] * invstd[c])",
-        "fold_batch_stats: eps not taken back out of var + eps",
+        "            var = 1.0 / (invstd[g, c] * invstd[g, c]) - eps",
+        "            var = 1.0 / (invstd[g, c] * invstd[g, c])",
+        "fold_batches: eps not taken back out of var + eps",
     ),
     _m(
         "running-no-bessel",
         "fastbn/_running.py",
         "f * (var * bessel)",
         "f * var",
-        "fold_batch_stats: the biased variance folded in (Bessel factor dropped)",
+        "fold_batches: the biased variance folded in (Bessel factor dropped)",
     ),
     _m(
         "running-momentum-swapped",
         "fastbn/_running.py",
-        "        new_mean[c] = (1.0 - f) * np.float64(running_mean[c]) + f * mean[c]",
-        "        new_mean[c] = f * np.float64(running_mean[c]) + (1.0 - f) * mean[c]",
-        "fold_batch_stats: momentum weights swapped for the mean",
+        "            new_mean[c] = (1.0 - f) * np.float64(new_mean[c]) + f * mean[g, c]",
+        "            new_mean[c] = f * np.float64(new_mean[c]) + (1.0 - f) * mean[g, c]",
+        "fold_batches: momentum weights swapped for the mean",
     ),
     _m(
         "running-all-or-none",
         "fastbn/_running.py",
-        "    if not bad:\n        running_mean[:] = new_mean",
-        "    if True:\n        running_mean[:] = new_mean",
-        "fold_batch_stats: written even when a result is not finite",
+        "        if bad:\n            return bad, g",
+        "        if bad:\n            running_mean[:] = new_mean\n"
+        "            running_var[:] = new_var\n            return bad, g",
+        "fold_batches: the running statistics written even when a result is not finite",
+    ),
+    _m(
+        "running-cumulative-same-factor",
+        "fastbn/_running.py",
+        "1.0 / (counter + g + 1)",
+        "1.0 / (counter + 1)",
+        "fold_batches: momentum None gives every batch of a call the first one's factor",
     ),
     _m(
         "running-nonfinite-overflow",
@@ -446,13 +503,18 @@ MUTANTS = [
 
 # Not test_threads.py nor test_vectorize.py: they compare a kernel with itself
 # (across threads) or read its machine code, so no arithmetic mutant fails them.
+# test_kernel_paths.py first: it enters every loop of both families (and the ghost
+# entries) in seconds, so it is the fastest killer; test_ghost.py last, for the
+# ghost_* entries of both families.
 NUMPY_KERNEL_TESTS = [
+    "tests/test_kernel_paths.py",
     "tests/test_kernels.py",
     "tests/test_functional.py",
     "tests/test_relu.py",
     "tests/test_gradients.py",
     "tests/test_accuracy.py",
     "tests/test_extreme.py",
+    "tests/test_ghost.py",
 ]
 # Test files per mutated file, in the order they run (-x: fastest killer first).
 KERNEL_TESTS = {
@@ -460,22 +522,33 @@ KERNEL_TESTS = {
     "fastbn/kernels/columns.py": NUMPY_KERNEL_TESTS,
     "fastbn/kernels/rows.py": NUMPY_KERNEL_TESTS,
     "fastbn/kernels/blocks.py": ["tests/test_kernels.py"],
-    "fastbn/kernels/ghost.py": ["tests/test_ghost.py"],
-    "fastbn/_running.py": ["tests/test_layer.py", "tests/test_extreme.py", "tests/test_torch.py"],
-}
+    # fold_batches serves the layer (one batch or G virtual ones) and the bridge.
+    "fastbn/_running.py": [
+        "tests/test_layer.py", "tests/test_ghost.py", "tests/test_extreme.py",
+        "tests/test_torch.py",
+    ],
+}  # fmt: skip
 # Kernel modules that compile a module's functions into their own cached kernels.
 KERNEL_DEPENDENTS = {
-    "fastbn/kernels/_common.py": ["blocks", "columns", "rows", "ghost"],
-    "fastbn/kernels/_twins.py": ["columns", "rows", "ghost"],
-    "fastbn/kernels/columns.py": ["columns", "ghost"],
-    "fastbn/kernels/rows.py": ["rows", "ghost"],
+    "fastbn/kernels/_common.py": ["blocks", "columns", "rows"],
+    "fastbn/kernels/_twins.py": ["columns", "rows"],
+    "fastbn/kernels/columns.py": ["columns"],
+    "fastbn/kernels/rows.py": ["rows"],
     "fastbn/kernels/blocks.py": ["blocks"],
-    "fastbn/kernels/ghost.py": ["ghost"],
     "fastbn/_running.py": ["_running"],
 }
 
 # cosmic-ray: module -> the test files that are its own (in run order, -x).
 _TORCH = ["tests/test_torch.py", "tests/test_torch_bridge.py"]
+# Plans and executors: every public function goes through them (the layer too).
+_ENGINE = [
+    "tests/test_kernel_paths.py",
+    "tests/test_functional.py",
+    "tests/test_relu.py",
+    "tests/test_ghost.py",
+    "tests/test_renorm.py",
+    "tests/test_layer.py",
+]
 REGISTRY_TESTS = {
     "fastbn/_checks.py": [
         "tests/test_errors.py", "tests/test_bad_input.py", "tests/test_functional.py",
@@ -483,6 +556,8 @@ REGISTRY_TESTS = {
     "fastbn/_running.py": [
         "tests/test_layer.py", "tests/test_extreme.py", "tests/test_bad_input.py",
     ],
+    "fastbn/_plan.py": [*_ENGINE, "tests/test_errors.py", "tests/test_bad_input.py"],
+    "fastbn/_engine.py": _ENGINE,
     "fastbn/functional.py": [
         "tests/test_functional.py", "tests/test_errors.py", "tests/test_bad_input.py",
         "tests/test_relu.py", "tests/test_gradients.py",
@@ -493,8 +568,11 @@ REGISTRY_TESTS = {
     ],
     "fastbn/renorm.py": ["tests/test_renorm.py", "tests/test_errors.py"],
     "fastbn/ghost.py": ["tests/test_ghost.py", "tests/test_errors.py"],
-    # forward-mode AD, torch.func, pruning, parametrizations and torch.jit.script: workflows
-    "fastbn/torch/_compat.py": [*_TORCH, "tests/test_torch_workflows.py"],
+    # each fallback forced (test_torch_compat); forward-mode AD, torch.func, pruning,
+    # parametrizations and torch.jit.script: workflows
+    "fastbn/torch/_compat.py": [
+        "tests/test_torch_compat.py", *_TORCH, "tests/test_torch_workflows.py",
+    ],
     "fastbn/torch/_ops.py": [*_TORCH, "tests/test_torch_relu.py"],
     "fastbn/torch/functional.py": [*_TORCH, "tests/test_torch_compile.py"],
     "fastbn/torch/modules.py": [
@@ -634,6 +712,9 @@ def _baseline(repo: Path, cache: Path, tests: list[str], logs: Path, label: str)
 def _check_mutants(mutants: list[Mutant], root: Path) -> None:
     errors = []
     for mu in mutants:
+        if not (root / mu.path).is_file():
+            errors.append(f"{mu.name}: {mu.path} does not exist")
+            continue
         text = (root / mu.path).read_text()
         n = text.count(mu.old)
         if n != 1:
@@ -647,6 +728,13 @@ def _check_mutants(mutants: list[Mutant], root: Path) -> None:
     errors += [f"{n}: name used twice" for n in sorted({n for n in names if names.count(n) > 1})]
     if errors:
         sys.exit("mutant list out of date:\n  " + "\n  ".join(errors))
+
+
+def _check_tests(tests: list[str]) -> None:
+    """Stop before anything runs if a mapped test file does not exist (a renamed file)."""
+    missing = sorted({t for t in tests if not (REPO / t).is_file()})
+    if missing:
+        sys.exit(f"test files in the map that do not exist: {missing}")
 
 
 def _diff(mu: Mutant) -> str:
@@ -683,13 +771,16 @@ def run_kernels(args: argparse.Namespace) -> int:
         return args.tests or KERNEL_TESTS[mu.path]
 
     all_tests = sorted({t for mu in mutants for t in tests_of(mu)})
+    _check_tests(all_tests)
     warm = slots[0] / "warm"
     _seed(args, warm, slots[0] / "repo")
     started = time.monotonic()
     base = _baseline(slots[0] / "repo", warm, all_tests, out, "kernels")
     for s in slots[1:]:
         _relocate_cache(warm, slots[0] / "repo", s / "warm", s / "repo")
-    timeout = args.timeout or max(300.0, 3 * base)
+    # Each mutant recompiles the mutated module's kernels (and its dependents'): minutes
+    # on a loaded two-core machine, which a warm (or seeded) baseline does not show.
+    timeout = args.timeout or max(1200.0, 3 * base)
     free: queue.Queue[Path] = queue.Queue()
     for s in slots:
         free.put(s)
@@ -889,6 +980,7 @@ def run_registry(args: argparse.Namespace) -> int:
     unknown = [m for m in modules if m not in REGISTRY_TESTS]
     if unknown:
         sys.exit(f"no test map for {unknown}; known: {list(REGISTRY_TESTS)}")
+    _check_tests([t for m in modules for t in REGISTRY_TESTS[m]])
     out = _out_dir(args, "cosmic-ray")
     work = Path(tempfile.mkdtemp(prefix="fastbn-cosmic-ray-"))
     print(f"work in {work}, results in {out}", flush=True)
