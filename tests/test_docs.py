@@ -29,6 +29,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
 GUIDE = DOCS / "guide"
 EXAMPLES = ROOT / "examples"
+CHANGELOG = (ROOT / "CHANGELOG.md").read_text()
 
 # Module -> (its source file, the API page that documents it).
 API_PAGES = {
@@ -206,3 +207,11 @@ def test_example_quick_run_prints_what_the_guide_reports(script, tmp_path):
     assert result.returncode == 0, result.stderr
     for pattern in EXAMPLE_REPORTS[script]:
         assert re.search(pattern, result.stdout, re.IGNORECASE), (pattern, result.stdout)
+
+
+def test_the_changelogs_latest_release_is_the_packages_version():
+    from fastbn import __version__
+
+    releases = re.findall(r"^## \[(\d+\.\d+\.\d+)\] - \d{4}-\d\d-\d\d$", CHANGELOG, re.MULTILINE)
+    assert releases and releases[0] == __version__, (releases[:1], __version__)
+    assert CHANGELOG.index("## [Unreleased]") < CHANGELOG.index(f"## [{__version__}]")
