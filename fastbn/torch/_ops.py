@@ -52,6 +52,7 @@ from fastbn import _checks, _engine
 from fastbn._plan import Plan, plan_for
 from fastbn._types import Array, Float64
 from fastbn.torch import _compat
+from fastbn.torch._pages import advise_huge_pages
 
 __all__ = [
     "BatchNormFunction",
@@ -127,11 +128,12 @@ def empty_output(input: torch.Tensor, last: bool) -> torch.Tensor:
 
     Channels-last for channels-last input (``last``, as `as_array` says),
     else contiguous: a transposed or sliced input gives a contiguous output,
-    as torch's does.
+    as torch's does. Large ones are backed by huge pages where NumPy's would be
+    (`advise_huge_pages`).
     """
     if last or input.is_contiguous():  # empty_like keeps these strides, and is the cheapest
-        return torch.empty_like(input)
-    return torch.empty_like(input, memory_format=torch.contiguous_format)
+        return advise_huge_pages(torch.empty_like(input))
+    return advise_huge_pages(torch.empty_like(input, memory_format=torch.contiguous_format))
 
 
 def out_array(output: torch.Tensor, last: bool) -> Array:

@@ -28,6 +28,7 @@ later kernel call changes torch's again.
 from __future__ import annotations
 
 import sys
+from typing import Any
 
 import numba
 import torch
@@ -53,13 +54,14 @@ def prefers_torchs_openmp() -> bool:
 def start_numba_beside_torch() -> None:
     """Start Numba's thread pool now (on torch's OpenMP where it serves), torch's count kept."""
     threads = torch.get_num_threads()
-    chosen = numba.config.THREADING_LAYER != "default"
+    config: Any = numba.config  # its settings are set at import: no attributes for mypy
+    chosen = config.THREADING_LAYER != "default"
     if not chosen and not pool_started() and prefers_torchs_openmp():
-        numba.config.THREADING_LAYER = "omp"
+        config.THREADING_LAYER = "omp"
         try:
             numba.get_num_threads()  # starts the pool
         except ValueError:  # this numba build has no omp layer: its own order
-            numba.config.THREADING_LAYER = "default"
+            config.THREADING_LAYER = "default"
     numba.get_num_threads()  # starts the pool (and picks the layer) if not yet started
     if torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
