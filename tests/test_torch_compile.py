@@ -389,6 +389,20 @@ COMPILED_LAYERS = {
         CL,
         TRAIN_OP,
     ),
+    # 6 MiB of float64 data: outputs large enough for huge pages in eager mode
+    # (fastbn/torch/_pages.py); the compiled ops' fake tensors have no memory to advise.
+    "BatchNorm2d_momentum_0.5_6MiB": (
+        lambda: fbt.BatchNorm2d(C, momentum=0.5),
+        (16, C, 128, 128),
+        None,
+        TRAIN_OP,
+    ),
+    "BatchNorm2d_momentum_0.5_6MiB_channels_last": (
+        lambda: fbt.BatchNorm2d(C, momentum=0.5),
+        (16, C, 128, 128),
+        CL,
+        TRAIN_OP,
+    ),
     "BatchNorm3d_eps_0.1_momentum_0.3": (
         lambda: fbt.BatchNorm3d(C, eps=0.1, momentum=0.3),
         (2, C, 2, 3, 4),

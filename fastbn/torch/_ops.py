@@ -71,6 +71,7 @@ __all__ = [
     "kernel_vector",
     "moments_arrays",
     "out_array",
+    "output_like",
     "param_grad",
     "param_sums",
     "planned",
@@ -123,17 +124,23 @@ def as_array(input: torch.Tensor) -> tuple[Array, int, bool]:
     return _array(input), 1, False
 
 
-def empty_output(input: torch.Tensor, last: bool) -> torch.Tensor:
+def output_like(input: torch.Tensor, last: bool) -> torch.Tensor:
     """A new tensor of input's shape and dtype in the memory format of torch's batch norm output.
 
     Channels-last for channels-last input (``last``, as `as_array` says),
     else contiguous: a transposed or sliced input gives a contiguous output,
-    as torch's does. Large ones are backed by huge pages where NumPy's would be
-    (`advise_huge_pages`).
+    as torch's does. The compiled ops' fake implementations give this (a
+    fake tensor has no memory).
     """
     if last or input.is_contiguous():  # empty_like keeps these strides, and is the cheapest
-        return advise_huge_pages(torch.empty_like(input))
-    return advise_huge_pages(torch.empty_like(input, memory_format=torch.contiguous_format))
+        return torch.empty_like(input)
+    return torch.empty_like(input, memory_format=torch.contiguous_format)
+
+
+def empty_output(input: torch.Tensor, last: bool) -> torch.Tensor:
+    """`output_like`, for the kernels to write: large ones backed by huge pages where NumPy's
+    would be (`advise_huge_pages`)."""
+    return advise_huge_pages(output_like(input, last))
 
 
 def out_array(output: torch.Tensor, last: bool) -> Array:
@@ -551,7 +558,7 @@ def _stat_like(input: torch.Tensor) -> torch.Tensor:
 def _(
     input: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return empty_output(input, channels_last(input)), _stat_like(input), _stat_like(input)
+    return output_like(input, channels_last(input)), _stat_like(input), _stat_like(input)
 
 
 @batch_norm_eval.register_fake
@@ -563,7 +570,7 @@ def _(
     bias: torch.Tensor | None,
     eps: float,
 ) -> torch.Tensor:
-    return empty_output(input, channels_last(input))
+    return output_like(input, channels_last(input))
 
 
 @batch_norm_backward.register_fake
@@ -576,7 +583,7 @@ def _(
     training: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     c = input.shape[1]
-    return empty_output(input, channels_last(input)), input.new_empty((c,)), input.new_empty((c,))
+    return output_like(input, channels_last(input)), input.new_empty((c,)), input.new_empty((c,))
 
 
 def _setup_train(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor, ...]) -> None:
