@@ -1,4 +1,4 @@
-"""The op: fastbn's kernels on the memory of CPU tensors, for autograd and torch.library.
+"""The op: fastbn's kernels on the memory of CPU tensors, for autograd.
 
 Tensors and arrays
 ------------------
@@ -24,9 +24,8 @@ Mechanisms
   tensors.
 - Calls that need none run the same arrays directly (`train_arrays`,
   `eval_arrays`).
-- `torch.compile` graphs take the functional ops `fastbn::batch_norm_train`,
-  `fastbn::batch_norm_eval` and `fastbn::batch_norm_backward`, registered
-  with torch.library (fake implementations, autograd formulas).
+- Under `torch.compile` the bridge calls torch's op (`fastbn.torch.functional`
+  says why), so nothing here is traced.
 
 Double backward: inside a backward, grad mode is on exactly when the caller
 asked for ``create_graph=True``; then the gradient is recomputed with
@@ -35,15 +34,15 @@ kernels compute it. Every Function of the bridge (plain, ghost, renorm,
 SyncBatchNorm) uses these helpers.
 
 A ReLU fused after the normalization (``relu=True``) runs in the same
-kernels (`fastbn.batch_norm_relu_train`); the compiled graph applies
-torch.relu to the op's output instead, which inductor fuses itself.
+kernels (`fastbn.batch_norm_relu_train`); a compiled graph applies
+torch.relu to torch's batch norm instead, which inductor fuses itself.
 """
 
-# No `from __future__ import annotations`: torch.library.custom_op reads the
-# annotations of the ops below as objects.
+from __future__ import annotations
+
 import weakref
 from collections.abc import Callable, Sequence
-from typing import Any, TypeAlias, cast, overload
+from typing import Any, TypeAlias, overload
 
 import numpy as np
 import torch
@@ -71,7 +70,6 @@ __all__ = [
     "kernel_vector",
     "moments_arrays",
     "out_array",
-    "output_like",
     "param_grad",
     "param_sums",
     "planned",
@@ -124,23 +122,17 @@ def as_array(input: torch.Tensor) -> tuple[Array, int, bool]:
     return _array(input), 1, False
 
 
-def output_like(input: torch.Tensor, last: bool) -> torch.Tensor:
+def empty_output(input: torch.Tensor, last: bool) -> torch.Tensor:
     """A new tensor of input's shape and dtype in the memory format of torch's batch norm output.
 
     Channels-last for channels-last input (``last``, as `as_array` says),
     else contiguous: a transposed or sliced input gives a contiguous output,
-    as torch's does. The compiled ops' fake implementations give this (a
-    fake tensor has no memory).
+    as torch's does. Large ones are backed by huge pages where NumPy's would
+    be (`advise_huge_pages`).
     """
     if last or input.is_contiguous():  # empty_like keeps these strides, and is the cheapest
-        return torch.empty_like(input)
-    return torch.empty_like(input, memory_format=torch.contiguous_format)
-
-
-def empty_output(input: torch.Tensor, last: bool) -> torch.Tensor:
-    """`output_like`, for the kernels to write: large ones backed by huge pages where NumPy's
-    would be (`advise_huge_pages`)."""
-    return advise_huge_pages(output_like(input, last))
+        return advise_huge_pages(torch.empty_like(input))
+    return advise_huge_pages(torch.empty_like(input, memory_format=torch.contiguous_format))
 
 
 def out_array(output: torch.Tensor, last: bool) -> Array:
@@ -505,211 +497,3 @@ class BatchNormFunction(torch.autograd.Function):
 # torch.func transforms (they take torch's own op), where the Python wrapper matters.
 apply: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 apply = _compat.function_apply(BatchNormFunction)
-
-
-# ----------------------------------------------------------- torch.library ops
-# Functional ops for torch.compile and torch.export: nothing is mutated, so
-# autograd and fake (meta) implementations can be registered.
-
-
-@torch.library.custom_op("fastbn::batch_norm_train", mutates_args=(), device_types="cpu")
-def batch_norm_train(
-    input: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(y, mean, invstd) with batch statistics; mean and invstd float64, shape (C,)."""
-    return train_arrays(input, weight, bias, eps)
-
-
-@torch.library.custom_op("fastbn::batch_norm_eval", mutates_args=(), device_types="cpu")
-def batch_norm_eval(
-    input: torch.Tensor,
-    running_mean: torch.Tensor,
-    running_var: torch.Tensor,
-    weight: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    eps: float,
-) -> torch.Tensor:
-    """y with running statistics."""
-    return eval_arrays(input, running_mean, running_var, weight, bias, eps)
-
-
-@torch.library.custom_op("fastbn::batch_norm_backward", mutates_args=(), device_types="cpu")
-def batch_norm_backward(
-    grad: torch.Tensor,
-    input: torch.Tensor,
-    mean: torch.Tensor,
-    invstd: torch.Tensor,
-    weight: torch.Tensor | None,
-    training: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dx, dweight, dbias); mean and invstd float64, the batch's or the running ones."""
-    dx, dweight, dbias = backward_arrays(
-        grad, input, weight, None, mean.detach(), invstd.detach(), training, (True, True, True)
-    )
-    assert dx is not None and dweight is not None and dbias is not None  # all asked for
-    return dx, dweight, dbias
-
-
-def _stat_like(input: torch.Tensor) -> torch.Tensor:
-    return input.new_empty((input.shape[1],), dtype=torch.float64)
-
-
-@batch_norm_train.register_fake
-def _(
-    input: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return output_like(input, channels_last(input)), _stat_like(input), _stat_like(input)
-
-
-@batch_norm_eval.register_fake
-def _(
-    input: torch.Tensor,
-    running_mean: torch.Tensor,
-    running_var: torch.Tensor,
-    weight: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    eps: float,
-) -> torch.Tensor:
-    return output_like(input, channels_last(input))
-
-
-@batch_norm_backward.register_fake
-def _(
-    grad: torch.Tensor,
-    input: torch.Tensor,
-    mean: torch.Tensor,
-    invstd: torch.Tensor,
-    weight: torch.Tensor | None,
-    training: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    c = input.shape[1]
-    return output_like(input, channels_last(input)), input.new_empty((c,)), input.new_empty((c,))
-
-
-def _setup_train(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor, ...]) -> None:
-    input, weight, _, _ = inputs
-    _, mean, invstd = output
-    ctx.save_for_backward(input, weight, mean, invstd)
-
-
-def _backward_train(
-    ctx: Any, grad: torch.Tensor, grad_mean: torch.Tensor | None, grad_invstd: torch.Tensor | None
-) -> Grads:
-    input, weight, mean, invstd = ctx.saved_tensors
-    dx, dweight, dbias = batch_norm_backward(grad, input, mean, invstd, weight, True)
-    if ctx.needs_input_grad[0] and (grad_mean is not None or grad_invstd is not None):
-        dx = dx + _statistics_grad(input, mean, invstd, grad_mean, grad_invstd)
-    return (*_needed(ctx, dx, dweight, dbias), None)
-
-
-def _statistics_grad(
-    input: torch.Tensor,
-    mean: torch.Tensor,
-    invstd: torch.Tensor,
-    grad_mean: torch.Tensor | None,
-    grad_invstd: torch.Tensor | None,
-) -> torch.Tensor:
-    """The input gradient through the outputs mean and invstd (a caller that used them).
-
-    d mean / dx = 1 / M and d invstd / dx = -invstd**3 * (x - mean) / M, per channel.
-    """
-    count = input.numel() // input.shape[1]
-    shape = channel_shape(input)
-    total = torch.zeros((), dtype=torch.float64)
-    if grad_mean is not None:
-        total = total + grad_mean.view(shape) / count
-    if grad_invstd is not None:
-        centered = input.to(torch.float64) - mean.view(shape)
-        total = total - (grad_invstd * invstd.pow(3)).view(shape) * centered / count
-    return total.to(input.dtype)
-
-
-def _torch_backward(
-    grad: torch.Tensor,
-    input: torch.Tensor,
-    mean: torch.Tensor,
-    invstd: torch.Tensor,
-    weight: torch.Tensor | None,
-    training: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`batch_norm_backward` in differentiable torch ops (for its own gradient)."""
-    dims = reduced_dims(input)
-    shape = channel_shape(input)
-    x_hat = (input - mean.view(shape)) * invstd.view(shape)
-    dbias = grad.sum(dims, dtype=torch.float64)
-    dweight = (grad * x_hat).sum(dims)
-    scale = invstd.view(shape) if weight is None else (weight.view(shape) * invstd.view(shape))
-    if training:
-        count = input.numel() // input.shape[1]
-        dx = scale * (grad - dbias.view(shape) / count - x_hat * (dweight.view(shape) / count))
-    else:
-        dx = scale * grad
-    return dx.to(input.dtype), dweight.to(input.dtype), dbias.to(input.dtype)
-
-
-def _setup_backward(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor, ...]) -> None:
-    grad, input, mean, invstd, weight, training = inputs
-    ctx.save_for_backward(grad, input, mean, invstd, weight)
-    ctx.training = training
-
-
-def _backward_backward(
-    ctx: Any,
-    grad_dx: torch.Tensor | None,
-    grad_dweight: torch.Tensor | None,
-    grad_dbias: torch.Tensor | None,
-) -> Grads:
-    """The gradient of `batch_norm_backward` (double backward), by torch.func.vjp."""
-    grad, input, mean, invstd, weight = ctx.saved_tensors
-    primals = (grad, input, mean, invstd) + (() if weight is None else (weight,))
-
-    def formula(
-        grad: torch.Tensor,
-        input: torch.Tensor,
-        mean: torch.Tensor,
-        invstd: torch.Tensor,
-        weight: torch.Tensor | None = None,  # not a primal when None
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return _torch_backward(grad, input, mean, invstd, weight, ctx.training)
-
-    # Without has_aux, vjp returns (outputs, vjp function); its annotation allows the aux too.
-    outputs, vjp = cast("tuple[Any, Callable[..., Any]]", torch.func.vjp(formula, *primals))
-    cotangents = tuple(
-        torch.zeros_like(o) if g is None else g
-        for o, g in zip(outputs, (grad_dx, grad_dweight, grad_dbias), strict=True)
-    )
-    grads = vjp(cotangents)
-    return (*grads, *((None,) if weight is None else ()), None)
-
-
-def _setup_eval(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
-    input, running_mean, running_var, weight, _, eps = inputs
-    ctx.save_for_backward(input, running_mean, running_var, weight)
-    ctx.eps = eps
-
-
-def _backward_eval(ctx: Any, grad: torch.Tensor) -> Grads:
-    input, running_mean, running_var, weight = ctx.saved_tensors
-    # torch ops: the formula is traced with fake tensors under torch.compile
-    mean = running_mean.to(torch.float64)
-    invstd = torch.rsqrt(running_var.to(torch.float64) + ctx.eps)
-    dx, dweight, dbias = batch_norm_backward(grad, input, mean, invstd, weight, False)
-    dx, dweight, dbias = _needed(ctx, dx, dweight, dbias, first=(0, 3, 4))
-    return dx, None, None, dweight, dbias, None
-
-
-def _needed(
-    ctx: Any,
-    dx: torch.Tensor,
-    dweight: torch.Tensor,
-    dbias: torch.Tensor,
-    first: tuple[int, int, int] = (0, 1, 2),
-) -> Grads:
-    """The gradients of the inputs at positions ``first`` that need one, else None."""
-    needs = ctx.needs_input_grad
-    return tuple(g if needs[i] else None for g, i in zip((dx, dweight, dbias), first, strict=True))
-
-
-batch_norm_train.register_autograd(_backward_train, setup_context=_setup_train)
-batch_norm_eval.register_autograd(_backward_eval, setup_context=_setup_eval)
-batch_norm_backward.register_autograd(_backward_backward, setup_context=_setup_backward)
