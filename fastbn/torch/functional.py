@@ -291,9 +291,9 @@ def _compiled(
     --torch --compile``, 2 cores): with fastbn's kernels as torch.library ops
     in the graph a converted MobileNetV2 step took 139.96 ms against torch's
     compiled 62.32 ms (0.45x, channels_last), the small CNN 0.61-0.70x; with
-    torch's op, 0.99x and 0.92-0.93x. The rule stays fastbn's: running
-    statistics from the batch's float64 mean and variance, all or nothing
-    (`fastbn.torch._ops.fold_torch`, without branching on data).
+    torch's op, 0.99x and 0.92-0.93x. The rule stays fastbn's: the batch's
+    mean and variance (torch's, in the input's dtype) folded in float64, all
+    or nothing (`fastbn.torch._ops.fold_torch`, without branching on data).
     """
     if not training:
         return torch.nn.functional.batch_norm(
