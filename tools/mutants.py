@@ -573,7 +573,7 @@ REGISTRY_TESTS = {
     "fastbn/torch/_compat.py": [
         "tests/test_torch_compat.py", *_TORCH, "tests/test_torch_workflows.py",
     ],
-    "fastbn/torch/_ops.py": [*_TORCH, "tests/test_torch_relu.py"],
+    "fastbn/torch/_ops.py": [*_TORCH, "tests/test_torch_relu.py", "tests/test_torch_pages.py"],
     "fastbn/torch/functional.py": [*_TORCH, "tests/test_torch_compile.py"],
     "fastbn/torch/modules.py": [
         *_TORCH, "tests/test_torch_relu.py", "tests/test_torch_workflows.py",
@@ -581,6 +581,8 @@ REGISTRY_TESTS = {
     "fastbn/torch/ghost.py": ["tests/test_torch_ghost.py"],
     "fastbn/torch/renorm.py": ["tests/test_torch_renorm.py"],
     "fastbn/torch/sync.py": ["tests/test_torch_sync.py"],
+    "fastbn/torch/_threads.py": ["tests/test_torch_threads.py"],
+    "fastbn/torch/_pages.py": ["tests/test_torch_pages.py", "tests/test_torch_compile.py"],
 }  # fmt: skip
 
 # Operators left out: replacements by shifts and bitwise operators (and of them),
