@@ -741,13 +741,17 @@ def test_failed_call_loses_no_state(rng, failure, training, tracking):
 @pytest.mark.parametrize("tracking", [True, False], ids=["tracked", "untracked"])
 @pytest.mark.parametrize(
     ("n_bad", "listed"),
-    [(10, "[0, 1, 2, 3, 4, 5, 6, 7 and 2 more]"), (8, "[0, 1, 2, 3, 4, 5, 6, 7]")],
-    ids=["ten", "eight"],
+    [
+        (10, "[0, 1, 2, 3, 4, 5, 6, 7 and 2 more]"),
+        (8, "[0, 1, 2, 3, 4, 5, 6, 7]"),
+        (19, "[0, 1, 2, 3, 4, 5, 6, 7 and 11 more]"),  # 11: not 19 % 8 (a survivor's count)
+    ],
+    ids=["ten", "eight", "nineteen"],
 )
 def test_nonfinite_features_listed_up_to_eight(rng, tracking, n_bad, listed):
     """The error lists the first 8 offending features, then how many more there are."""
-    bn = trained_layer(rng, shape=(10, 24), track_running_stats=tracking)
-    x = make_batches(rng, (10, 24), 1)[0]
+    bn = trained_layer(rng, shape=(20, 24), track_running_stats=tracking)
+    x = make_batches(rng, (20, 24), 1)[0]
     x[:n_bad, 3] = np.nan
     saved = snapshot(bn)
     with pytest.raises(FloatingPointError) as info:

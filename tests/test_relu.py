@@ -222,6 +222,15 @@ def test_eval_takes_one_value_per_feature(rng, shape, axis, dtype):
     assert_close(y_relu, np.maximum(y_ref, 0), dtype)
 
 
+def test_eval_defaults_to_the_features_first_axis(rng):
+    """batch_norm_relu_eval's axis defaults to 0, as batch_norm_eval's: (C, M) data."""
+    x = rng.standard_normal((3, 5))
+    rm, rv = rng.standard_normal(3), rng.uniform(0.5, 2.0, 3)
+    y = fastbn.batch_norm_relu_eval(x, rm, rv)
+    assert_same_bits(y, fastbn.batch_norm_relu_eval(x, rm, rv, axis=0))
+    assert_same_bits(y, np.maximum(fastbn.batch_norm_eval(x, rm, rv), 0))
+
+
 def test_defaults_and_float64_parameters_of_float32_data(rng):
     """gamma and beta default to 1 and 0; float64 parameters of float32 data give the same bits."""
     x, _, gamma, beta = make_case(rng, "nchw_per_feature", np.float32)

@@ -570,3 +570,21 @@ def test_layer_failed_call_loses_no_state(rng, failure):
     # The cache still holds the last successful forward, with its r and d.
     np.testing.assert_array_equal(bn.backward(dy), dx_before)
     assert_same_state(bn, saved)
+
+
+def test_renorm_limits_default_to_the_papers_final_values():
+    """r_max 3 and d_max 5 (Ioffe 2017's final schedule values), in the layer and the function.
+
+    The function's defaults are seen through its result: with running statistics far
+    off, r and d are clipped at exactly the defaults.
+    """
+    bn = BatchNorm(4, renorm=True)
+    assert (bn.r_max, bn.d_max) == (3.0, 5.0)
+    x = np.array([[0.0, 2.0], [0.0, 2.0]])  # per feature: mean 1, std 1
+    running_mean, running_var = np.array([-100.0, -100.0]), np.array([1e-4, 1e4])
+    y = batch_renorm_train(x, running_mean, running_var)[0]
+    limited = batch_renorm_train(x, running_mean, running_var, r_max=3.0, d_max=5.0)[0]
+    np.testing.assert_array_equal(y, limited)
+    for r_max, d_max in ((3.0, 4.0), (3.0, 6.0), (2.0, 5.0), (4.0, 5.0)):
+        other = batch_renorm_train(x, running_mean, running_var, r_max=r_max, d_max=d_max)[0]
+        assert not np.array_equal(y, other), (r_max, d_max)
