@@ -810,3 +810,21 @@ def test_large_running_mean_eval_keeps_its_low_part(rng, name):
     y_ref = ref_eval(x, running_mean, running_var, gamma, beta, axis=axis, eps=LARGE_MEAN_EPS)
     assert y.dtype == np.float32
     assert_close(y, y_ref, np.float32)
+
+
+# ---------------------------------------------------------------- the columns' group width
+
+
+@pytest.mark.parametrize("run", [1, 3, 49])
+@pytest.mark.parametrize("n_features", [1, 3, 7, 64, 100, 255, 256, 257, 1000])
+def test_group_width_is_the_smallest_multiple_of_a_row_of_at_least_min_width(n_features, run):
+    """W: whole rows (n_features * run values), at least MIN_WIDTH, one row fewer would not be.
+
+    Results do not depend on W (every multiple of a row is correct); the vector loops'
+    length does, and a rounded-down W (a surviving mutant) went unseen by the results.
+    """
+    row = n_features * run
+    width = columns.group_width(n_features, run)
+    assert width % row == 0
+    assert width >= columns.MIN_WIDTH
+    assert width - row < columns.MIN_WIDTH
