@@ -369,6 +369,17 @@ def test_one_value_per_channel_raises_in_training(dim, shape):
     torch.testing.assert_close(ours(x), theirs(x), rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize(
+    "dim,shape", [(1, (1, C, 5)), (2, (1, C, 1, 3)), (3, (1, C, 2, 1, 1))], ids=str
+)
+def test_one_example_of_several_values_per_channel_trains(gen, dim, shape):
+    """Batch size 1 with spatial values is torch's valid training batch: torch's results."""
+    ours, theirs = make_pair(dim, gen=gen)
+    x = make_input(gen, shape)
+    torch.testing.assert_close(ours(x), theirs(x), rtol=1e-10, atol=1e-10)
+    assert_state_close(ours, theirs, 1e-12)
+
+
 @pytest.mark.parametrize("shape", [(1, C), (1, C, 1), (1, C, 1, 1)], ids=str)
 def test_one_value_per_channel_message_is_torchs(shape):
     """fbt.batch_norm and the modules raise torch's ValueError, word for word."""

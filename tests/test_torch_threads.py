@@ -106,3 +106,21 @@ def test_a_pool_started_before_the_import_is_left_alone(subprocess_cache):
     # Numba's own first choice (tbb where it loads), kept by the import.
     assert result["layer"] == result["started"]
     assert result["started"] == ("tbb" if _tbb_loads(subprocess_cache) else "omp")
+
+
+NO_OMP_CODE = r"""
+import json, sys
+sys.modules["numba.np.ufunc.omppool"] = None  # a numba build without its omp layer
+import numba
+import torch
+import fastbn.torch
+print(json.dumps({"layer": numba.threading_layer(), "setting": numba.config.THREADING_LAYER}))
+"""
+
+
+def test_without_an_omp_layer_numbas_own_choice_stands(subprocess_cache):
+    """The omp layer cannot load: the import falls back to Numba's order, its setting put back."""
+    env = python_env(subprocess_cache, NUMBA_THREADING_LAYER=None)
+    result = json.loads(run_python(NO_OMP_CODE, env).stdout.strip().splitlines()[-1])
+    assert result["setting"] == "default"
+    assert result["layer"] in ("tbb", "workqueue")

@@ -572,8 +572,12 @@ REGISTRY_TESTS = {
     # parametrizations and torch.jit.script: workflows
     "fastbn/torch/_compat.py": [
         "tests/test_torch_compat.py", *_TORCH, "tests/test_torch_workflows.py",
+        "tests/test_torch_versions.py",
     ],
-    "fastbn/torch/_ops.py": [*_TORCH, "tests/test_torch_relu.py", "tests/test_torch_pages.py"],
+    "fastbn/torch/_ops.py": [
+        *_TORCH, "tests/test_torch_relu.py", "tests/test_torch_pages.py",
+        "tests/test_torch_compile.py",  # fold_torch: the compiled path's running statistics
+    ],
     "fastbn/torch/functional.py": [*_TORCH, "tests/test_torch_compile.py"],
     "fastbn/torch/modules.py": [
         *_TORCH, "tests/test_torch_relu.py", "tests/test_torch_workflows.py",
