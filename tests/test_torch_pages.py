@@ -8,6 +8,7 @@ output is THP-eligible, where the one holding a tensor torch allocated alone
 is not (so the check can fail). Linux with THP in madvise mode only.
 """
 
+import importlib
 import mmap
 import pathlib
 import re
@@ -20,10 +21,18 @@ import fastbn.torch as fbt  # noqa: E402
 from fastbn.torch import _pages  # noqa: E402
 
 THP = pathlib.Path("/sys/kernel/mm/transparent_hugepage/enabled")
+# NumPy's own switch (NUMPY_MADVISE_HUGEPAGE, or its kernel check), which the bridge follows.
+NUMPY_ADVISES = getattr(
+    importlib.import_module("numpy._core.multiarray"), "_get_madvise_hugepage", lambda: False
+)()
 pytestmark = pytest.mark.skipif(
-    not THP.exists() or "[madvise]" not in THP.read_text() or _pages._MADVISE is None,
+    not THP.exists() or "[madvise]" not in THP.read_text() or not NUMPY_ADVISES,
     reason="needs Linux with transparent huge pages in madvise mode and NumPy's advice on",
 )
+
+
+def test_the_bridge_advises_where_numpy_does():
+    assert _pages._MADVISE is not None
 
 
 def thp_eligible(address):
