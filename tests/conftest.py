@@ -128,6 +128,11 @@ def f64(a):
     return None if a is None else np.array(a, dtype=np.float64)
 
 
+def running_invstd(running_var, eps):
+    """What backward takes for training=False: 1 / sqrt(running_var + eps) in float64."""
+    return 1.0 / np.sqrt(f64(running_var) + eps)
+
+
 def ref_train(x, gamma=None, beta=None, *, axis=0, eps=1e-5):
     """The float64 reference of batch_norm_train on the same values."""
     return reference.batch_norm_train(f64(x), f64(gamma), f64(beta), axis=axis, eps=eps)

@@ -16,11 +16,8 @@ CI builds the site itself (``sphinx-build -W`` in .ci/run).
 """
 
 import ast
-import importlib.util
 import pathlib
 import re
-import subprocess
-import sys
 
 import pytest
 from markdown_pages import heading_anchors, local_links, python_blocks, run_block
@@ -174,39 +171,11 @@ def test_ci_builds_the_docs_with_warnings_as_errors():
     assert re.search(r"^sphinx-build -W --keep-going -b html docs ", ci, re.MULTILINE)
 
 
-# What the guide says each example reports, and a pattern its --quick run's
-# output must match for each (the quick run's values differ; their kind not).
-EXAMPLE_REPORTS = {
-    # "with and without batch norm, at learning rates 0.1 and 1.0": accuracy per epoch
-    "train_digits.py": [
-        rf"lr {lr}, {bn}batch norm:\n +epoch +1: loss \d\.\d+, test accuracy \d\.\d+"
-        for lr in ("0.1", "1.0")
-        for bn in ("", "no ")
-    ],
-    # eval mode against test batches normalized by themselves, "with batches of 2"
-    "running_stats.py": [
-        r"eval mode \(running statistics\) \d\.\d+",
-        r"test batches of +2 normalized by themselves: \d\.\d+",
-    ],
-}
-
-
-@pytest.mark.skipif(
-    importlib.util.find_spec("matplotlib") is None or importlib.util.find_spec("sklearn") is None,
-    reason="the examples need the examples extra",
-)
-@pytest.mark.parametrize("script", sorted(EXAMPLE_REPORTS))
-def test_example_quick_run_prints_what_the_guide_reports(script, tmp_path):
+@pytest.mark.parametrize("script", ["train_digits.py", "running_stats.py"])
+def test_the_guide_names_the_examples_whose_output_it_reports(script):
+    # tests/test_examples.py runs each and matches what the guide reports.
+    assert (EXAMPLES / script).exists()
     assert f"examples/{script}" in (GUIDE / "training.md").read_text()
-    result = subprocess.run(
-        [sys.executable, str(EXAMPLES / script), "--quick", "--out", str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr
-    for pattern in EXAMPLE_REPORTS[script]:
-        assert re.search(pattern, result.stdout, re.IGNORECASE), (pattern, result.stdout)
 
 
 def test_the_changelogs_latest_release_is_the_packages_version():

@@ -1,7 +1,14 @@
-"""Smoke tests: each example runs in its --quick configuration and writes its plots."""
+"""Each example runs --quick, writes its plots and prints what the pages report.
+
+One run per example: the README and the user guide state what train_digits.py
+and running_stats.py print (tests/test_readme.py and tests/test_docs.py check
+that the pages name them); the patterns below hold the kind of each value
+(the quick run's numbers differ from the full run's, their form does not).
+"""
 
 import importlib.util
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -11,6 +18,21 @@ pytest.importorskip("matplotlib", reason="the examples need the examples extra")
 pytest.importorskip("sklearn", reason="the examples need the examples extra")
 
 EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / "examples"
+
+# What the pages say each example reports.
+REPORTS = {
+    # "with and without batch norm, at learning rates 0.1 and 1.0": accuracy per epoch
+    "train_digits.py": [
+        rf"lr {lr}, {bn}batch norm:\n +epoch +1: loss \d\.\d+, test accuracy \d\.\d+"
+        for lr in ("0.1", "1.0")
+        for bn in ("", "no ")
+    ],
+    # eval mode against test batches normalized by themselves, "with batches of 2"
+    "running_stats.py": [
+        r"eval mode \(running statistics\) \d\.\d+",
+        r"test batches of +2 normalized by themselves: \d\.\d+",
+    ],
+}
 
 
 @pytest.mark.parametrize(
@@ -38,6 +60,8 @@ def test_example_runs_quick_and_writes_its_plots(tmp_path, script, plots):
     )
     assert result.returncode == 0, result.stderr
     assert "wrote" in result.stdout
+    for pattern in REPORTS.get(script, []):
+        assert re.search(pattern, result.stdout, re.IGNORECASE), (pattern, result.stdout)
     for plot in plots:
         path = tmp_path / plot
         # A PNG file starts with this signature.

@@ -47,6 +47,7 @@ from conftest import (
     ref_backward,
     ref_eval,
     ref_train,
+    running_invstd,
 )
 
 import fastbn
@@ -555,11 +556,6 @@ def check_gradients(dx, dgamma, dbeta, dx_ref, dg_ref, db_ref, x, axis):
     assert_close(dbeta, db_ref, dtype, scale=s, err_msg="dbeta")
 
 
-def running_invstd(running_var):
-    """What backward takes for training=False: 1 / sqrt(running_var + eps) in float64."""
-    return 1.0 / np.sqrt(f64(running_var) + EPS)
-
-
 # ---------------------------------------------------------------- plain batch norm
 
 
@@ -593,7 +589,7 @@ def test_backward(rng, name, dtype, training):
         _, mean, invstd = ref_train(x, axis=axis, eps=EPS)
     else:
         mean, rv = make_running(rng, shape[axis], dtype)
-        mean, invstd = f64(mean), running_invstd(rv)
+        mean, invstd = f64(mean), running_invstd(rv, EPS)
     dx, dgamma, dbeta = fastbn.batch_norm_backward(
         dy, x, mean, invstd, gamma, axis=axis, training=training
     )
@@ -660,7 +656,7 @@ def test_relu_eval(rng, name, dtype):
     shape, axis = case_shape(name, dtype)
     x, _, gamma, _, kink = make_data(rng, shape, axis, dtype)
     rm, rv = make_running(rng, shape[axis], dtype)
-    beta = relu_beta(gamma, kink, f64(rm), running_invstd(rv), dtype)
+    beta = relu_beta(gamma, kink, f64(rm), running_invstd(rv, EPS), dtype)
     y = fastbn.batch_norm_relu_eval(x, rm, rv, gamma, beta, axis=axis, eps=EPS)
     y_ref = ref_eval(x, rm, rv, gamma, beta, axis=axis, eps=EPS)
     relu_mask(y_ref, dtype)
@@ -677,7 +673,7 @@ def test_relu_backward(rng, name, dtype, training):
         _, mean, invstd = ref_train(x, axis=axis, eps=EPS)
     else:
         rm, rv = make_running(rng, shape[axis], dtype)
-        mean, invstd = f64(rm), running_invstd(rv)
+        mean, invstd = f64(rm), running_invstd(rv, EPS)
     beta = relu_beta(gamma, kink, mean, invstd, dtype)
     x_hat = (f64(x) - per_feature(mean, x.ndim, axis)) * per_feature(invstd, x.ndim, axis)
     y_ref = per_feature(f64(gamma), x.ndim, axis) * x_hat + per_feature(f64(beta), x.ndim, axis)

@@ -10,11 +10,8 @@ headings of those files. The long explanations live in the user guide
 (docs/guide/), whose blocks tests/test_docs.py runs.
 """
 
-import importlib.util
 import pathlib
 import re
-import subprocess
-import sys
 
 import pytest
 from markdown_pages import heading_anchors, python_blocks, run_block
@@ -44,34 +41,11 @@ def test_the_readme_opens_with_the_two_commands():
     ]
 
 
-# What the README says each example reports, and a pattern its --quick run's
-# output must match for each (the quick run's values differ; their kind not).
-EXAMPLE_REPORTS = {
-    # "with and without batch norm, at learning rates 0.1 and 1.0": accuracy per epoch
-    "train_digits.py": [
-        rf"lr {lr}, {bn}batch norm:\n +epoch +1: loss \d\.\d+, test accuracy \d\.\d+"
-        for lr in ("0.1", "1.0")
-        for bn in ("", "no ")
-    ],
-}
-
-
-@pytest.mark.skipif(
-    importlib.util.find_spec("matplotlib") is None or importlib.util.find_spec("sklearn") is None,
-    reason="the examples need the examples extra",
-)
-@pytest.mark.parametrize("script", sorted(EXAMPLE_REPORTS))
-def test_example_quick_run_prints_what_the_readme_reports(script, tmp_path):
+@pytest.mark.parametrize("script", ["train_digits.py"])
+def test_the_readme_names_the_examples_whose_output_it_reports(script):
+    # tests/test_examples.py runs each and matches what the readme reports.
+    assert (ROOT / "examples" / script).exists()
     assert f"examples/{script}" in README
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "examples" / script), "--quick", "--out", str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr
-    for pattern in EXAMPLE_REPORTS[script]:
-        assert re.search(pattern, result.stdout, re.IGNORECASE), (pattern, result.stdout)
 
 
 def test_the_readme_links_resolve():

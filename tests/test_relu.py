@@ -23,6 +23,7 @@ from conftest import (
     f64,
     layout,
     raises,
+    running_invstd,
 )
 
 import fastbn
@@ -121,11 +122,6 @@ def make_running(rng, c, dtype):
     running_mean = (0.5 + 0.3 * rng.standard_normal(c)).astype(dtype)
     running_var = rng.uniform(2.0, 6.0, c).astype(dtype)
     return running_mean, running_var
-
-
-def running_invstd(running_var, eps=EPS):
-    """What backward takes for training=False: 1 / sqrt(running_var + eps) in float64."""
-    return 1.0 / np.sqrt(running_var.astype(np.float64) + eps)
 
 
 def kink_free(rng, shape, axis, dtype):
@@ -260,7 +256,7 @@ def test_backward_is_batch_norm_backward_of_masked_dy(rng, name, dtype, training
     else:
         rm, rv = make_running(rng, x.shape[axis], dtype)
         y = fastbn.batch_norm_eval(x, rm, rv, gamma, beta, axis=axis)
-        mean, invstd = rm.astype(np.float64), running_invstd(rv)
+        mean, invstd = rm.astype(np.float64), running_invstd(rv, EPS)
     dz = np.where(y > 0, dy, 0).astype(dtype)
     dx, dgamma, dbeta = fastbn.batch_norm_relu_backward(
         dy, x, mean, invstd, gamma, beta, axis=axis, training=training
@@ -289,7 +285,7 @@ def test_backward_without_gamma_and_beta(rng, training):
     else:
         rm, rv = make_running(rng, x.shape[1], np.float64)
         y = fastbn.batch_norm_relu_eval(x, rm, rv, axis=1)
-        mean, invstd = rm, running_invstd(rv)
+        mean, invstd = rm, running_invstd(rv, EPS)
     dx, dgamma, dbeta = fastbn.batch_norm_relu_backward(
         dy, x, mean, invstd, axis=1, training=training
     )
@@ -329,7 +325,7 @@ def test_matches_float64_reference(rng, name, dtype, training):
         y_ref = reference.batch_norm_eval(
             f64(x), f64(rm), f64(rv), f64(gamma), f64(beta), axis=axis
         )
-        mean, invstd = rm.astype(np.float64), running_invstd(rv)
+        mean, invstd = rm.astype(np.float64), running_invstd(rv, EPS)
         mean_ref, invstd_ref = mean, invstd
     passed = y_ref > 0
     assert_close(y, np.where(passed, y_ref, 0.0), dtype)
@@ -369,7 +365,7 @@ def test_gradients_match_finite_differences(rng, name, training):
         if training:
             return fastbn.batch_norm_relu_train(x, gamma, beta, axis=axis)
         y = fastbn.batch_norm_relu_eval(x, rm, rv, gamma, beta, axis=axis)
-        return y, rm, running_invstd(rv)
+        return y, rm, running_invstd(rv, EPS)
 
     def loss():
         return float(np.sum(w * forward()[0]))
@@ -447,7 +443,7 @@ def test_ties_pass_no_gradient(rng, name, dtype):
             rm, rv = np.full(c, 2.5, dtype), rng.uniform(0.5, 2.0, c).astype(dtype)
             y_plain = fastbn.batch_norm_eval(x, rm, rv, gamma, beta, axis=axis)
             y = fastbn.batch_norm_relu_eval(x, rm, rv, gamma, beta, axis=axis)
-            mean, invstd = rm.astype(np.float64), running_invstd(rv)
+            mean, invstd = rm.astype(np.float64), running_invstd(rv, EPS)
         assert np.array_equal(y_plain == 0, ties) and np.array_equal(y == 0, ties | (y_plain < 0))
         dx, _, dbeta = fastbn.batch_norm_relu_backward(
             dy, x, mean, invstd, gamma, beta, axis=axis, training=training
@@ -502,7 +498,7 @@ def test_eval_backward_of_infinite_input_is_that_of_batch_norm_then_relu(rng, na
     rm, rv = make_running(rng, x.shape[axis], dtype)
     y = fastbn.batch_norm_relu_eval(x, rm, rv, gamma, beta, axis=axis)
     assert np.isposinf(np.moveaxis(y, axis, 0)[1].flat[3])
-    mean, invstd = rm.astype(np.float64), running_invstd(rv)
+    mean, invstd = rm.astype(np.float64), running_invstd(rv, EPS)
     dx, _, _ = fastbn.batch_norm_relu_backward(
         dy, x, mean, invstd, gamma, beta, axis=axis, training=False
     )
@@ -664,7 +660,7 @@ def test_layer_is_plain_layer_then_relu(rng, name, dtype):
             y_functional = fastbn.batch_norm_relu_eval(
                 x, rm, rv, fused.gamma, fused.beta, axis=axis
             )
-            mean, invstd = rm.astype(np.float64), running_invstd(rv)
+            mean, invstd = rm.astype(np.float64), running_invstd(rv, EPS)
         else:
             y_functional, mean, invstd = fastbn.batch_norm_relu_train(
                 x, fused.gamma, fused.beta, axis=axis

@@ -27,6 +27,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import torch.autograd.forward_ad as fwAD  # noqa: E402
+from forward_ad_runs import forward_ad_runs  # noqa: E402
 from torch import nn  # noqa: E402
 
 import fastbn.torch as fbt  # noqa: E402
@@ -172,17 +173,8 @@ def test_forward_mode_ad_gives_torchs_tangents(monkeypatch, gen, training, mecha
     ours, theirs = bn_pair(gen, training)
     x, tx = randn(gen, SHAPE), randn(gen, SHAPE)
     tw, tb = randn(gen, C), randn(gen, C)
-    runs = []
-    with fwAD.dual_level():
-        for module in (ours, theirs):
-            y = fwAD.unpack_dual(module(fwAD.make_dual(x, tx)))
-            runs.append({"y": y.primal.detach(), "tangent": y.tangent})
-        for fn in (fbt.batch_norm, torch.nn.functional.batch_norm):
-            rm, rv = theirs.running_mean.clone(), theirs.running_var.clone()
-            w = fwAD.make_dual(theirs.weight.detach(), tw)
-            b = fwAD.make_dual(theirs.bias.detach(), tb)
-            y = fwAD.unpack_dual(fn(fwAD.make_dual(x, tx), rm, rv, w, b, training))
-            runs.append({"y": y.primal.detach(), "tangent": y.tangent, "rm": rm, "rv": rv})
+    functions = (fbt.batch_norm, torch.nn.functional.batch_norm)
+    runs = forward_ad_runs((ours, theirs), functions, x, tx, tw, tb, training)
     for name, (mine, expected) in {"module": runs[:2], "functional": runs[2:]}.items():
         assert expected.keys() == mine.keys() and expected["tangent"] is not None, name
         for what, value in expected.items():

@@ -51,8 +51,8 @@ torch = pytest.importorskip("torch")
 import torch.nn.functional as F  # noqa: E402
 import torch.nn.utils.parametrize as parametrize  # noqa: E402
 import torch.nn.utils.prune as prune  # noqa: E402
+from forward_ad_runs import forward_ad_runs  # noqa: E402
 from torch import nn  # noqa: E402
-from torch.autograd import forward_ad as fwAD  # noqa: E402
 from torch.nn.modules.batchnorm import _BatchNorm  # noqa: E402
 from torch.utils.checkpoint import checkpoint  # noqa: E402
 
@@ -902,17 +902,8 @@ def test_forward_mode_ad_as_torch(bridge, gen, layout, training):
     x, tx = make_input(gen, shape, fmt), make_input(gen, shape, fmt)
     tw = torch.randn(C, generator=gen, dtype=torch.float64)
     tb = torch.randn(C, generator=gen, dtype=torch.float64)
-    runs = []
-    with fwAD.dual_level():
-        for module in (ours, theirs):
-            y = fwAD.unpack_dual(module(fwAD.make_dual(x, tx)))
-            runs.append({"y": y.primal.detach(), "tangent": y.tangent})
-        for fn in (bridge.batch_norm, F.batch_norm):  # tangents on weight and bias too
-            rm, rv = theirs.running_mean.clone(), theirs.running_var.clone()
-            w = fwAD.make_dual(theirs.weight.detach(), tw)
-            b = fwAD.make_dual(theirs.bias.detach(), tb)
-            y = fwAD.unpack_dual(fn(fwAD.make_dual(x, tx), rm, rv, w, b, training))
-            runs.append({"y": y.primal.detach(), "tangent": y.tangent, "rm": rm, "rv": rv})
+    functions = (bridge.batch_norm, F.batch_norm)
+    runs = forward_ad_runs((ours, theirs), functions, x, tx, tw, tb, training)
     for name, (mine, expected) in {"module": runs[:2], "functional": runs[2:]}.items():
         assert expected["tangent"] is not None
         assert_results_close(mine, expected, name)

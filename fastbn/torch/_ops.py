@@ -57,7 +57,6 @@ __all__ = [
     "BatchNormFunction",
     "accumulation_dtype",
     "as_array",
-    "backward_arrays",
     "channel_shape",
     "channels_last",
     "differentiable_grads",
@@ -74,7 +73,6 @@ __all__ = [
     "param_sums",
     "planned",
     "reduced_dims",
-    "running_invstd",
     "torch_moments",
     "torch_output",
     "train_arrays",
@@ -350,7 +348,7 @@ def eval_arrays(
     return y
 
 
-def running_invstd(
+def _running_invstd(
     running_mean: torch.Tensor, running_var: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The float64 (mean, invstd) that running statistics normalize with: new tensors."""
@@ -359,7 +357,7 @@ def running_invstd(
     return torch.from_numpy(mean), torch.from_numpy(invstd)
 
 
-def backward_arrays(
+def _backward_arrays(
     grad: torch.Tensor,
     input: torch.Tensor,
     weight: torch.Tensor | None,
@@ -460,7 +458,7 @@ class BatchNormFunction(torch.autograd.Function):
             return train_arrays(input, weight, bias, eps, relu)
         assert running_var is not None  # given with running_mean
         y = eval_arrays(input, running_mean, running_var, weight, bias, eps, relu)
-        return (y, *running_invstd(running_mean, running_var, eps))
+        return (y, *_running_invstd(running_mean, running_var, eps))
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor, ...]) -> None:
@@ -487,7 +485,7 @@ class BatchNormFunction(torch.autograd.Function):
 
             grads = differentiable_grads(needs, grad, formula, input, weight, bias)
         else:
-            grads = backward_arrays(
+            grads = _backward_arrays(
                 grad, input, weight, bias, mean, invstd, ctx.training, needs, ctx.relu
             )
         return (*grads, None, None, None, None)
