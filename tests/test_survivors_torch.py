@@ -116,7 +116,7 @@ def test_batch_renorm1d_refuses_input_that_is_not_2d_or_3d(gen, dim):
     Pins the mutant ``input.dim() > 3`` in `BatchRenorm1d._check_input_dim`,
     which let 1-D input through.
     """
-    shape = (C, 2, 2, 2)[:dim] if dim > 1 else (C,)
+    shape = (C, 2, 2, 2)[:dim]
     x = torch.randn(shape, generator=gen, dtype=torch.float64)
     message = re.escape(f"expected 2D or 3D input (got {dim}D input)")
     with pytest.raises(ValueError, match=message):

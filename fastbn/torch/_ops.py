@@ -25,7 +25,8 @@ Mechanisms
 - Calls that need none run the same arrays directly (`train_arrays`,
   `eval_arrays`).
 - Under `torch.compile` the bridge calls torch's op (`fastbn.torch.functional`
-  says why), so nothing here is traced.
+  says why): the kernels are never traced, only this module's torch-op
+  helpers (`fold_torch`, `torch_moments`, `channel_shape` and the like).
 
 Double backward: inside a backward, grad mode is on exactly when the caller
 asked for ``create_graph=True``; then the gradient is recomputed with
@@ -129,8 +130,10 @@ def empty_output(input: torch.Tensor, last: bool) -> torch.Tensor:
     be (`advise_huge_pages`).
     """
     if last or input.is_contiguous():  # empty_like keeps these strides, and is the cheapest
-        return advise_huge_pages(torch.empty_like(input))
-    return advise_huge_pages(torch.empty_like(input, memory_format=torch.contiguous_format))
+        output = torch.empty_like(input)
+    else:
+        output = torch.empty_like(input, memory_format=torch.contiguous_format)
+    return advise_huge_pages(output)
 
 
 def out_array(output: torch.Tensor, last: bool) -> Array:
