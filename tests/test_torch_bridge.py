@@ -948,3 +948,25 @@ def test_one_running_statistic_without_the_other_raises_torchs_value_error(given
         torch.nn.functional.batch_norm(x, **stats, training=True)
     with pytest.raises(ValueError, match=message):
         fbt.batch_norm(x, **stats, training=True)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: fbt.BatchNorm2d(C),
+        lambda: fbt.BatchNorm2d(C).eval(),
+        lambda: fbt.BatchNorm2d(C, virtual_batch_size=2),
+        lambda: fbt.BatchRenorm2d(C),
+        lambda: nn.BatchNorm2d(C),  # the behaviour the others follow
+    ],
+    ids=["train", "eval", "ghost", "renorm", "torch"],
+)
+def test_an_undefined_output_gradient_gives_no_gradients(gen, make):
+    # The Functions leave the statistics' gradients undefined (no zero tensors
+    # made); a pre-hook that drops y's gradient too must give no gradient, as torch's.
+    bn = make().double()
+    x = make_input(gen, (4, C, 3, 3)).requires_grad_(True)
+    y = bn(x)
+    y.grad_fn.register_prehook(lambda grads: (None,) * len(grads))
+    (y * 2).sum().backward()
+    assert x.grad is None and bn.weight.grad is None and bn.bias.grad is None

@@ -468,11 +468,16 @@ class BatchNormFunction(torch.autograd.Function):
         input, weight, bias, running_mean, _, eps, relu = inputs
         _, mean, invstd = output
         ctx.mark_non_differentiable(mean, invstd)
+        ctx.set_materialize_grads(False)  # no zero tensors made for the statistics' gradients
         ctx.save_for_backward(input, weight, bias, mean, invstd)
         ctx.eps, ctx.relu, ctx.training = eps, relu, running_mean is None
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor, *_statistics_grads: torch.Tensor | None) -> Grads:
+    def backward(
+        ctx: Any, grad: torch.Tensor | None, *_statistics_grads: torch.Tensor | None
+    ) -> Grads:
+        if grad is None:  # y's gradient undefined (a hook's doing): no gradient flows
+            return (None,) * 7
         input, weight, bias, mean, invstd = ctx.saved_tensors
         needs = ctx.needs_input_grad[:3]
         if torch.is_grad_enabled():  # create_graph=True: a differentiable gradient

@@ -181,11 +181,14 @@ class GhostBatchNormFunction(torch.autograd.Function):
         input, weight, bias, virtual_batch_size, eps = inputs
         _, mean, invstd = output
         ctx.mark_non_differentiable(mean, invstd)
+        ctx.set_materialize_grads(False)  # no zero tensors made for the statistics' gradients
         ctx.save_for_backward(input, weight, bias, mean, invstd)
         ctx.virtual_batch_size, ctx.eps = virtual_batch_size, eps
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor, *_statistics_grads: Any) -> _ops.Grads:
+    def backward(ctx: Any, grad: torch.Tensor | None, *_statistics_grads: Any) -> _ops.Grads:
+        if grad is None:  # y's gradient undefined (a hook's doing): no gradient flows
+            return (None,) * 5
         input, weight, bias, mean, invstd = ctx.saved_tensors
         needs = ctx.needs_input_grad[:3]
         if torch.is_grad_enabled():  # create_graph=True: a differentiable gradient

@@ -95,11 +95,14 @@ class BatchRenormFunction(torch.autograd.Function):
         input, weight, bias, _, _, eps, _ = inputs
         _, mean, invstd, r, d = output
         ctx.mark_non_differentiable(mean, invstd, r, d)
+        ctx.set_materialize_grads(False)  # no zero tensors made for the constants' gradients
         ctx.save_for_backward(input, weight, bias, mean, invstd, r, d)
         ctx.eps = eps
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor, *_constants_grads: Any) -> _ops.Grads:
+    def backward(ctx: Any, grad: torch.Tensor | None, *_constants_grads: Any) -> _ops.Grads:
+        if grad is None:  # y's gradient undefined (a hook's doing): no gradient flows
+            return (None,) * 7
         input, weight, bias, mean, invstd, r, d = ctx.saved_tensors
         needs = ctx.needs_input_grad[:3]
         if torch.is_grad_enabled():  # create_graph=True: a differentiable gradient
