@@ -268,20 +268,26 @@ def fold_torch(
     Returns the (C,) bool tensor of the channels whose results are finite.
     """
     with torch.no_grad():
-        means, variances = (mean, var) if mean.dim() == 2 else (mean[None], var[None])
-        unbiased = variances * (count / (count - 1))
+        unbiased = var * (count / (count - 1))
+        # One batch folds its (C,) tensors as they are: indexed (mean[None][0]) they changed
+        # inductor's fusion, and a compiled small CNN's forward + backward ran at 0.94x of
+        # torch's compiled one, against 1.00x so (medians of 5 and 10 runs, 2 cores).
+        if mean.dim() == 1:
+            batches = [(mean, unbiased)]
+        else:
+            batches = [(mean[g], unbiased[g]) for g in range(mean.shape[0])]
         new_mean, new_var = running_mean, running_var
-        for g in range(means.shape[0]):
+        for g, (batch_mean, batch_var) in enumerate(batches):
             if momentum is None:
                 factor: Any = 0.0
                 if counter is not None:
                     factor = 1.0 / (counter + (g + 1)).to(torch.float64)
             else:
                 factor = momentum
-            new_mean = ((1.0 - factor) * new_mean.to(torch.float64) + factor * means[g]).to(
+            new_mean = ((1.0 - factor) * new_mean.to(torch.float64) + factor * batch_mean).to(
                 running_mean.dtype
             )
-            new_var = ((1.0 - factor) * new_var.to(torch.float64) + factor * unbiased[g]).to(
+            new_var = ((1.0 - factor) * new_var.to(torch.float64) + factor * batch_var).to(
                 running_var.dtype
             )
         # A batch that is not finite leaves NaN or inf in every later result.
@@ -290,7 +296,7 @@ def fold_torch(
         running_mean.copy_(torch.where(taken, new_mean, running_mean))
         running_var.copy_(torch.where(taken, new_var, running_var))
         if counter is not None:
-            counter.add_(taken.to(counter.dtype) * means.shape[0])
+            counter.add_(taken.to(counter.dtype) * len(batches))
     return finite
 
 
