@@ -69,22 +69,22 @@ def _calls(dtype):
         (
             "columns: gradient sums",
             columns._grad_sums_block,
-            (dy, x, WIDTH, 0, groups, 0, WIDTH, shift64, partials, partials, 0),
+            (dy, x, WIDTH, 0, groups, 0, WIDTH, shift64, partials, partials, 0, True),
         ),
         (
             "columns: scale",
             columns._scale_block,
-            (x, out, WIDTH, 0, groups, 0, WIDTH, *per_position[:4], None),
+            (x, out, WIDTH, 0, groups, 0, WIDTH, *per_position[:4], None, True),
         ),
         (
             "columns: scale, relu",
             columns._scale_block,
-            (x, out, WIDTH, 0, groups, 0, WIDTH, *per_position[:4], True),
+            (x, out, WIDTH, 0, groups, 0, WIDTH, *per_position[:4], True, True),
         ),
         (
             "columns: input gradient",
             columns._input_gradient_block,
-            (dy, x, out, WIDTH, 0, groups, 0, WIDTH, tuple(per_position)),
+            (dy, x, out, WIDTH, 0, groups, 0, WIDTH, tuple(per_position), True),
         ),
         (
             "columns: passed scaled",

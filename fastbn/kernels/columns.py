@@ -38,6 +38,7 @@ POSITION_BLOCK = 1024  # positions per unit: its partial rows stay in L1
 UNIT_VALUES = 16384  # values per unit at least: amortizes the unit's set-up
 TARGET_UNITS = 32  # units to share among threads, where the data allows
 PARTIAL_VALUES = 8192  # partial rows hold this many sums at most: they stay in L2
+STREAM_BYTES = 1 << 24  # passes touching more than this take one group a step (see below)
 
 twin = Twins(globals())  # every driver and entry also has a one-thread twin (serial_twin)
 
@@ -163,15 +164,18 @@ def _moments_block(x, width, g0, g1, j0, n, shift, s1, s2, row):
 
 
 @njit(fastmath=REDUCE_MATH)
-def _grad_sums_block(dy, x, width, g0, g1, j0, n, mean, s1, s2, row):
-    """Add dy and dy * (x - mean), down groups g0..g1, to the partial row at row*width + j0."""
+def _grad_sums_block(dy, x, width, g0, g1, j0, n, mean, s1, s2, row, fours):
+    """Add dy and dy * (x - mean), down groups g0..g1, to the partial row at row*width + j0.
+
+    fours: whether to take four groups a step (see `_takes_fours`).
+    """
     w = np.uint64(width)
     w2 = w + w  # offsets stay unsigned: an int literal times a uint64 is a float in Numba
     w3 = w2 + w
     oj = np.uint64(j0)
     oa = np.uint64(row) * w + oj
     g = g0
-    while g + 4 <= g1:
+    while fours and g + 4 <= g1:
         o = np.uint64(g) * w + oj
         for i in range(np.uint64(n)):
             m = mean[oj + i]
@@ -204,13 +208,26 @@ def _input_grad(dy, v, scale, invstd, mean_hi, mean_lo, k_xhat, k0):
 # leave the loop bound by loads from L1 (5 per value for _scale_block).
 
 
+@njit(inline="always")
+def _takes_fours(x, arrays):
+    """Whether a pass over this many arrays of x's size takes four groups a step.
+
+    Four groups a step read and write 8-12 interleaved streams, each a
+    single row long (1 KiB at 256 float32 features): from cache that is the
+    faster loop, but a pass that streams from memory ran 1.5-3.5x slower
+    than one group a step (x of 16-32 MiB, 2 threads, AMD EPYC), so past
+    STREAM_BYTES touched the blocks go one group a step.
+    """
+    return x.size * x.itemsize * arrays <= STREAM_BYTES
+
+
 @njit(fastmath=EXACT_MATH, inline="always")
 def _output(v, mean_hi, mean_lo, scale, shift, relu, zero):
     return activated(normalized(v, mean_hi, mean_lo, scale, shift), relu, zero)
 
 
 @njit(fastmath=EXACT_MATH)
-def _scale_block(x, out, width, g0, g1, j0, n, mean_hi, mean_lo, scale, shift, relu):
+def _scale_block(x, out, width, g0, g1, j0, n, mean_hi, mean_lo, scale, shift, relu, fours):
     """out = ((x - mean_hi) - mean_lo) * scale + shift (then relu), per position, over g0..g1."""
     w = np.uint64(width)
     w2 = w + w
@@ -218,7 +235,7 @@ def _scale_block(x, out, width, g0, g1, j0, n, mean_hi, mean_lo, scale, shift, r
     oj = np.uint64(j0)
     zero = out.dtype.type(0)
     g = g0
-    while g + 4 <= g1:
+    while fours and g + 4 <= g1:
         o = np.uint64(g) * w + oj
         for i in range(np.uint64(n)):
             p = oj + i
@@ -237,7 +254,7 @@ def _scale_block(x, out, width, g0, g1, j0, n, mean_hi, mean_lo, scale, shift, r
 
 
 @njit(fastmath=EXACT_MATH)
-def _input_gradient_block(dy, x, out, width, g0, g1, j0, n, coefficients):
+def _input_gradient_block(dy, x, out, width, g0, g1, j0, n, coefficients, fours):
     """dx = scale * (dy + x_hat * k_xhat + k0) per position, over groups g0..g1."""
     scale, invstd, mean_hi, mean_lo, k_xhat, k0 = coefficients
     w = np.uint64(width)
@@ -245,7 +262,7 @@ def _input_gradient_block(dy, x, out, width, g0, g1, j0, n, coefficients):
     w3 = w2 + w
     oj = np.uint64(j0)
     g = g0
-    while g + 4 <= g1:
+    while fours and g + 4 <= g1:
         o = np.uint64(g) * w + oj
         for i in range(np.uint64(n)):
             p = oj + i
@@ -287,11 +304,12 @@ def _grad_sums(dy, x, mean, width):
     groups, _, blocks, position_blocks = grid
     s1 = zeros((blocks + 1) * width)
     s2 = zeros((blocks + 1) * width)
+    fours = _takes_fours(x, 2)
     for u in prange(blocks * position_blocks):
         b, g0, g1, j0, j1 = _unit(u, width, grid)
-        _grad_sums_block(dy, x, width, g0, g1, j0, j1 - j0, mean, s1, s2, b)
+        _grad_sums_block(dy, x, width, g0, g1, j0, j1 - j0, mean, s1, s2, b, fours)
     tail = x.size - groups * width
-    _grad_sums_block(dy, x, width, groups, groups + 1, 0, tail, mean, s1, s2, blocks)
+    _grad_sums_block(dy, x, width, groups, groups + 1, 0, tail, mean, s1, s2, blocks, fours)
     return s1.reshape((blocks + 1, width)), s2.reshape((blocks + 1, width))
 
 
@@ -300,12 +318,15 @@ def _apply(x, out, mean_hi, mean_lo, scale, shift, relu=None):
     """out = ((x - mean) * scale + shift) with per-position parameters of length W; then relu."""
     width = mean_hi.size
     groups, per_block, blocks = _memory_grid(x.size, width)
+    fours = _takes_fours(x, 2)
     for u in prange(blocks):
         g0 = u * per_block
         g1 = min(g0 + per_block, groups)
-        _scale_block(x, out, width, g0, g1, 0, width, mean_hi, mean_lo, scale, shift, relu)
+        _scale_block(x, out, width, g0, g1, 0, width, mean_hi, mean_lo, scale, shift, relu, fours)
     tail = x.size - groups * width
-    _scale_block(x, out, width, groups, groups + 1, 0, tail, mean_hi, mean_lo, scale, shift, relu)
+    _scale_block(
+        x, out, width, groups, groups + 1, 0, tail, mean_hi, mean_lo, scale, shift, relu, fours
+    )
 
 
 @njit(fastmath=EXACT_MATH)
@@ -338,12 +359,13 @@ def _input_gradient(dy, x, out, coefficients):
     """dx from per-position (scale, invstd, mean_hi, mean_lo, k_xhat, k0) of length W."""
     width = coefficients[0].size
     groups, per_block, blocks = _memory_grid(x.size, width)
+    fours = _takes_fours(x, 3)
     for u in prange(blocks):
         g0 = u * per_block
         g1 = min(g0 + per_block, groups)
-        _input_gradient_block(dy, x, out, width, g0, g1, 0, width, coefficients)
+        _input_gradient_block(dy, x, out, width, g0, g1, 0, width, coefficients, fours)
     tail = x.size - groups * width
-    _input_gradient_block(dy, x, out, width, groups, groups + 1, 0, tail, coefficients)
+    _input_gradient_block(dy, x, out, width, groups, groups + 1, 0, tail, coefficients, fours)
 
 
 @twin()
