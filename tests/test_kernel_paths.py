@@ -481,6 +481,15 @@ def test_the_grid_reaches_every_loop():
     )
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_passes_past_stream_bytes_go_one_group_a_step(dtype):
+    """The bf_streaming case's label is the kernels' rule: bytes touched against STREAM_BYTES."""
+    values = columns.STREAM_BYTES // (2 * np.dtype(dtype).itemsize)  # two arrays at the limit
+    assert columns._takes_fours(np.empty(values, dtype), 2)
+    assert not columns._takes_fours(np.empty(values + 1, dtype), 2)
+    assert not columns._takes_fours(np.empty(values, dtype), 3)
+
+
 def test_the_single_group_grid_misses_the_4_group_step():
     """Why this file exists: the (53, 7) batch-first shape of conftest.LAYOUTS is one group."""
     assert "columns sums: 4-group step" not in loops_reached((53, 7), 1, np.float32)
