@@ -135,7 +135,7 @@ def loops_reached(shape, axis, dtype):
     found = {f"{family}: {'serial' if plan.serial else 'parallel'}"}
     if plan.family is columns:
         _, run, width = plan.geometry
-        if 2 * size * np.dtype(dtype).itemsize > columns.STREAM_BYTES:
+        if not columns._takes_fours(np.empty(size, dtype), 2):
             found.add(STREAMING)  # the smallest pass (two arrays) past the limit: all are
         return found | _columns_loops("columns", size, width, run)
     P, C, Q = plan.pcq
