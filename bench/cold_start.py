@@ -1,9 +1,10 @@
 """Cold start of fastbn: ``python bench/cold_start.py``.
 
 In fresh processes, times ``import fastbn`` plus a first float32 train
-forward and backward on a (64, 128) array: with a warm compile cache (SPEC
-section 8 asks <= 1.0 s) and with an empty one (the first-ever compile). The
-cache is a temporary folder, so no other cache is touched.
+forward and backward on a (64, 128) array: with a warm compile cache (the
+contract, docs/guide/contract.md, asks <= 1.0 s) and with an empty one (the
+first-ever compile). The cache is a temporary folder, so no other cache is
+touched.
 """
 
 import argparse

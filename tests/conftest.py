@@ -18,14 +18,14 @@ from fastbn import reference
 DTYPES = (np.float32, np.float64)
 
 # Absolute tolerance (and relative, where magnitudes grow) per compute dtype, on
-# unit-scale data: SPEC section 7 asks 1e-10 for float64; float32 gets ~100 ulps.
+# unit-scale data: the contract asks 1e-10 for float64; float32 gets ~100 ulps.
 TOL = {np.dtype(np.float32): 1e-5, np.dtype(np.float64): 1e-10}
 
 # Relative tolerance of the float64 statistics (mean, invstd) against the float64
-# reference: float32 inputs are held to SPEC section 7 (1e-6); float64 to 1e-12.
+# reference: float32 inputs are held to the contract's 1e-6; float64 to 1e-12.
 STAT_TOL = {np.dtype(np.float32): 1e-6, np.dtype(np.float64): 1e-12}
 
-# name -> (shape, axis): every layout of SPEC section 2, small and with odd sizes.
+# name -> (shape, axis): every layout of the contract's shapes, small and with odd sizes.
 LAYOUTS = {
     "features_first": ((7, 53), 0),
     "batch_first": ((53, 7), 1),
@@ -35,7 +35,7 @@ LAYOUTS = {
     "ncl": ((4, 5, 9), 1),
 }
 
-# Memory orders of SPEC section 2: "any memory order must give correct results".
+# Memory orders: the contract says every memory order gives correct results.
 ORDERS = ("C", "F", "sliced", "transposed", "reversed")
 
 # Inputs large enough (> 1e6 elements) to take the parallel paths, one per layout.
@@ -161,7 +161,7 @@ def assert_close(actual, expected, dtype, *, scale=1.0, err_msg=""):
 def assert_stats_close(mean, invstd, mean_ref, invstd_ref, dtype):
     """mean and invstd are float64 (C,) and within STAT_TOL of the reference.
 
-    The mean error is measured against |mean_ref| + std_ref, as SPEC section 7 does.
+    The mean error is measured against |mean_ref| + std_ref, as the contract's bound does.
     """
     tol = STAT_TOL[np.dtype(dtype)]
     assert mean.dtype == np.float64 and invstd.dtype == np.float64

@@ -1,4 +1,4 @@
-"""Numerical accuracy of SPEC section 7, with the measured errors printed and recorded.
+"""The contract's accuracy bounds, with the measured errors printed and recorded.
 
 float32: per-feature mean 1e3 and std 1, M up to 2**22. The references are the
 float64 statistics of the same float32 values (NumPy's pairwise float64 sums:
@@ -64,7 +64,7 @@ def _report(record_property, name, **errors):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", F32_CASES)
 def test_float32_forward_accuracy(rng, record_property, name):
-    """float32 mean, var and y meet SPEC section 7 at |mean|/std = 1e3 and M up to 2**22."""
+    """float32 mean, var and y meet the accuracy bounds at |mean|/std = 1e3 and M up to 2**22."""
     shape, axis = F32_CASES[name]
     eps = 1e-5
     x = _offset_data(rng, shape, axis, np.float32, 1e3)
@@ -97,7 +97,7 @@ BACKWARD_CASES = ["features_first_2x2^22", "batch_first_2^22x2", "nchw_16x4x256x
 def test_float32_backward_accuracy(rng, record_property, name):
     """float32 dx within 1e-4 and dgamma/dbeta within 1e-6 of their spread, at mean 1e3.
 
-    SPEC section 7 states the float32 bounds for the forward; these are the same
+    The contract states the float32 bounds for the forward; these are the same
     bounds carried to the backward (float64-quality sums of M = 2**22 terms). The
     spread of a sum is sqrt(sum of its terms squared), as std_ref is for the mean.
     """
@@ -143,7 +143,7 @@ F64_CASES = {
 def test_float64_accuracy(rng, record_property, name, loc):
     """float64 y and dx within 1e-10, mean and invstd within 1e-12, of a long-double reference.
 
-    SPEC section 7 asks the y and dx bound on unit-scale data (std 1 here); a mean
+    The contract asks the y and dx bound on unit-scale data (std 1 here); a mean
     of 1e3 is held to the same bounds (float64 statistics meet them with margin).
     """
     shape, axis = F64_CASES[name]

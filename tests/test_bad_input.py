@@ -1,6 +1,6 @@
 """Bad input against a layer in mid-training: each gives its documented error and
-leaves every attribute of the layer exactly as it was (SPEC section 6, "no lost
-state"), and the functional API writes nothing when it raises.
+leaves every attribute of the layer exactly as it was (the contract's "no lost
+state", docs/guide/contract.md), and the functional API writes nothing when it raises.
 
 Lists are accepted wherever an array is, as NumPy would take them
 (``np.asarray``); only ``out`` must be an ndarray, since it is written into.

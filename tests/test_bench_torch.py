@@ -1,6 +1,6 @@
 """The plumbing of ``python -m fastbn.bench --torch`` (fastbn/bench/torch_mode.py), not speed.
 
-Rows, ratios, the geometric means, batch norm's shares and the SPEC targets
+Rows, ratios, the geometric means, batch norm's shares and the contract's targets
 come from fake timings; the driver's rounds run against fake workers. With
 torch: the bench's models build as described and train, each converted
 model's loss matches torch's in both memory formats, a worker's compiled
@@ -235,7 +235,7 @@ def test_report_prints_tables_geometric_means_shares_and_targets():
     assert [line.split(":")[0] for line in shares] == [c.label for c in bt.MODEL_CASES]
     assert shares[0].startswith("resnet18 nchw: BN share of the step: torch 20% (13.00ms")
     assert "fastbn 10% (10.00ms, 9.00ms without BN)" in shares[0]
-    assert "under torch.compile" not in text.split("SPEC section 8 targets:")[0]
+    assert "under torch.compile" not in text.split(bt.report.TARGETS_HEADING)[0]
     assert "NOT MET  model table, every model and format >= 1.0x" in text
     assert "worst 0.80x (mlp bf float32 step)" in text
     assert "NOT MET  model table, geometric mean of torch / fastbn >= 1.15x" in text
@@ -510,7 +510,7 @@ def test_end_to_end_tiny_run(tmp_path, capsys):
     assert math.isclose(results["geometric_mean"], math.sqrt(rows[0]["ratio"] * rows[1]["ratio"]))
     assert [t["met"] for t in results["targets"]][2:] == [None] * 4  # no model rows asked for
     assert results["machine"]["threading_layer"] == "workqueue"
-    assert "SPEC section 8 targets:" in out
+    assert bt.report.TARGETS_HEADING in out
 
 
 @needs_torch

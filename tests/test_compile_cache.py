@@ -1,5 +1,5 @@
-"""SPEC section 9: the compile cache from a read-only install, across NUMBA_NUM_THREADS,
-and filled by several processes at once. Every case runs in fresh interpreters.
+"""The contract's reliability: the compile cache from a read-only install, across
+NUMBA_NUM_THREADS, and filled by several processes at once. Every case runs in fresh interpreters.
 """
 
 import fcntl

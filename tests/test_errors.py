@@ -1,4 +1,4 @@
-"""Every error of SPEC sections 2-4, with its exception type and message.
+"""Every error of the contract's shapes, dtypes and functional API, with its type and message.
 
 Each message must name the offending argument by its parameter name and show
 its shape or value; dtype errors name the dtype and the ``astype`` fix.

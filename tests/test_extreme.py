@@ -1,4 +1,4 @@
-"""Extreme values: float32 data near the overflow limit, constant features (SPEC 3, 6, 7)."""
+"""Extreme values: float32 data near the overflow limit, constant features (the contract)."""
 
 import numpy as np
 import pytest
@@ -123,7 +123,7 @@ def test_float32_layer_rejects_an_overflowing_running_var(rng, momentum):
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize(("shape", "axis"), SHAPES.values(), ids=SHAPES.keys())
 def test_constant_features(rng, shape, axis, dtype, value):
-    """SPEC 7: a zero variance gives y == beta and dx = gamma * invstd * (dy - mean(dy))."""
+    """A zero variance gives y == beta and dx = gamma * invstd * (dy - mean(dy))."""
     x = rng.standard_normal(shape).astype(dtype)
     c = shape[axis]
     constant = [0, c - 1]  # the first and last features are constant

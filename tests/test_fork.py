@@ -1,4 +1,4 @@
-"""SPEC section 9: a process forked after fastbn ran (DataLoader workers) computes correctly.
+"""The contract's reliability: a process forked after fastbn ran computes correctly.
 
 Numba's thread pool starts at fastbn's first kernel call, of any size. A child
 forked after that cannot use it: under the ``omp`` layer (GNU OpenMP) Numba
@@ -11,8 +11,8 @@ Each layer is forced in a fresh interpreter (see test_threads). The parent
 computes every case at parallel sizes (over 32768 values), then forks; the
 children compute the same cases and send them back, and the parent checks
 them bit for bit against its own. Serial twins give the bits of the parallel
-kernels: the chunking follows the shape, not the thread count (SPEC section
-9; test_threads checks calls at every thread count too). Then the parent runs
+kernels: the chunking follows the shape, not the thread count (the contract's
+reliability; test_threads checks calls at every thread count too). Then the parent runs
 the cases again, still on the parallel kernels. Timeouts here only guard
 against hangs.
 """

@@ -1,4 +1,5 @@
-"""The functional API (SPEC sections 2-4, 7, 9) against the float64 NumPy reference.
+"""The functional API against the float64 NumPy reference: the contract's shapes, dtypes,
+functional API, accuracy and reliability (docs/guide/contract.md).
 
 Every result is compared with ``fastbn.reference`` run on float64 copies of the
 same values, over every layout, memory order and dtype.
@@ -258,7 +259,7 @@ def test_eval_single_example(rng):
     check_backward(dy, x, rm, 1.0 / np.sqrt(rv + 1e-5), None, 1, False)
 
 
-# --- consistency identities of SPEC section 1 --------------------------------------------
+# --- consistency identities of the contract's mathematics --------------------------------
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -278,7 +279,7 @@ def test_eval_with_batch_statistics_equals_train(rng, name, dtype):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("name", LAYOUTS)
 def test_identity_parameters(rng, name, dtype):
-    """gamma = sqrt(var + eps), beta = mu makes the layer the identity (SPEC section 1)."""
+    """gamma = sqrt(var + eps), beta = mu makes the layer the identity (the mathematics)."""
     shape, axis = LAYOUTS[name]
     x = _data(rng, shape, dtype, loc=2.0)
     _, mean, invstd = fastbn.batch_norm_train(x, axis=axis)
@@ -414,7 +415,7 @@ def test_inputs_unmodified_and_readonly_ok(rng, name, dtype, order):
     assert_unchanged(inputs, saved)
 
 
-# --- NaN / inf confinement (SPEC section 4) ------------------------------------------------
+# --- NaN / inf confinement (the contract's functional API) -------------------------------
 
 # Per case: where the poison goes, and what each output must look like.
 # "feature": every value of the poisoned feature non-finite; "element": only the
@@ -507,7 +508,7 @@ def test_nonfinite_is_confined_on_parallel_paths(rng, name, case):
     _confinement(rng, shape, axis, np.float32, case, np.nan)
 
 
-# --- constant features (SPEC section 7) ---------------------------------------------------
+# --- constant features (the contract's accuracy) ------------------------------------------
 
 
 @pytest.mark.parametrize("value", [0.0, 3.7, -1e3])
@@ -560,7 +561,7 @@ def test_all_constant_input(rng, name, dtype):
         assert_close(dx, dx_ref, dtype, scale=np.abs(f64(gamma)).max() * invstd.max())
 
 
-# --- determinism (SPEC section 9) --------------------------------------------------------
+# --- determinism (the contract's reliability) ---------------------------------------------
 
 
 def _all_outputs(x, dy, axis, params):

@@ -1,4 +1,4 @@
-"""The public building-block kernels of SPEC section 5 against NumPy in float64.
+"""The contract's public building-block kernels against NumPy in float64.
 
 ``fastbn.kernels.mean/var/normalize/affine`` take C-contiguous features-first
 (n, m) arrays; statistics come back float64, normalize and affine in x's dtype.
@@ -128,7 +128,7 @@ def test_kernels_leave_inputs_alone(rng, dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_statistics_are_accurate_with_large_offset(rng, dtype):
-    """Row statistics of data with |mean|/std = 1e3 keep SPEC section 7 accuracy."""
+    """Row statistics of data with |mean|/std = 1e3 keep the contract's accuracy."""
     x = _x(rng, (2, 1 << 18), dtype, loc=1e3, scale=1.0)
     mean_ref, var_ref = _stats64(x)
     mean = kernels.mean(x)

@@ -1,4 +1,4 @@
-"""The layer, fastbn.BatchNorm (SPEC section 6).
+"""The layer, fastbn.BatchNorm (the contract's layer, docs/guide/contract.md).
 
 References are independent of the code under test: ``fastbn.reference`` on
 float64 copies for y and the gradients, the running-statistics recurrence

@@ -1,4 +1,5 @@
-"""SPEC sections 8 and 9: no leak over 10,000 calls, no input-sized temporaries.
+"""The contract's memory promises (docs/guide/contract.md): no leak over 10,000 calls, no
+input-sized temporaries.
 
 Peak RSS (VmHWM) is measured in a fresh interpreter so that nothing else the
 test session allocated counts. The figures are printed (``pytest -s``).
@@ -115,7 +116,7 @@ print(json.dumps({"base": base, "inputs": inputs, "peak": peak, "ok": ok,
 
 
 def test_peak_memory_of_a_large_forward_backward(subprocess_cache):
-    """256 MiB float32: peak <= baseline + 1.15 x (x + dy + y + dx) (SPEC section 8's row)."""
+    """256 MiB float32: peak <= baseline + 1.15 x (x + dy + y + dx) (the contract's memory row)."""
     c, m = 64, 1 << 20  # 64 Mi values, 256 MiB
     proc = run_python(LARGE, python_env(subprocess_cache), c, m, timeout=300)
     r = json.loads(proc.stdout.strip().splitlines()[-1])

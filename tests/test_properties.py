@@ -4,7 +4,7 @@ Random shapes (one feature, two examples, M past the parallel threshold),
 feature axes, memory orders, dtypes, scales from 1e-20 to 1e20, and NaN/inf
 planted in one feature. Every output is compared with ``fastbn.reference``
 run in float64 on the same values; inputs must come back unmodified, NaN and
-inf must stay in their feature, ``out=`` aliasing must follow SPEC section 4
+inf must stay in their feature, ``out=`` aliasing must follow the contract's rules
 and two identical calls must agree bit for bit.
 """
 
@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 import fastbn
 
-# SPEC section 7: float64 to 1e-10 on unit-scale data, float32 y to 1e-4.
+# The contract's accuracy: float64 to 1e-10 on unit-scale data, float32 y to 1e-4.
 # Here every comparison is scaled by the magnitude of what is compared.
 PROP_TOL = {np.dtype(np.float32): 1e-4, np.dtype(np.float64): 1e-10}
 
@@ -61,7 +61,7 @@ def problems(draw, with_nonfinite=False):
     seed = draw(st.integers(0, 2**32 - 1))
     rng = np.random.default_rng(seed)
     c = shape[axis]
-    # |mean| / std up to 10, SPEC section 7's float32 guarantee reaches 1e3.
+    # |mean| / std up to 10, the contract's float32 guarantee reaches 1e3.
     offset = rng.uniform(-10, 10, c).reshape(
         [-1 if a == axis % len(shape) else 1 for a in range(len(shape))]
     )
@@ -130,7 +130,7 @@ def _check_against_reference(p, got):
     y_ref, mean_ref, invstd_ref = ref_train(x, gamma, beta, axis=axis)
     nd = x.ndim
     bshape = [-1 if a == axis % nd else 1 for a in range(nd)]
-    # Statistics: SPEC section 7, mean against |mean| + std, invstd relative.
+    # Statistics: the contract's accuracy, mean against |mean| + std, invstd relative.
     _check_close(mean, mean_ref, tol / 100, 1.0 / invstd_ref, "mean")
     _check_close(invstd, invstd_ref, tol / 100, 0.0, "invstd")
     g = 1.0 if gamma is None else np.abs(gamma.astype(np.float64)).reshape(bshape)

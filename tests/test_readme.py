@@ -61,3 +61,13 @@ def test_the_readme_links_resolve():
         assert target.exists(), link
         if anchor:
             assert anchor in heading_anchors(target), link
+
+
+def test_the_readme_names_the_contract_page():
+    # What fastbn promises is stated on the guide's contract page (tests/test_contract.py
+    # holds the bench's targets to it); the README sends its readers there.
+    links = re.findall(r"\]\((docs/guide/contract\.md)(#[\w-]+)?\)", README)
+    assert links, "the README does not link docs/guide/contract.md"
+    for path, anchor in links:
+        assert (ROOT / path).exists(), path
+        assert not anchor or anchor[1:] in heading_anchors(ROOT / path), anchor

@@ -17,7 +17,7 @@ import torch.nn.functional as F  # noqa: E402
 import fastbn.torch as fbt  # noqa: E402
 
 C = 3
-TOL = 1e-10  # float64, unit-scale data (SPEC sections 7 and 10)
+TOL = 1e-10  # float64, unit-scale data (the contract's accuracy and PyTorch bridge)
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""SPEC section 9: calls from many Python threads at once, under every threading layer.
+"""The contract's reliability: calls from many Python threads at once, under every layer.
 
 Each layer is forced with NUMBA_THREADING_LAYER in a fresh interpreter (not a
 fork: GNU OpenMP aborts in forked children). The child computes every case
@@ -154,7 +154,7 @@ def test_threads_with_one_numba_thread_each(subprocess_cache):
     )
     assert code != WORKER
     # Results may differ between thread counts only if chunking followed the
-    # count; SPEC section 9 fixes the chunking by shape, so they must not.
+    # count; the contract fixes the chunking by shape, so they must not.
     proc = run_python(code, python_env(subprocess_cache), N_THREADS, REPEATS)
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     assert report["errors"] == [] and report["mismatches"] == []

@@ -1,4 +1,4 @@
-"""fastbn.torch's op and modules against torch's own (SPEC section 10).
+"""fastbn.torch's op and modules against torch's own (the contract's PyTorch bridge).
 
 - the semantics of PyTorch's CPU BatchNorm tests, rewritten for fastbn's modules:
   running statistics, eval, momentum=None, affine=False, gradcheck and
@@ -8,7 +8,7 @@
 - step-by-step equality with torch's modules and ``F.batch_norm`` in every layout;
 - the deliberate difference: a non-finite training batch leaves the running
   statistics alone and warns;
-- float32 statistics that meet SPEC section 7 where torch's do not.
+- float32 statistics that meet the contract's accuracy where torch's do not.
 
 Model-level tests (convert/revert, fallbacks, training curves) are in
 test_torch_models.py.
@@ -33,7 +33,7 @@ CL = torch.channels_last
 CL3 = torch.channels_last_3d
 THEIRS = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
 OURS = {1: fbt.BatchNorm1d, 2: fbt.BatchNorm2d, 3: fbt.BatchNorm3d}
-# Absolute (and relative) tolerance on unit-scale data, SPEC sections 7 and 10.
+# Absolute (and relative) tolerance on unit-scale data: the contract's accuracy and bridge.
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
 
@@ -890,8 +890,8 @@ def test_nonfinite_warning_names_the_callers_line(gen):
 # ---------------------------------------------------------------- float32 accuracy
 
 
-def test_float32_batch_first_statistics_meet_section_7(gen, record_property):
-    """(2**20, 2) float32 with mean 1e3 and std 1: SPEC section 7 against float64 statistics."""
+def test_float32_batch_first_statistics_meet_the_accuracy_bounds(gen, record_property):
+    """(2**20, 2) float32 with mean 1e3 and std 1: the accuracy bounds, against float64 ones."""
     n = 2**20
     x = (torch.randn(n, 2, generator=gen, dtype=torch.float64) + 1e3).float()
     exact = x.double()

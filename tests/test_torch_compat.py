@@ -1,4 +1,4 @@
-"""fastbn.torch._compat's public fallbacks, each forced, give torch's results (SPEC section 10).
+"""fastbn.torch._compat's public fallbacks, each forced, give torch's results (the contract).
 
 `_compat` reads three torch internals at import, each beside the public mechanism
 that takes its place where a torch release lacks it. This torch has all three, so
@@ -35,7 +35,7 @@ from fastbn.torch import _compat, _ops  # noqa: E402
 
 C = 3
 SHAPE = (4, C, 3, 2)
-TOL = 1e-10  # float64, SPEC section 10
+TOL = 1e-10  # float64: the contract's PyTorch bridge
 TRAINING = pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 # The behaviours are checked with the internal too, so that this file alone holds both.
 MECHANISM = pytest.mark.parametrize("mechanism", ["fallback", "internal"])

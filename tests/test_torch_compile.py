@@ -1,4 +1,4 @@
-"""fastbn.torch under torch.compile, ONNX and torch.export (SPEC section 10).
+"""fastbn.torch under torch.compile, ONNX and torch.export (the contract's PyTorch bridge).
 
 Compiled graphs call torch's batch norm (inductor fuses it with the ops around
 it; `fastbn.torch.functional._compiled` has the measurement) with fastbn's

@@ -1,4 +1,4 @@
-"""fastbn.torch in models: convert/revert, torch's fallbacks, training curves (SPEC section 10).
+"""fastbn.torch in models: convert/revert, torch's fallbacks, training curves (the contract).
 
 - ``convert`` and ``revert`` on a nested model: which layers change, and that
   parameters (the same objects), buffers, requires_grad, training mode,

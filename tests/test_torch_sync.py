@@ -1,4 +1,4 @@
-"""fastbn.torch.SyncBatchNorm (SPEC section 11): gloo process groups on 127.0.0.1.
+"""fastbn.torch.SyncBatchNorm (the contract's SyncBatchNorm): gloo process groups on 127.0.0.1.
 
 Two groups are spawned, of 2 and 3 processes (one Numba and one torch
 thread each), and each runs a list of scenarios (`_sync_worker.py`) in
@@ -15,7 +15,7 @@ single-process ``torch.nn.BatchNorm1d/2d/3d`` on the concatenated batch:
   statistics, the torch-ops computation, a BatchNormReLU2d converted by
   convert_sync_batchnorm (torch's BatchNorm2d then ReLU), and bfloat16
   input; float32 on unit-scale data, dx included, within 1e-5;
-- float32 global statistics at |mean|/std = 1e3 within SPEC section 7;
+- float32 global statistics at |mean|/std = 1e3 within the contract's accuracy bounds;
 - a non-finite global batch: running statistics kept, a warning on every rank;
 - a global count of one value per channel: ValueError on every rank;
 - a small CNN in DistributedDataParallel with converted layers: the
@@ -345,8 +345,8 @@ def test_bfloat16_input_takes_torch_ops_and_matches_within_its_precision(two_ran
 
 
 @pytest.mark.parametrize("name", ["float32_mean_1e3_ncl", "float32_mean_1e3_channels_last"])
-def test_float32_global_statistics_meet_section_7(two_ranks, name):
-    """|mean|/std up to 1e3: the global statistics of SPEC section 7, against float64 ones."""
+def test_float32_global_statistics_meet_the_accuracy_bounds(two_ranks, name):
+    """|mean|/std up to 1e3: the global statistics within the accuracy bounds, against float64."""
     spec = find_spec(TWO_RANKS, name)
     _, _, [(x_all, _)] = worker.make_data(spec)
     x = x_all.float().double()  # the float32 values, exactly

@@ -1,11 +1,12 @@
 """Benchmark fastbn against NumPy, PyTorch and the bandwidth roofline: ``python -m fastbn.bench``.
 
-For each bench case (a SPEC section 8 shape in one layout) and dtype it
-times train forward, eval forward and backward of each peer: fastbn
+For each bench case (a bench shape in one layout) and dtype it times
+train forward, eval forward and backward of each peer: fastbn
 allocating its outputs, fastbn writing into preallocated ones (fastbn-out),
 the NumPy baseline (`fastbn.reference`) and PyTorch (when it is installed),
 and the roofline kernels R, RW, R2, R2W. Then the small (64, 128) case and
-the cold start. It prints one table and the SPEC's targets as MET / NOT MET.
+the cold start. It prints one table and the contract's targets
+(docs/guide/contract.md, Performance targets) as MET / NOT MET.
 
 How it measures:
 
@@ -349,7 +350,7 @@ def parse_threads(text):
 
 
 def select_cases(cases, shapes):
-    """The cases named by a comma-separated filter: SPEC names, array shapes or layouts."""
+    """The cases named by a comma-separated filter: shape names, array shapes or layouts."""
     if shapes is None:
         return cases
     tokens = {t.strip() for t in shapes.split(",") if t.strip()}
@@ -376,7 +377,7 @@ def parse_args(argv):
     )
     parser.add_argument(
         "--shapes",
-        help="comma-separated filter: SPEC names (4096x512), array shapes (512x4096), "
+        help="comma-separated filter: shape names (4096x512), array shapes (512x4096), "
         "layouts (ff, bf, nchw, nhwc) or name:layout (4096x512:bf); with --torch: shapes"
         " (32x128), layouts (bf, nchw, nhwc), shape:layout, model names (resnet18, mobilenetv2,"
         " cnn, mlp), model:format (resnet18:nhwc), models (the whole model table)",

@@ -17,7 +17,7 @@ in-place activations, the residual adds):
   - ReLU6(inplace), global average pool, fc. The classifier's Dropout(0.2)
   is left out (a step's loss then depends on nothing but the weights and the
   data). 2.2 M parameters for 10 classes.
-- ``cnn``: the small ResNet-style CNN of SPEC section 8's original step row
+- ``cnn``: the small ResNet-style CNN of the contract's original step target
   (16-32-64 channels, three basic blocks, BN followed by ``nn.ReLU()`` inside
   ``nn.Sequential``).
 - ``mlp``: 784-1024-1024-10 with BatchNorm1d and ReLU after each hidden linear.

@@ -44,12 +44,12 @@ LAYOUTS = {
 
 @dataclass(frozen=True)
 class Case:
-    """One bench input: a SPEC shape in one layout.
+    """One bench input: a bench shape in one layout.
 
     Attributes
     ----------
     name : str
-        The SPEC's shape, "n x m" for matrices, e.g. "4096x512".
+        The shape's name, "n x m" for matrices, e.g. "4096x512".
     layout : str
         A key of `LAYOUTS`.
     shape : tuple of int
@@ -84,7 +84,7 @@ class Case:
 
 
 def matrix_cases(n, m, layouts=("ff", "bf")):
-    """The (n, m) features-first and (m, n) batch-first cases of one SPEC shape."""
+    """The (n, m) features-first and (m, n) batch-first cases of one bench shape."""
     forms = {"ff": ((n, m), 0), "bf": ((m, n), 1)}
     return [Case(f"{n}x{m}", layout, *forms[layout]) for layout in layouts]
 
@@ -97,7 +97,7 @@ def image_cases():
     ]
 
 
-# SPEC section 8's bench shapes, plus (2048, 8000): features-first rows that fit in L2.
+# The contract's bench shapes, plus (2048, 8000): features-first rows that fit in L2.
 BENCH_CASES = [
     *(
         case
@@ -253,7 +253,7 @@ def peer_calls(peer, d):
 
 
 def small_calls(seed=0):
-    """SPEC's small case, (64, 128) float32: the functional passes, layer forward + backward."""
+    """The small case, (64, 128) float32: the functional passes, layer forward + backward."""
     rng = np.random.default_rng(seed)
     x = rng.standard_normal(SMALL_SHAPE, dtype=np.float32)
     dy = rng.standard_normal(SMALL_SHAPE, dtype=np.float32)

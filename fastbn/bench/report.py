@@ -1,4 +1,7 @@
-"""The bench's results: rows from the workers' timings, the SPEC targets, the printout, the plot.
+"""The bench's results: rows from the workers' timings, the targets, the printout, the plot.
+
+The targets are the contract's (docs/guide/contract.md, Performance targets):
+the page lists each target's text as `format_targets` prints it.
 
 A row is one case, dtype and pass. Its ratios:
 
@@ -24,11 +27,11 @@ from fastbn.bench.peers import ARRAYS_MOVED, LAYOUTS, PASSES, ROOFLINE_FORMS, RO
 from fastbn.kernels import rows as rows_kernels
 
 MiB = 1 << 20
-# SPEC section 8's limits on fastbn-out / roofline for data over 8 MiB.
+# The contract's limits on fastbn-out / roofline for data over 8 MiB.
 ROOFLINE_LIMITS = {"train": 1.15, "eval": 1.1, "backward": 1.15}
 L2_ASSUMED = 256 * 1024  # when the machine does not say
 BROKEN_BELOW = 0.9  # fastbn-out / floor under this means the floor is no floor
-# SPEC section 8's limits on the small (64, 128) float32 calls, medians in microseconds.
+# The contract's limits on the small (64, 128) float32 calls, medians in microseconds.
 SMALL_LIMITS_US = {
     "functional train forward": 5,
     "functional eval forward": 4,
@@ -138,7 +141,7 @@ def machine_info(workers, settings):
     return info
 
 
-# --- the SPEC's targets -------------------------------------------------------------
+# --- the contract's targets ---------------------------------------------------------
 
 
 def label(row):
@@ -280,7 +283,7 @@ def small_target(text, small, call, limit_us):
 
 
 def evaluate_targets(results):
-    """SPEC section 8's targets, each MET (True), NOT MET (False) or not measured (None)."""
+    """The contract's targets, each MET (True), NOT MET (False) or not measured (None)."""
     rows = results["rows"]
     l2 = results["machine"]["l2_bytes"] or L2_ASSUMED
     train_bwd = [r for r in rows if r["pass"] in ("train", "backward")]
@@ -474,10 +477,14 @@ def format_small(small):
     )
 
 
+# The targets' heading: the page and section that state them.
+TARGETS_HEADING = "Targets (docs/guide/contract.md, Performance targets):"
+
+
 def format_targets(targets):
     status = {True: "MET", False: "NOT MET", None: "-", "broken": "BROKEN"}
     width = max(len(t["target"]) for t in targets)
-    lines = ["SPEC section 8 targets:"]
+    lines = [TARGETS_HEADING]
     for t in targets:
         lines.append(f"  {status[t['met']]:<8} {t['target']:<{width}}  {t['measured']}")
     return "\n".join(lines)

@@ -7,9 +7,9 @@ Two peers, each a subprocess of its own (``python -m fastbn.bench.torch_mode
 - ``fastbn``: the same modules and models, with the same seed, after
   ``fastbn.torch.convert(copy.deepcopy(...))`` with its default settings.
 
-Rows, SPEC section 8:
+Rows (docs/guide/contract.md, Performance targets):
 
-- layer rows, for each of SPEC section 10's model shapes and float32 and
+- layer rows, for each of the contract's layer shapes and float32 and
   float64: ``train``, one forward and ``y.backward(grad)`` through autograd
   in training mode (the input requires grad, grad is a fixed tensor), and
   ``eval``, one forward under ``torch.no_grad()`` in eval mode;
@@ -38,7 +38,7 @@ Rows, SPEC section 8:
   cache would hand those to whichever peer compiled second.
 
 Each row's ratio is torch / fastbn (> 1: fastbn faster); geometric means
-and SPEC section 8's targets follow the tables: every layer row >= 1.0x and
+and the contract's targets follow the tables: every layer row >= 1.0x and
 their geometric mean >= 1.3x; the small CNN and the MLP faster than torch's;
 every model of the model table >= 1.0x in both formats and its geometric
 mean >= 1.15x; under ``--compile`` every model >= 1.0x.
@@ -148,12 +148,12 @@ BUDGET = 0.5  # seconds per layer row and peer; the model rows get MODEL_BUDGET_
 QUICK_BUDGET = 0.1
 MODEL_BUDGET_FACTOR = 4
 LR = 0.01
-MODEL_TABLE_GEOMEAN = 1.15  # SPEC section 8: the model table's geometric mean
+MODEL_TABLE_GEOMEAN = 1.15  # the contract's target for the model table's geometric mean
 
 
 @dataclass(frozen=True)
 class TorchCase:
-    """One layer input: a SPEC section 10 model shape in one layout (a key of `LAYOUTS`)."""
+    """One layer input: one of the contract's layer shapes in one layout (a key of `LAYOUTS`)."""
 
     shape: tuple
     layout: str
@@ -566,7 +566,7 @@ def model_table(rows, compiled=False):
 
 
 def evaluate_targets(rows):
-    """SPEC section 8's fastbn.torch targets: MET (True), NOT MET (False), not measured (None).
+    """The contract's fastbn.torch targets: MET (True), NOT MET (False), not measured (None).
 
     The model-table targets: every row >= 1.0x (its worst row), eager and
     compiled; the eager table's geometric mean >= 1.15x, over the whole table

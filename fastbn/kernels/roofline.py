@@ -1,9 +1,10 @@
 """Roofline kernels: the least work that touches the same memory as batch norm.
 
-The benchmarks divide fastbn's times by these (SPEC section 8). Each works on
-flat C-contiguous arrays in fixed chunks under prange, with the same Numba
-settings as the fused kernels, and computes in the data's dtype, so it is the
-fastest honest pass over the bytes:
+The benchmarks divide fastbn's times by these (the contract's roofline,
+docs/guide/contract.md). Each works on flat C-contiguous arrays in fixed
+chunks under prange, with the same Numba settings as the fused kernels, and
+computes in the data's dtype, so it is the fastest honest pass over the
+bytes:
 
 - read (R): a sum of x;
 - read_write (RW): y = a * x + b;
