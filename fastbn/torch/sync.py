@@ -255,7 +255,7 @@ class SyncBatchNorm(FastBatchNorm, _BatchNorm):
       torch's rule (momentum None: the cumulative average) and are
       identical on every rank; a batch whose global statistics are not
       finite leaves them and num_batches_tracked unchanged with a
-      RuntimeWarning, on every rank (SPEC section 10's rule).
+      RuntimeWarning, on every rank (fastbn.torch's rule: docs/guide/contract.md).
     - The weight and bias gradients are the rank's own sums, as in torch:
       DistributedDataParallel averages them. Double backward is not
       supported (the backward is marked once-differentiable).
