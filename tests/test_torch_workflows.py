@@ -1,4 +1,6 @@
-"""fastbn.torch as a drop-in for torch's BatchNorm in the workflows people use (SPEC section 10).
+"""fastbn.torch as a drop-in for torch's BatchNorm in the workflows people use.
+
+The promise is the contract page's (docs/guide/contract.md, the PyTorch bridge).
 
 Every comparison test takes the ``bridge`` fixture, parametrized over
 ``"torch"`` and ``"fastbn"``: in ``"torch"`` mode the modules under test are
@@ -59,7 +61,7 @@ from torch.utils.checkpoint import checkpoint  # noqa: E402
 import fastbn.torch as fbt  # noqa: E402
 
 C = 8
-TOL = 1e-10  # float64, SPEC section 10
+TOL = 1e-10  # float64: the contract's bound for the bridge
 CL = torch.channels_last
 CL3 = torch.channels_last_3d
 THEIRS = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
@@ -702,6 +704,63 @@ def test_checkpoint_gives_torchs_gradients_and_running_stats(
     assert int(theirs[1].num_batches_tracked) == before + (2 if training else 0)
 
 
+REENTRANT = pytest.mark.parametrize("reentrant", [False, True], ids=["non_reentrant", "reentrant"])
+DTYPES = pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+
+
+@DTYPES
+@REENTRANT
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_checkpointed_batch_norm_alone_takes_the_batch_twice_as_torch(
+    bridge, gen, layout, reentrant, dtype
+):
+    # The batch norm is the last op that saves tensors in the checkpointed function, so the
+    # non-reentrant recomputation stops right after its saves: the running statistics must
+    # already have taken the batch by then, as torch's op does before it saves.
+    dim, shape, fmt = LAYOUTS[layout]
+    theirs = randomize_bn(gen, THEIRS[dim](C, dtype=dtype))
+    ours = bridge.convert(copy.deepcopy(theirs))
+    x = make_input(gen, shape, fmt, dtype)
+    for module in (ours, theirs):
+        checkpoint(module, x.requires_grad_(), use_reentrant=reentrant).pow(2).sum().backward()
+    assert_same_state(ours, theirs, grads=False, tol=TOL if dtype is torch.float64 else 1e-6)
+    assert int(theirs.num_batches_tracked) == 3 + 2  # randomize_bn's 3, the forward, the recompute
+
+
+def twice_unchecked(module, x):
+    """A copy of module after two plain training forwards of x: what checkpointing must leave."""
+    twice = copy.deepcopy(module)
+    for _ in range(2):
+        twice(x)
+    return twice
+
+
+@REENTRANT
+@pytest.mark.parametrize("kind", ["relu", "renorm", "ghost"])
+@pytest.mark.parametrize("layout", ["nc", "nchw_channels_last"])
+def test_checkpointed_variant_alone_takes_the_batch_twice(gen, kind, layout, reentrant):
+    dim, shape, fmt = LAYOUTS[layout]
+    bn = Bridge("fastbn").variant(kind, dim, gen)
+    x = make_input(gen, shape, fmt)
+    expected = twice_unchecked(bn, x)
+    checkpoint(bn, x.requires_grad_(), use_reentrant=reentrant).pow(2).sum().backward()
+    assert_same_state(bn, expected, grads=False)
+    batches = 2 * (shape[0] // 2 if kind == "ghost" else 1)  # the ghost's slices of 2 count
+    assert int(bn.num_batches_tracked) == 3 + batches
+
+
+@pytest.mark.parametrize("kind", ["ghost", "renorm"])
+def test_checkpointed_variant_on_torch_ops_takes_the_batch_twice(gen, kind):
+    # bfloat16 runs the variants' torch-op formulas: they fold before the output's ops save.
+    dim, shape, _ = LAYOUTS["nchw"]
+    bn = Bridge("fastbn").variant(kind, dim, gen).to(torch.bfloat16)
+    x = make_input(gen, shape, dtype=torch.bfloat16)
+    expected = twice_unchecked(bn, x)
+    checkpoint(bn, x.requires_grad_(), use_reentrant=False).pow(2).sum().backward()
+    assert_same_state(bn, expected, grads=False, tol=0.0)
+    assert int(bn.num_batches_tracked) == 3 + 2 * (shape[0] // 2 if kind == "ghost" else 1)
+
+
 def held_bytes(obj, seen, depth=0):
     """Bytes of the tensors and arrays reachable from obj through containers and attributes."""
     if id(obj) in seen or depth > 4:
@@ -1225,7 +1284,7 @@ def test_overflowing_variance_gives_torchs_output(bridge, gen, affine):
     assert torch.equal(expected, theirs.bias.detach().expand(8, 2))
     with warnings.catch_warnings():
         # The running statistics are not compared: fastbn leaves them alone and
-        # warns (SPEC section 10's deliberate difference), torch stores inf.
+        # warns (the contract's deliberate difference), torch stores inf.
         warnings.simplefilter("ignore", RuntimeWarning)
         y = ours(x)
     close(y, expected)
@@ -1316,7 +1375,7 @@ def test_autocast_bfloat16_on_cpu_as_torch(bridge, gen, training):
         runs.append((y, xi.grad))
     (y, dx), (expected, expected_dx) = runs
     assert expected.dtype == torch.bfloat16  # the conv's output: BatchNorm ran on bfloat16
-    # bfloat16 BatchNorm input is served by torch's own op (SPEC section 10): bit-identical.
+    # bfloat16 BatchNorm input is served by torch's own op (the contract): bit-identical.
     assert y.dtype == expected.dtype and torch.equal(y, expected)
     assert torch.equal(dx, expected_dx)
     assert_same_state(ours, theirs, tol=0)

@@ -22,8 +22,11 @@ Mechanisms
   ``save_for_backward``, so autograd's in-place checks, saved-tensor hooks
   and checkpointing see it; the backward takes its arrays from the unpacked
   tensors.
-- Calls that need none run the same arrays directly (`train_arrays`,
-  `eval_arrays`).
+- Calls that need none run the Function's forward directly (training) or
+  `eval_arrays`.
+- A training Function folds the batch into the running statistics inside
+  its forward, before its tensors are saved, as torch's op does (`Fold`):
+  non-reentrant checkpointing stops recomputing there.
 - Under `torch.compile` the bridge calls torch's op (`fastbn.torch.functional`
   says why): the kernels are never traced, only this module's torch-op
   helpers (`fold_torch`, `torch_moments`, `channel_shape` and the like).
@@ -56,6 +59,7 @@ from fastbn.torch._pages import advise_huge_pages
 
 __all__ = [
     "BatchNormFunction",
+    "Fold",
     "accumulation_dtype",
     "as_array",
     "channel_shape",
@@ -76,12 +80,14 @@ __all__ = [
     "reduced_dims",
     "torch_moments",
     "torch_output",
-    "train_arrays",
     "vector",
 ]
 
 # Gradients of a Function's inputs, None where none is needed.
 Grads: TypeAlias = tuple[torch.Tensor | None, ...]
+# What a training Function calls with its batch's float64 (mean, invstd) arrays before it
+# returns: the running statistics' update (`fastbn.torch.functional.folder`).
+Fold: TypeAlias = Callable[[Float64, Float64], object]
 
 _CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
 # Permutations from (N, C, *spatial) to channels-last memory order.
@@ -318,7 +324,7 @@ def kernel_vector(
     return _checks.kernel_vector(vector(t), plan.n_features, dtype, default)
 
 
-def train_arrays(
+def _train_arrays(
     input: torch.Tensor,
     weight: torch.Tensor | None,
     bias: torch.Tensor | None,
@@ -446,11 +452,12 @@ def input_gradient_arrays(
 class BatchNormFunction(torch.autograd.Function):
     """y = weight * (input - mean) * invstd + bias, with batch or running statistics.
 
-    ``apply(input, weight, bias, running_mean, running_var, eps, relu)``
+    ``apply(input, weight, bias, running_mean, running_var, eps, relu, fold)``
     returns (y, mean, invstd): batch statistics when running_mean is None,
     running statistics (constants) otherwise; mean and invstd are float64
-    (C,) tensors, not differentiable, that the caller folds into its running
-    statistics. With relu, y is max(y, 0).
+    (C,) tensors, not differentiable. ``fold`` (None: nothing to update)
+    takes the batch statistics' arrays into the running ones before the
+    forward returns (`Fold`). With relu, y is max(y, 0).
     """
 
     @staticmethod
@@ -462,16 +469,20 @@ class BatchNormFunction(torch.autograd.Function):
         running_var: torch.Tensor | None,
         eps: float,
         relu: bool,
+        fold: Fold | None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if running_mean is None:
-            return train_arrays(input, weight, bias, eps, relu)
+            y, mean, invstd = _train_arrays(input, weight, bias, eps, relu)
+            if fold is not None:
+                fold(mean.numpy(), invstd.numpy())
+            return y, mean, invstd
         assert running_var is not None  # given with running_mean
         y = eval_arrays(input, running_mean, running_var, weight, bias, eps, relu)
         return (y, *_running_invstd(running_mean, running_var, eps))
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor, ...]) -> None:
-        input, weight, bias, running_mean, _, eps, relu = inputs
+        input, weight, bias, running_mean, _, eps, relu, _ = inputs
         _, mean, invstd = output
         ctx.mark_non_differentiable(mean, invstd)
         ctx.set_materialize_grads(False)  # no zero tensors made for the statistics' gradients
@@ -483,7 +494,7 @@ class BatchNormFunction(torch.autograd.Function):
         ctx: Any, grad: torch.Tensor | None, *_statistics_grads: torch.Tensor | None
     ) -> Grads:
         if grad is None:  # y's gradient undefined (a hook's doing): no gradient flows
-            return (None,) * 7
+            return (None,) * 8
         input, weight, bias, mean, invstd = ctx.saved_tensors
         needs = ctx.needs_input_grad[:3]
         if torch.is_grad_enabled():  # create_graph=True: a differentiable gradient
@@ -502,7 +513,7 @@ class BatchNormFunction(torch.autograd.Function):
             grads = _backward_arrays(
                 grad, input, weight, bias, mean, invstd, ctx.training, needs, ctx.relu
             )
-        return (*grads, None, None, None, None)
+        return (*grads, None, None, None, None, None)
 
 
 # `BatchNormFunction.apply`, straight to the C entry: the bridge never calls it under

@@ -17,11 +17,15 @@ Which mechanism takes a call (`forward`):
   with the ops around it, with fastbn's running-statistics rule in torch
   ops (`_compiled`);
 - eagerly, with gradients to track: `_ops.BatchNormFunction`;
-- eagerly, without: the kernels directly (`_ops.train_arrays`, `_ops.eval_arrays`).
+- eagerly, without: the same Function's forward (training) or `_ops.eval_arrays`.
+
+A training Function folds its batch into the running statistics before it
+returns (`folder`).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from collections.abc import Sequence
@@ -37,6 +41,7 @@ __all__ = [
     "batch_norm",
     "check_sizes",
     "fold",
+    "folder",
     "forward",
     "needs_grad",
     "takes_torch_op",
@@ -191,19 +196,18 @@ def forward(
     if not training:
         assert running_mean is not None and running_var is not None  # else torch's op took it
         if grad:
-            return _ops.apply(input, weight, bias, running_mean, running_var, eps, relu)[0]
+            return _ops.apply(input, weight, bias, running_mean, running_var, eps, relu, None)[0]
         return _ops.eval_arrays(input, running_mean, running_var, weight, bias, eps, relu)
-    if grad:
-        y, mean, invstd = _ops.apply(input, weight, bias, None, None, eps, relu)
-    else:
-        y, mean, invstd = _ops.train_arrays(input, weight, bias, eps, relu)
+    update = None
     if running_mean is not None:
         assert running_var is not None  # given with running_mean
-        fold(
-            running_mean, running_var, mean.numpy(), invstd.numpy(), eps, momentum,
-            num_batches_tracked, input.numel() // input.shape[1], stacklevel,
+        update = folder(
+            running_mean, running_var, eps, momentum, num_batches_tracked,
+            input.numel() // input.shape[1], stacklevel + 1,
         )  # fmt: skip
-    return y
+    if grad:
+        return _ops.apply(input, weight, bias, None, None, eps, relu, update)[0]
+    return _ops.BatchNormFunction.forward(input, weight, bias, None, None, eps, relu, update)[0]
 
 
 def fold(
@@ -239,6 +243,31 @@ def fold(
     if counter_array is not None:  # item assignment: an in-place += on a 0-d array costs 10x
         counter_array[()] = counted + (1 if mean.ndim == 1 else mean.shape[0])
     return True
+
+
+def folder(
+    running_mean: torch.Tensor,
+    running_var: torch.Tensor,
+    eps: float,
+    momentum: float | None,
+    counter: torch.Tensor | None,
+    count: int,
+    stacklevel: int,
+    what: str = "batch statistics",
+) -> _ops.Fold:
+    """`fold` with all but the batch's statistics bound, for a Function to call in its forward.
+
+    The Functions fold before they return, as torch's op updates the running
+    statistics before it saves its tensors: non-reentrant checkpointing
+    stops recomputing a forward once the saved tensors are recomputed, and a
+    fold after the Function would then be skipped (the batch counted once
+    where torch's module counts it twice). ``stacklevel`` is counted from
+    the Function's forward.
+    """
+    return functools.partial(
+        fold, running_mean, running_var, eps=eps, momentum=momentum, counter=counter,
+        count=count, stacklevel=stacklevel, what=what,
+    )  # fmt: skip
 
 
 def warn_not_taken(bad: Sequence[int], dtype: torch.dtype, stacklevel: int, what: str) -> None:

@@ -13,7 +13,7 @@ num_batches_tracked unchanged, here for the whole batch (all slices or none).
   views them (channels_last as the (N, ..., C) permutation with axis=-1),
   and a RuntimeWarning naming the features of a batch not taken.
 - Under torch.compile, for other devices or dtypes, when traced, and under
-  torch.func transforms or forward-mode AD: `_formula`, the same arithmetic
+  torch.func transforms or forward-mode AD: `_moments` and `_output`, the same arithmetic
   in torch ops (statistics in float64 on the CPU, else in at least
   float32), and the running-statistics rule without branching on data
   (`fastbn.torch._ops.fold_torch`), without the warning.
@@ -29,7 +29,7 @@ import torch
 
 from fastbn import _checks, ghost
 from fastbn.torch import _compat, _ops
-from fastbn.torch.functional import check_sizes, fold, needs_grad, takes_torch_op
+from fastbn.torch.functional import check_sizes, folder, needs_grad, takes_torch_op
 
 __all__ = ["GhostBatchNormFunction", "forward"]
 
@@ -81,25 +81,24 @@ def forward(
     if torch.compiler.is_compiling() or takes_torch_op(
         input, weight, bias, running_mean, running_var
     ):
-        y, mean, var = _formula(input, weight, bias, k, eps)
-        if running_mean is not None:
+        x, mean, var = _moments(input, k)
+        if running_mean is not None:  # before the output's ops save their tensors (`folder`)
             assert running_var is not None  # given with running_mean
             _ops.fold_torch(
-                running_mean, running_var, mean, var, momentum, num_batches_tracked, count
-            )
-        return y
+                running_mean, running_var, mean.flatten(1), var.flatten(1),
+                momentum, num_batches_tracked, count,
+            )  # fmt: skip
+        return _output(input, x, mean, var, weight, bias, eps)
     eps = _checks.positive_eps(eps)
-    if needs_grad(input, weight, bias):
-        y, mean_t, invstd_t = _apply(input, weight, bias, k, eps)
-    else:
-        y, mean_t, invstd_t = _train_arrays(input, weight, bias, k, eps)
+    update = None
     if running_mean is not None:
         assert running_var is not None  # given with running_mean
-        fold(
-            running_mean, running_var, mean_t.numpy(), invstd_t.numpy(), eps, momentum,
-            num_batches_tracked, count, stacklevel,
-        )  # fmt: skip
-    return y
+        update = folder(
+            running_mean, running_var, eps, momentum, num_batches_tracked, count, stacklevel + 1
+        )
+    if needs_grad(input, weight, bias):
+        return _apply(input, weight, bias, k, eps, update)[0]
+    return GhostBatchNormFunction.forward(input, weight, bias, k, eps, update)[0]
 
 
 def _check_batch(size: Sequence[int], k: int) -> None:
@@ -116,30 +115,38 @@ def _check_batch(size: Sequence[int], k: int) -> None:
         )
 
 
-def _formula(
+def _moments(input: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(x, mean, biased var) in torch ops: x the (G, k, C, *) view of input in the accumulation
+    dtype, mean and var (G, 1, C, 1...).
+
+    The accumulation dtype is float64 on the CPU, else at least float32.
+    """
+    x = input.reshape(input.shape[0] // k, k, *input.shape[1:]).to(_ops.accumulation_dtype(input))
+    var, mean = torch.var_mean(x, dim=[1, *range(3, x.dim())], correction=0, keepdim=True)
+    return x, mean, var
+
+
+def _output(
     input: torch.Tensor,
+    x: torch.Tensor,
+    mean: torch.Tensor,
+    var: torch.Tensor,
     weight: torch.Tensor | None,
     bias: torch.Tensor | None,
-    k: int,
     eps: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(y, mean, biased var) in torch ops; mean and var (G, C) in the accumulation dtype.
+) -> torch.Tensor:
+    """y in torch ops from `_moments`, in input's shape, dtype and memory format.
 
-    The accumulation dtype is float64 on the CPU, else at least float32. The
-    output keeps input's memory format: the (G, k, C, *) view of a
-    channels-last tensor is dense, so the element-wise results keep its strides.
+    The (G, k, C, *) view of a channels-last tensor is dense, so the
+    element-wise results keep its strides.
     """
-    n_slices = input.shape[0] // k
-    x = input.reshape(n_slices, k, *input.shape[1:]).to(_ops.accumulation_dtype(input))
-    var, mean = torch.var_mean(x, dim=[1, *range(3, x.dim())], correction=0, keepdim=True)
     y = (x - mean) * torch.rsqrt(var + eps)
     channel = [1, 1, -1] + [1] * (input.dim() - 2)
     if weight is not None:
         y = y * weight.to(x.dtype).view(channel)
     if bias is not None:
         y = y + bias.to(x.dtype).view(channel)
-    y = y.to(input.dtype).reshape(input.shape)
-    return y, mean.reshape(n_slices, -1), var.reshape(n_slices, -1)
+    return y.to(input.dtype).reshape(input.shape)
 
 
 def _train_arrays(
@@ -160,10 +167,11 @@ def _train_arrays(
 class GhostBatchNormFunction(torch.autograd.Function):
     """Each virtual batch normalized with its own statistics, on fastbn's ghost kernels.
 
-    ``apply(input, weight, bias, virtual_batch_size, eps)`` returns (y,
-    mean, invstd), the last two float64 (G, C) tensors, not differentiable,
-    for the caller's running-statistics update. A double backward
-    (``create_graph=True``) differentiates `_formula` instead.
+    ``apply(input, weight, bias, virtual_batch_size, eps, fold)`` returns
+    (y, mean, invstd), the last two float64 (G, C) tensors, not
+    differentiable; ``fold`` (None: nothing to update) takes them into the
+    running statistics before the forward returns (`_ops.Fold`). A double
+    backward (``create_graph=True``) differentiates `_moments` and `_output` instead.
     """
 
     @staticmethod
@@ -173,12 +181,16 @@ class GhostBatchNormFunction(torch.autograd.Function):
         bias: torch.Tensor | None,
         virtual_batch_size: int,
         eps: float,
+        fold: _ops.Fold | None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return _train_arrays(input, weight, bias, virtual_batch_size, eps)
+        y, mean, invstd = _train_arrays(input, weight, bias, virtual_batch_size, eps)
+        if fold is not None:
+            fold(mean.numpy(), invstd.numpy())
+        return y, mean, invstd
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor, ...]) -> None:
-        input, weight, bias, virtual_batch_size, eps = inputs
+        input, weight, bias, virtual_batch_size, eps, _ = inputs
         _, mean, invstd = output
         ctx.mark_non_differentiable(mean, invstd)
         ctx.set_materialize_grads(False)  # no zero tensors made for the statistics' gradients
@@ -188,7 +200,7 @@ class GhostBatchNormFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor | None, *_statistics_grads: Any) -> _ops.Grads:
         if grad is None:  # y's gradient undefined (a hook's doing): no gradient flows
-            return (None,) * 5
+            return (None,) * 6
         input, weight, bias, mean, invstd = ctx.saved_tensors
         needs = ctx.needs_input_grad[:3]
         if torch.is_grad_enabled():  # create_graph=True: a differentiable gradient
@@ -197,10 +209,10 @@ class GhostBatchNormFunction(torch.autograd.Function):
             def formula(
                 input: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None
             ) -> torch.Tensor:
-                return _formula(input, weight, bias, k, eps)[0]
+                return _output(input, *_moments(input, k), weight, bias, eps)
 
             grads = _ops.differentiable_grads(needs, grad, formula, input, weight, bias)
-            return (*grads, None, None)
+            return (*grads, None, None, None)
         x, axis, last = _ops.as_array(input)
         x, plan = ghost.planned(x, axis, ctx.virtual_batch_size)
         dx = _ops.empty_output(input, last)
@@ -213,6 +225,7 @@ class GhostBatchNormFunction(torch.autograd.Function):
             dx if needs[0] else None,
             _ops.param_grad(dgamma, x.dtype) if needs[1] else None,
             _ops.param_grad(dbeta, x.dtype) if needs[2] else None,
+            None,
             None,
             None,
         )

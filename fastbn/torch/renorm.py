@@ -61,10 +61,12 @@ def _renorm_limits(rmax: float, rmin: float | None, dmax: float) -> renorm.Limit
 class BatchRenormFunction(torch.autograd.Function):
     """Batch Renormalization's training output on fastbn's kernels (CPU float32/float64).
 
-    ``apply(input, weight, bias, running_mean, running_var, eps, limits)``
+    ``apply(input, weight, bias, running_mean, running_var, eps, limits, fold)``
     returns (y, mean, invstd, r, d): limits is (r_min, r_max, d_max); the
-    float64 (C,) batch mean and invstd (for the caller's running-statistics
-    update) and the corrections r and d are not differentiable.
+    float64 (C,) batch mean and invstd and the corrections r and d are not
+    differentiable. ``fold`` takes the batch statistics into the running
+    ones (after r and d are computed from them) before the forward returns
+    (`_ops.Fold`).
     """
 
     @staticmethod
@@ -76,6 +78,7 @@ class BatchRenormFunction(torch.autograd.Function):
         running_var: torch.Tensor,
         eps: float,
         limits: renorm.Limits,
+        fold: _ops.Fold,
     ) -> tuple[torch.Tensor, ...]:
         x, plan, last = _ops.planned(input, training=True)
         y = _ops.empty_output(input, last)
@@ -88,11 +91,12 @@ class BatchRenormFunction(torch.autograd.Function):
             plan, x, running_mean64, running_var64, gamma, beta, limits, eps,
             _ops.out_array(y, last),
         )  # fmt: skip
+        fold(mean, invstd)
         return (y, *(torch.from_numpy(a) for a in (mean, invstd, r, d)))
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor, ...]) -> None:
-        input, weight, bias, _, _, eps, _ = inputs
+        input, weight, bias, _, _, eps, _, _ = inputs
         _, mean, invstd, r, d = output
         ctx.mark_non_differentiable(mean, invstd, r, d)
         ctx.set_materialize_grads(False)  # no zero tensors made for the constants' gradients
@@ -102,7 +106,7 @@ class BatchRenormFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor | None, *_constants_grads: Any) -> _ops.Grads:
         if grad is None:  # y's gradient undefined (a hook's doing): no gradient flows
-            return (None,) * 7
+            return (None,) * 8
         input, weight, bias, mean, invstd, r, d = ctx.saved_tensors
         needs = ctx.needs_input_grad[:3]
         if torch.is_grad_enabled():  # create_graph=True: a differentiable gradient
@@ -115,7 +119,7 @@ class BatchRenormFunction(torch.autograd.Function):
                 return _renorm_output(input, weight, bias, batch_mean, var, r, d, eps)
 
             grads = _ops.differentiable_grads(needs, grad, formula, input, weight, bias)
-            return (*grads, None, None, None, None)
+            return (*grads, None, None, None, None, None)
         x, plan, last = _ops.planned(input, training=True)
         dy = _ops.grad_array(grad, last)
         statistics = (mean.numpy(), invstd.numpy(), r.numpy(), d.numpy())
@@ -132,6 +136,7 @@ class BatchRenormFunction(torch.autograd.Function):
             dx,
             _ops.param_grad(dgamma, x.dtype) if needs[1] else None,
             _ops.param_grad(dbeta, x.dtype) if needs[2] else None,
+            None,
             None,
             None,
             None,
@@ -215,12 +220,12 @@ def _torch_train(
     """The training forward in torch ops, and the running statistics' update in place."""
     mean, var = _ops.torch_moments(input)
     r, d = _corrections(mean.detach(), var.detach(), running_mean, running_var, eps, *limits)
-    y = _renorm_output(input, weight, bias, mean, var, r, d, eps)
     count = input.numel() // input.shape[1]
+    # Before the output's ops save their tensors (`fastbn.torch.functional.folder`).
     _ops.fold_torch(
         running_mean, running_var, mean.detach(), var.detach(), momentum, counter, count
     )
-    return y
+    return _renorm_output(input, weight, bias, mean, var, r, d, eps)
 
 
 # --------------------------------------------------------------- modules
@@ -320,16 +325,14 @@ class BatchRenormBase(_BatchNorm):
                 input, weight, bias, running_mean, running_var, self.eps, limits, momentum, counter
             )
         eps = _checks.positive_eps(self.eps)
-        args = (input, weight, bias, running_mean, running_var, eps, limits)
-        if functional.needs_grad(input, weight, bias):
-            y, mean, invstd, _, _ = _apply(*args)
-        else:
-            y, mean, invstd, _, _ = BatchRenormFunction.forward(*args)
-        functional.fold(
-            running_mean, running_var, mean.numpy(), invstd.numpy(), eps, momentum,
-            counter, input.numel() // input.shape[1], stacklevel=5,
+        update = functional.folder(
+            running_mean, running_var, eps, momentum, counter,
+            input.numel() // input.shape[1], stacklevel=6,
         )  # fmt: skip
-        return y
+        args = (input, weight, bias, running_mean, running_var, eps, limits, update)
+        if functional.needs_grad(input, weight, bias):
+            return _apply(*args)[0]
+        return BatchRenormFunction.forward(*args)[0]
 
 
 class BatchRenorm1d(BatchRenormBase):

@@ -21,6 +21,8 @@ The module subclasses ``torch.nn.modules.batchnorm._BatchNorm``, not
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from typing import Any, TypeAlias
 
 import numpy as np
@@ -91,14 +93,17 @@ def _merge(gathered: _Float64) -> tuple[int, _Float64, _Float64]:
 
 
 class _SyncBatchNormFunction(torch.autograd.Function):
-    """y with the global statistics: ``apply(input, weight, bias, eps, group, world_size, fast)``.
+    """y with the global statistics.
 
-    Returns (y, mean, invstd, count): the global float64 (C,) statistics and
-    the global count of values per channel, for the module's
-    running-statistics update (zeros and 0 when every rank's batch is
-    empty). ``fast``: fastbn's kernels (CPU float32/float64, parameters of
-    the input's dtype); else torch ops in float64 (other CPU dtypes, mixed
-    dtypes). What the backward needs is saved with ``save_for_backward``.
+    ``apply(input, weight, bias, eps, group, world_size, fast, fold)``
+    returns (y, mean, invstd, count): the global float64 (C,) statistics and
+    the global count of values per channel (zeros and 0 when every rank's
+    batch is empty), which ``fold`` (None: nothing to update) takes into the
+    running statistics before the forward returns, as the plain Function
+    does (`fastbn.torch.functional.folder` says why). ``fast``: fastbn's
+    kernels (CPU float32/float64, parameters of the input's dtype); else
+    torch ops in float64 (other CPU dtypes, mixed dtypes). What the backward
+    needs is saved with ``save_for_backward``.
     """
 
     @staticmethod
@@ -111,6 +116,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         group: dist.ProcessGroup | None,
         world_size: int,
         fast: bool,
+        fold: Callable[[torch.Tensor, torch.Tensor, int], None] | None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
         c = input.shape[1]
         local_count = input.numel() // c if c else 0
@@ -132,6 +138,8 @@ class _SyncBatchNormFunction(torch.autograd.Function):
             )
         invstd = 1.0 / np.sqrt(var + eps)
         mean_t, invstd_t = torch.from_numpy(mean), torch.from_numpy(invstd)
+        if fold is not None:
+            fold(mean_t, invstd_t, count)
         ctx.mark_non_differentiable(mean_t, invstd_t)
         ctx.save_for_backward(input, weight, mean_t, invstd_t)
         ctx.param_dtypes = tuple(None if p is None else p.dtype for p in (weight, bias))
@@ -196,7 +204,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         weight_dtype, bias_dtype = ctx.param_dtypes
         dweight = torch.from_numpy(dgamma).to(weight_dtype) if need_weight else None
         dbias = torch.from_numpy(dbeta).to(bias_dtype) if need_bias else None
-        return dx, dweight, dbias, None, None, None, None
+        return dx, dweight, dbias, None, None, None, None, None
 
 
 def _fold(
@@ -204,23 +212,33 @@ def _fold(
     running_var: torch.Tensor,
     mean: torch.Tensor,
     invstd: torch.Tensor,
+    count: int,
+    *,
     eps: float,
     momentum: float | None,
     counter: torch.Tensor | None,
-    count: int,
 ) -> None:
     """Fold the global statistics into the running ones: all features and the counter, or nothing.
 
     torch's rule (momentum None: the cumulative average over
     num_batches_tracked) with the global unbiased variance; non-finite
     results leave everything unchanged with a RuntimeWarning. The inputs are
-    the same on every rank, so every rank takes the same decision.
+    the same on every rank, so every rank takes the same decision. No values
+    on any rank (count 0) only advance the counter, as torch's rule does.
     """
+    if count == 0:
+        if counter is not None:
+            counter.add_(1)
+        return
     what = "global batch statistics"
+    # The user's line, counted from the function that warns: _fold, the Function's forward
+    # and apply, the module's _sync_forward and forward, and torch's Module.__call__ (two
+    # frames) stand between.
+    stacklevel = 9
     if running_mean.dtype in (torch.float32, torch.float64) and running_mean.is_cpu:
         functional.fold(
             running_mean, running_var, mean.numpy(), invstd.numpy(), eps, momentum,
-            counter, count, stacklevel=7, what=what,
+            counter, count, stacklevel=stacklevel, what=what,
         )  # fmt: skip
         return
     # float16, bfloat16 buffers: the same rule in torch ops
@@ -228,7 +246,7 @@ def _fold(
     finite = _ops.fold_torch(running_mean, running_var, mean, var, momentum, counter, count)
     if not finite.all():
         functional.warn_not_taken(
-            torch.nonzero(~finite).flatten().tolist(), running_mean.dtype, 7, what
+            torch.nonzero(~finite).flatten().tolist(), running_mean.dtype, stacklevel, what
         )
 
 
@@ -351,16 +369,15 @@ class SyncBatchNorm(FastBatchNorm, _BatchNorm):
         eps = _checks.positive_eps(self.eps)
         fast = _ops.fast_path(input, weight, bias)
 
-        y, mean, invstd, count = _SyncBatchNormFunction.apply(
-            input, weight, bias, eps, group, world_size, fast
-        )
+        update = None
         if running_mean is not None:
-            if count == 0:  # no values on any rank: torch's rule
-                if counter is not None:
-                    counter.add_(1)
-            else:
-                assert running_var is not None  # given with running_mean
-                _fold(running_mean, running_var, mean, invstd, eps, momentum, counter, count)
+            assert running_var is not None  # given with running_mean
+            update = functools.partial(
+                _fold, running_mean, running_var, eps=eps, momentum=momentum, counter=counter
+            )
+        y = _SyncBatchNormFunction.apply(
+            input, weight, bias, eps, group, world_size, fast, update
+        )[0]
         # A BatchNormReLU's conversion: its ReLU after the synchronized normalization.
         return torch.relu(y) if self.fused_relu else y
 
