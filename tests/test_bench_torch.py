@@ -1,7 +1,9 @@
 """The plumbing of ``python -m fastbn.bench --torch`` (fastbn/bench/torch_mode.py), not speed.
 
-Rows, ratios, the geometric means, batch norm's shares and the contract's targets
-come from fake timings; the driver's rounds run against fake workers. With
+Rows, ratios and their spreads, torch against itself, the geometric means,
+batch norm's shares and the contract's targets (MET, NOT MET, WITHIN NOISE)
+come from fake timings; the driver's rounds (and a row measured again) run
+against fake workers. With
 torch: the bench's models build as described and train, each converted
 model's loss matches torch's in both memory formats, a worker's compiled
 rows go through torch.compile (a stand-in for it: a real compile takes a
@@ -16,6 +18,7 @@ import math
 import pytest
 
 from fastbn import bench
+from fastbn.bench import report, stats
 from fastbn.bench import torch_mode as bt
 
 needs_torch = pytest.mark.skipif(
@@ -23,11 +26,30 @@ needs_torch = pytest.mark.skipif(
 )
 
 
-def fake_times(torch_s, fastbn_s, calls=("train", "eval")):
-    """Pooled times of each peer: every call's times around the given medians."""
+# Each round's factor on the fastbn worker's and the second torch worker's times (torch's
+# own are exact): round by round, torch / fastbn and torch / torch again scatter by 2%, and
+# their medians are exact (the factors' median is 1.0).
+SCATTER = (1.0, 1.02, 0.98, 1.01, 0.99)
+CALLS_A_ROUND = 3
+
+
+def fake_times(torch_s, fastbn_s, calls=("train", "eval"), again=True):
+    """Each worker's times, a list of calls per round (`SCATTER`), around the given medians;
+    the second torch worker's (torch again) too, unless not ``again`` (compiled rows)."""
+    seconds = {"torch": torch_s, "fastbn": fastbn_s, bt.AGAIN: torch_s}
+    shift = {"torch": None, "fastbn": 0, bt.AGAIN: 2}
+    if not again:
+        del seconds[bt.AGAIN]
+
+    def factor(peer, r):
+        return 1.0 if shift[peer] is None else SCATTER[(r + shift[peer]) % len(SCATTER)]
+
     return {
-        "torch": {c: [torch_s[c] * f for f in (0.9, 1.0, 5.0)] for c in calls},
-        "fastbn": {c: [fastbn_s[c] * f for f in (1.0, 0.8, 3.0)] for c in calls},
+        peer: {
+            c: [[s[c] * factor(peer, r)] * CALLS_A_ROUND for r in range(len(SCATTER))]
+            for c in calls
+        }
+        for peer, s in seconds.items()
     }
 
 
@@ -42,13 +64,18 @@ def layer_rows(ratios):
 
 def model_row(case, ratio, share=(0.2, 0.1)):
     """A model-table row of the case (a ModelCase): fastbn's step at 10 ms, torch's at ratio
-    times it, each peer's step without BN at (1 - its share) of its step; first calls (the
+    times it, each peer's step without BN at (1 - its share) of its step (the second torch
+    worker's step alone, and none under compile, as the bench runs them); first calls (the
     compile) torch 30 s, fastbn 31 s."""
+    shares = dict(zip(bt.PEERS, share, strict=True))
     steps = {"torch": ratio * 1e-2, "fastbn": 1e-2}
-    times = {
-        peer: {"step": [steps[peer]] * 3, "identity": [(1 - s) * steps[peer]] * 3}
-        for peer, s in zip(bt.PEERS, share, strict=True)
-    }
+    times = fake_times(
+        {"step": steps["torch"], "identity": (1 - shares["torch"]) * steps["torch"]},
+        {"step": steps["fastbn"], "identity": (1 - shares["fastbn"]) * steps["fastbn"]},
+        calls=("step", "identity"),
+        again=not case.compiled,
+    )
+    times.get(bt.AGAIN, {}).pop("identity", None)
     first = {"torch": {"step": 30.0, "identity": 20.0}, "fastbn": {"step": 31.0, "identity": 20.0}}
     return bt.make_model_row(case, times, first)
 
@@ -65,23 +92,39 @@ def statuses(rows):
     return [t["met"] for t in bt.evaluate_targets(rows)]
 
 
-def test_rows_are_medians_and_ratios():
+def test_rows_are_medians_and_ratios_with_their_spreads():
     times = fake_times({"train": 4e-3, "eval": 1e-3}, {"train": 2e-3, "eval": 2e-3})
     rows = bt.make_rows("layer", "32x128 bf", "float64", 32768, times)
     assert [r["pass"] for r in rows] == ["train", "eval"]
     train, evaluate = rows
-    assert train["seconds"] == {"torch": 4e-3, "fastbn": 2e-3}  # the medians
-    assert train["ratio"] == pytest.approx(2.0)  # > 1: fastbn faster
-    assert evaluate["ratio"] == pytest.approx(0.5)
-    assert train["runs"] == {"torch": 3, "fastbn": 3}
-    assert train["quartiles"]["torch"][0] <= 4e-3 <= train["quartiles"]["torch"][1]
+    # The medians over the rounds of each round's median.
+    assert train["seconds"] == {"torch": 4e-3, "fastbn": 2e-3, bt.AGAIN: 4e-3}
+    assert train["rounds"]["fastbn"] == [2e-3 * f for f in SCATTER]
+    # torch / fastbn round by round: its median, and its interval (5 rounds: the range).
+    assert train["ratio"] == pytest.approx(
+        {"median": 2.0, "low": 2 / 1.02, "high": 2 / 0.98, "n": 5}
+    )
+    assert evaluate["ratio"]["median"] == pytest.approx(0.5)
+    assert train["noise"] == pytest.approx(
+        {"median": 1.0, "low": 1 / 1.02, "high": 1 / 0.98, "n": 5}
+    )
+    assert train["runs"] == {peer: 5 * CALLS_A_ROUND for peer in times}
     assert (train["kind"], train["case"], train["dtype"]) == ("layer", "32x128 bf", "float64")
+    # Without a second torch worker (the compiled rows): no noise floor, 1.0x.
+    bare = bt.make_rows(
+        "layer", "c", "float32", 1, fake_times({"train": 1}, {"train": 1}, ("train",), again=False)
+    )
+    assert bare[0]["noise"] is None and bt.noise_floor(bare[0]) == 1.0
+    # The floor: the lowest torch against itself reads, either way round (1 / 1.0204).
+    assert bt.noise_floor(train) == pytest.approx(0.98)
 
 
-def test_geometric_mean():
-    assert bt.geometric_mean([2.0, 0.5]) == pytest.approx(1.0)
-    assert bt.geometric_mean([1.5, 1.5, 1.5]) == pytest.approx(1.5)
+def test_geometric_mean_is_taken_round_by_round():
+    g = bt.geometric_mean(layer_rows([2.0, 0.5]))
+    assert g == pytest.approx(stats.estimate([1 / f for f in SCATTER]))
+    assert bt.geometric_mean(layer_rows([1.5, 1.5, 1.5]))["median"] == pytest.approx(1.5)
     assert bt.geometric_mean([]) is None
+    assert stats.geometric_mean_rounds([[2.0, 8.0], [0.5, 2.0, 9.0]]) == pytest.approx([1.0, 4.0])
 
 
 def test_model_table_is_every_model_in_its_formats():
@@ -105,9 +148,11 @@ def test_model_row_bn_share_and_first_calls():
     row = model_row(bt.ModelCase("resnet18", "nhwc"), 1.25, share=(0.3, 0.1))
     assert (row["kind"], row["case"], row["pass"]) == ("model", "resnet18 nhwc", "step")
     assert (row["model"], row["format"], row["compiled"]) == ("resnet18", "nhwc", False)
-    assert row["seconds"] == {"torch": 1.25e-2, "fastbn": 1e-2}
-    assert row["ratio"] == pytest.approx(1.25)
+    assert row["seconds"] == pytest.approx({"torch": 1.25e-2, "fastbn": 1e-2, bt.AGAIN: 1.25e-2})
+    assert row["ratio"]["median"] == pytest.approx(1.25)
+    assert row["noise"]["median"] == pytest.approx(1.0)
     assert row["identity_seconds"]["torch"] == pytest.approx(0.7 * 1.25e-2)
+    assert set(row["identity_seconds"]) == set(bt.PEERS)  # torch again times the step alone
     assert row["bn_share"]["torch"] == pytest.approx(0.3)
     assert row["bn_share"]["fastbn"] == pytest.approx(0.1)
     assert row["first_call"]["fastbn"]["step"] == 31.0
@@ -116,7 +161,7 @@ def test_model_row_bn_share_and_first_calls():
         " fastbn 10% (10.00ms, 9.00ms without BN)"
     )
     # A row without the step without BN: no share, and the line says so.
-    times = {peer: {"step": [1e-2]} for peer in bt.PEERS}
+    times = {peer: {"step": [[1e-2]]} for peer in bt.PEERS}
     bare = bt.make_model_row(bt.ModelCase("mlp", "bf"), times, {})
     assert bare["bn_share"] is None and bare["identity_seconds"] is None
     assert bt.format_bn_share(bare) == "mlp bf: BN share not measured"
@@ -125,41 +170,66 @@ def test_model_row_bn_share_and_first_calls():
 def test_targets_all_met():
     targets = bt.evaluate_targets(layer_rows([1.2, 1.4, 1.5]) + model_rows(1.2))
     assert [t["met"] for t in targets] == [True, True, True, True, True, None]
-    assert "worst 1.20x (0x8 bf float32 train)" in targets[0]["measured"]
+    layer = layer_rows([1.2])[0]
+    assert targets[0]["measured"] == (
+        f"worst {report.format_range(layer['ratio'])} (0x8 bf float32 train),"
+        f" torch against itself {report.format_range(layer['noise'])}"
+    )
+    assert targets[0]["measured"].startswith("worst 1.20x (1.18-1.22)")
     g = (1.2 * 1.4 * 1.5) ** (1 / 3)
-    assert targets[1]["measured"] == f"{g:.2f}x over 3 rows"
-    assert targets[2]["measured"] == "cnn nchw 1.20x, mlp bf 1.20x"
-    assert targets[3]["measured"] == "worst 1.20x (resnet18 nchw float32 step)"
-    assert targets[4]["measured"] == f"1.20x over {len(bt.MODEL_CASES)} rows"
-    compiled = bt.evaluate_targets(model_rows(1.2) + model_rows(1.01, compiled=True))
+    assert (
+        targets[1]["measured"].startswith(f"{g:.2f}x (")
+        and "over 3 rows" in targets[1]["measured"]
+    )
+    assert targets[2]["measured"] == "cnn nchw 1.20x (1.18-1.22), mlp bf 1.20x (1.18-1.22)"
+    assert targets[3]["measured"].startswith(
+        "worst 1.20x (1.18-1.22) (resnet18 nchw float32 step)"
+    )
+    assert targets[4]["measured"] == f"1.20x (1.18-1.22) over {len(bt.MODEL_CASES)} rows"
+    compiled = bt.evaluate_targets(model_rows(1.2) + model_rows(1.05, compiled=True))
     assert compiled[5]["met"] is True
-    assert compiled[5]["measured"] == "worst 1.01x (resnet18 nchw compiled float32 step)"
+    # No second torch worker under compile: the row's own spread against 1.0x.
+    assert (
+        compiled[5]["measured"] == "worst 1.05x (1.03-1.07) (resnet18 nchw compiled float32 step)"
+    )
 
 
-def test_one_slow_layer_row_fails_the_every_row_target_only():
-    assert statuses(layer_rows([0.99, 2.0, 2.0]) + model_rows(1.2)) == [
+def test_a_row_slower_within_the_spread_of_torch_against_itself_is_not_called_slower():
+    # torch against itself reads 0.98-1.02x in these rows: 0.99x (0.97-1.01) is within it.
+    assert statuses(layer_rows([0.99, 2.0, 2.0]) + model_rows(1.2))[0] == stats.NOISE
+    # Beyond it, the row is slower: the every-row target fails, the geometric mean holds.
+    assert statuses(layer_rows([0.9, 2.0, 2.0]) + model_rows(1.2)) == [
         *(False, True),
         *(True, True, True, None),
     ]
-    assert statuses(layer_rows([1.0, 1.0]) + model_rows(1.2))[:2] == [True, False]
+    # Equal to torch is never MET, nor NOT MET: the run cannot tell.
+    assert statuses(layer_rows([1.0, 1.0]) + model_rows(1.2))[:2] == [stats.NOISE, False]
+    # A wide floor does not turn a row MET: 0.9x against torch against itself 0.5-2x.
+    row = layer_rows([0.9])[0]
+    row["noise"] = {"median": 1.0, "low": 0.5, "high": 2.0, "n": 5}
+    assert bt.evaluate_targets([row])[0]["met"] == stats.NOISE
+    row["ratio"] = {"median": 0.4, "low": 0.38, "high": 0.45, "n": 5}
+    assert bt.evaluate_targets([row])[0]["met"] is False  # slower beyond even that
 
 
 def test_model_table_targets_not_met():
     ratios = [1.5] * len(bt.MODEL_CASES)
-    ratios[1] = 0.97  # resnet18 nhwc: the every-row target fails, the geometric mean holds
+    ratios[1] = 0.9  # resnet18 nhwc: the every-row target fails, the geometric mean holds
     targets = bt.evaluate_targets(model_rows(ratios))
     assert [t["met"] for t in targets[3:5]] == [False, True]
-    assert targets[3]["measured"] == "worst 0.97x (resnet18 nhwc float32 step)"
+    assert targets[3]["measured"].startswith(
+        "worst 0.90x (0.88-0.92) (resnet18 nhwc float32 step)"
+    )
     # Every row at least 1.0x, the geometric mean below 1.15x.
     targets = bt.evaluate_targets(model_rows(1.1))
     assert [t["met"] for t in targets[3:5]] == [True, False]
-    assert targets[4]["measured"] == f"1.10x over {len(bt.MODEL_CASES)} rows"
+    assert targets[4]["measured"] == f"1.10x (1.08-1.12) over {len(bt.MODEL_CASES)} rows"
     # Under torch.compile: one compiled row below 1.0x fails the compiled target alone.
     compiled = model_rows(1.3, compiled=True)
     compiled[-1] = model_row(bt.ModelCase("mlp", "bf", compiled=True), 0.5)
     targets = bt.evaluate_targets(model_rows(1.3) + compiled)
     assert [t["met"] for t in targets[3:]] == [True, True, False]
-    assert targets[5]["measured"] == "worst 0.50x (mlp bf compiled float32 step)"
+    assert targets[5]["measured"] == "worst 0.50x (0.49-0.51) (mlp bf compiled float32 step)"
     # A fast compiled table does not make up for a slow eager one.
     assert statuses(model_rows(0.9) + model_rows(2.0, compiled=True))[3:] == [False, False, True]
 
@@ -172,8 +242,10 @@ def test_the_original_step_target_is_the_cnn_and_the_mlp():
             model_row(bt.ModelCase("mlp", "bf"), mlp),
         ]
 
-    assert statuses(rows(1.01, 1.5))[2] is True
-    assert statuses(rows(1.5, 1.0))[2] is False  # > 1.0x: equal is not faster
+    assert statuses(rows(1.1, 1.5))[2] is True
+    # Faster beyond the spread of torch against itself (0.98-1.02x): 1.01x is not.
+    assert statuses(rows(1.5, 1.01))[2] == stats.NOISE
+    assert statuses(rows(1.5, 0.95))[2] is False  # wholly at or below 1.0x: not faster
     assert statuses(rows(0.9, 1.5))[2] is False
     assert statuses(rows(1.5, 1.5)[:2])[2] is None  # no MLP row
 
@@ -210,36 +282,50 @@ def fake_results(rows):
     }
 
 
+def status(text):
+    """A target line's status column, as `report.format_targets` prints it."""
+    return f"{text:<12} "
+
+
 def test_report_prints_tables_geometric_means_shares_and_targets():
     ratios = [1.3, 0.9, 1.2, 1.2, 1.1, 1.0, 0.8]
-    text = bt.format_report(fake_results(layer_rows([2.0, 0.5]) + model_rows(ratios)))
+    rows = layer_rows([2.0, 0.5]) + model_rows(ratios)
+    text = bt.format_report(fake_results(rows))
     assert "numba.threading_layer() = tbb, NUMBA_THREADING_LAYER=tbb" in text
     assert "torch.get_num_threads() = 2" in text
     assert "load average 0.50 before, 1.25 after" in text
-    assert "geometric mean of xTorch over the 2 layer rows: 1.00x" in text
+    assert "geometric mean of xTorch over the 2 layer rows: 1.00x (0.98-1.02)" in text
+    assert "torch against itself (A/A) over the 2 rows: medians 1.00-1.00x" in text
     lines = text.splitlines()
-    assert any(line.startswith("0x8 bf") and "2.00x" in line for line in lines)
-    # The model table: model, format, torch, fastbn, xTorch, runs; a blank line between models.
+    assert any(line.startswith("0x8 bf") and "2.00x±0.04" in line for line in lines)
+    # The model table: model, format, torch, fastbn, xTorch, A/A, runs, each time and ratio
+    # with its spread; a blank line between models.
     start = lines.index("model table, training steps:")
-    assert lines[start + 1].split() == ["model", "format", "torch", "fastbn", "xTorch", "runs"]
-    assert lines[start + 3].split() == ["resnet18", "nchw", "13.00ms", "10.00ms", "1.30x", "3/3"]
+    head = ["model", "format", "torch", "fastbn", "xTorch", "A/A", "runs"]
+    assert lines[start + 1].split() == head
+    resnet = rows[2]
+    assert lines[start + 3].split() == [
+        *("resnet18", "nchw", "13.00ms±0%", "10.00ms±2%"),
+        *(report.format_ratio(resnet["ratio"]), report.format_ratio(resnet["noise"]), "15/15"),
+    ]
+    assert report.format_ratio(resnet["ratio"]) == "1.30x±0.03"
     assert lines[start + 4].split()[:2] == ["resnet18", "nhwc"]
     assert lines[start + 5] == ""
     assert lines[start + 6].split()[:2] == ["mobilenetv2", "nchw"]
     assert lines[start + 12].split()[:2] == ["mlp", "bf"]
-    assert lines[start + 12].split()[4] == "0.80x"
+    assert lines[start + 12].split()[4] == "0.80x±0.02"
     g = math.prod(ratios) ** (1 / len(ratios))
-    assert f"geometric mean of xTorch over the 7 rows: {g:.2f}x" in text
+    assert f"geometric mean of xTorch over the 7 rows: {g:.2f}x (" in text
     # A line per model and format of batch norm's share, torch's and fastbn's.
     shares = [line for line in lines if "BN share of the step" in line]
     assert [line.split(":")[0] for line in shares] == [c.label for c in bt.MODEL_CASES]
     assert shares[0].startswith("resnet18 nchw: BN share of the step: torch 20% (13.00ms")
     assert "fastbn 10% (10.00ms, 9.00ms without BN)" in shares[0]
     assert "under torch.compile" not in text.split(bt.report.TARGETS_HEADING)[0]
-    assert "NOT MET  model table, every model and format >= 1.0x" in text
-    assert "worst 0.80x (mlp bf float32 step)" in text
-    assert "NOT MET  model table, geometric mean of torch / fastbn >= 1.15x" in text
-    assert "-        model table under torch.compile" in text
+    assert status("NOT MET") + "model table, every model and format >= 1.0x" in text
+    assert "worst 0.80x (0.78-0.82) (mlp bf float32 step)" in text
+    assert status("NOT MET") + "model table, geometric mean of torch / fastbn >= 1.15x" in text
+    assert status("-") + "model table under torch.compile" in text
 
 
 def test_report_prints_the_compiled_table_with_compile_times():
@@ -253,42 +339,102 @@ def test_report_prints_the_compiled_table_with_compile_times():
     )
     assert lines[start + 1].split()[-4:] == ["compile", "torch", "compile", "fastbn"]
     assert lines[start + 3].split() == [
-        *("resnet18", "nchw", "9.00ms", "10.00ms", "0.90x", "3/3"),
+        *("resnet18", "nchw", "9.00ms±0%", "10.00ms±2%", "0.90x±0.02", "-", "15/15"),
         *("30.0s", "31.0s"),  # each peer's first step
     ]
+    assert "torch against itself: not measured (no second torch worker for these rows)" in text
     assert "resnet18 nchw compiled: BN share of the step: torch 20%" in text
-    assert "NOT MET  model table under torch.compile, every model and format >= 1.0x" in text
-    assert "MET      model table, every model and format >= 1.0x" in text
+    assert status("NOT MET") + "model table under torch.compile, every model and format" in text
+    assert status("MET") + "model table, every model and format >= 1.0x" in text
 
 
 class FakeWorker:
-    """Answers a row job with one time per call, and the first calls on its first answer:
-    the order of the rounds, budget and min_runs."""
+    """Answers a row job with its calls' times, and the first calls on its first answer:
+    logs the order of the asks, the budget, min_runs and the calls asked for.
 
-    def __init__(self, peer, log):
-        self.peer = peer
+    ``seconds`` gives each call's time, scaled each round by ``scatter`` (a factor a round
+    in turn); None: the time is the ask's number.
+    """
+
+    def __init__(self, name, log, seconds=None, scatter=(1.0,)):
+        self.name = name
         self.log = log
+        self.seconds = seconds
+        self.scatter = scatter
+        self.asks = 0
 
     def ask(self, job):
-        self.log.append((self.peer, job["budget"], job["min_runs"]))
-        reply = {"times": {"train": [len(self.log)], "eval": [len(self.log)]}}
-        if len(self.log) <= 2:
+        self.log.append((self.name, job["budget"], job["min_runs"], job.get("calls")))
+        calls = job.get("calls") or ["train", "eval"]
+        if self.seconds is None:
+            reply = {"times": {c: [len(self.log)] for c in calls}}
+        else:
+            f = self.scatter[self.asks % len(self.scatter)]
+            reply = {"times": {c: [self.seconds * f] for c in calls}}
+        if not self.asks:
             reply["first"] = {"train": 10.0 * len(self.log)}
+        self.asks += 1
         return reply
 
 
-def test_rounds_alternate_between_the_peers_and_pool_their_times():
+LAYER_JOB = {
+    "kind": "layer",
+    "row": {},
+    "dtype": "float32",
+    "seed": 0,
+    "budget": 1.0,
+    "ratio_calls": ["train", "eval"],
+}
+
+
+def test_rounds_go_through_every_worker_and_keep_their_times_by_round():
     log = []
-    workers = [FakeWorker("torch", log), FakeWorker("fastbn", log)]
-    job = {"kind": "layer", "row": {}, "dtype": "float32", "seed": 0, "budget": 1.0}
-    times, first = bt.measure_row(workers, job, rounds=4)
-    order = [peer for peer, _, _ in log]
-    assert order == ["torch", "fastbn", "fastbn", "torch"] * 2  # who goes first alternates
-    assert {budget for _, budget, _ in log} == {0.25}  # the budget is split over the rounds
+    workers = [FakeWorker(name, log) for name in ("torch", "fastbn", bt.AGAIN)]
+    settings = bt.Settings(cases=[], dtypes=[], models=[], budget=1.0, rounds=4, remeasures=0)
+    times, first = bt.measure_row(workers, {**LAYER_JOB, "ratio_calls": ["train"]}, settings)
+    order = [name for name, *_ in log]
+    # Each round another worker first.
+    assert order[:9] == [
+        *("torch", "fastbn", bt.AGAIN),
+        *("fastbn", bt.AGAIN, "torch"),
+        *(bt.AGAIN, "torch", "fastbn"),
+    ]
+    assert len(order) == 12
+    assert {budget for _, budget, _, _ in log} == {0.25}  # the budget is split over the rounds
     assert 4 * log[0][2] >= bt.MIN_RUNS  # at least MIN_RUNS calls in all
-    assert times["torch"]["train"] == [1, 4, 5, 8]
-    assert times["fastbn"]["eval"] == [2, 3, 6, 7]
-    assert first == {"torch": {"train": 10.0}, "fastbn": {"train": 20.0}}
+    # The second torch worker times only the calls of the row's ratios.
+    assert all(calls == ["train"] for name, _, _, calls in log if name == bt.AGAIN)
+    assert all(calls is None for name, _, _, calls in log if name != bt.AGAIN)
+    assert times["torch"]["train"] == [[1], [6], [8], [10]]  # a list of calls per round
+    assert times["fastbn"]["eval"] == [[2], [4], [9], [11]]
+    assert first == {
+        "torch": {"train": 10.0},
+        "fastbn": {"train": 20.0},
+        bt.AGAIN: {"train": 30.0},
+    }
+
+
+def measured_rounds(torch_scatter, again_scatter, fastbn=1.0):
+    """measure_row against fake workers at 1.0 (fastbn at ``fastbn``): the rounds it took."""
+    log = []
+    workers = [
+        FakeWorker("torch", log, 1.0, torch_scatter),
+        FakeWorker("fastbn", log, fastbn),
+        FakeWorker(bt.AGAIN, log, 1.0, again_scatter),
+    ]
+    settings = bt.Settings(cases=[], dtypes=[], models=[], budget=1.0, rounds=5)
+    times, _ = bt.measure_row(workers, LAYER_JOB, settings)
+    return len(times["torch"]["train"])
+
+
+def test_a_row_whose_ratio_is_wide_or_whose_torch_disagrees_with_itself_is_measured_again():
+    steady = (1.0, 1.01, 0.99)
+    assert measured_rounds(steady, steady) == 5
+    # torch / fastbn from 0.8 to 1.25 round by round: wide, measured again (once at most).
+    assert measured_rounds((1.0, 1.25, 0.8), (1.0, 1.25, 0.8)) == 10
+    # torch against itself 1.1x beyond its spread: the two torch workers disagree.
+    assert measured_rounds(steady, tuple(f / 1.1 for f in steady)) == 10
+    assert bt.REMEASURES == 1
 
 
 def test_worker_environment(monkeypatch):
@@ -504,10 +650,17 @@ def test_end_to_end_tiny_run(tmp_path, capsys):
         ("32x128 bf", "float32", "eval"),
     ]
     for r in rows:
-        assert r["ratio"] == pytest.approx(r["seconds"]["torch"] / r["seconds"]["fastbn"])
+        # The ratios round by round, torch / fastbn and torch / torch again.
+        assert set(r["rounds"]) == {"torch", "fastbn", bt.AGAIN}
+        ratios = [t / f for t, f in zip(r["rounds"]["torch"], r["rounds"]["fastbn"], strict=True)]
+        assert r["ratio"] == pytest.approx(stats.estimate(ratios))
+        again = [t / a for t, a in zip(r["rounds"]["torch"], r["rounds"][bt.AGAIN], strict=True)]
+        assert r["noise"] == pytest.approx(stats.estimate(again))
+        assert len(ratios) in (bt.ROUNDS, 2 * bt.ROUNDS)  # measured again at most once
         assert min(r["runs"].values()) >= bt.MIN_RUNS
-        assert f"{r['ratio']:.2f}x" in out
-    assert math.isclose(results["geometric_mean"], math.sqrt(rows[0]["ratio"] * rows[1]["ratio"]))
+        assert report.format_ratio(r["ratio"]) in out
+    geomean = [math.sqrt(a * b) for a, b in zip(*map(bt.ratio_rounds, rows), strict=False)]
+    assert results["geometric_mean"] == pytest.approx(stats.estimate(geomean))
     assert [t["met"] for t in results["targets"]][2:] == [None] * 4  # no model rows asked for
     assert results["machine"]["threading_layer"] == "workqueue"
     assert bt.report.TARGETS_HEADING in out
@@ -538,4 +691,6 @@ def test_end_to_end_tiny_model_table(tmp_path, capsys):
     assert "here every model at batch 4" in out
     assert "model table, training steps:" in out
     assert results["model_geometric_mean"] == pytest.approx(rows[0]["ratio"])
+    assert rows[0]["noise"] is not None  # torch against itself, the step alone
+    assert set(rows[0]["identity_seconds"]) == set(bt.PEERS)
     assert [t["met"] for t in results["targets"]][4] is None  # 1 of the 7 rows

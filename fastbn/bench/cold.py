@@ -57,7 +57,8 @@ def measure_cold_start(warm_runs=3):
     -------
     dict
         "empty_cache": the times of the first run; "warm_cache": the median of
-        each time over ``warm_runs`` later runs. Times in seconds.
+        each time over ``warm_runs`` later runs, and under "totals" each of
+        their totals (the spread of the target's time). Times in seconds.
     """
     with tempfile.TemporaryDirectory(prefix="fastbn-cold-") as cache_dir:
         empty = run_fresh_process(cache_dir)
@@ -65,7 +66,10 @@ def measure_cold_start(warm_runs=3):
     return {
         "shape": list(SHAPE),
         "empty_cache": empty,
-        "warm_cache": {key: statistics.median(run[key] for run in warm) for key in empty},
+        "warm_cache": {
+            **{key: statistics.median(run[key] for run in warm) for key in empty},
+            "totals": [run["total"] for run in warm],
+        },
         "warm_runs": warm_runs,
     }
 

@@ -3,25 +3,34 @@
 The targets are the contract's (docs/guide/contract.md, Performance targets):
 the page lists each target's text as `format_targets` prints it.
 
-A row is one case, dtype and pass. Its ratios:
+A row is one case, dtype and pass, measured in rounds (`fastbn.bench`): each
+peer's time in each round, at the thread count whose median over the rounds
+is lowest. Its ratios, each a `stats.estimate` of the round-by-round ratios
+(median and interval):
 
 - vs_numpy = numpy / fastbn and vs_torch = torch / fastbn, every peer
   allocating its outputs;
 - vs_roofline = fastbn-out / roofline, where the roofline of a pass is the
   sum of its kernels' times (`ROOFLINE_OF_PASS`): R + RW for train forward,
   RW for eval, R2 + R2W for backward;
+- out_vs_fastbn = fastbn-out / fastbn, the same calls into preallocated
+  outputs: above 1 beyond the spread, the two columns disagree;
 - gbps, fastbn-out's effective bandwidth: x, y, dy and dx counted once each
-  (`ARRAYS_MOVED` times the data's bytes) over its time.
+  (`ARRAYS_MOVED` times the data's bytes) over its median time.
+
+A target is MET or NOT MET only when the spread of every row it rests on is
+on one side of its limit, else WITHIN NOISE (`stats.verdict`).
 """
 
 import glob
-import math
 import os
 import platform
+import statistics
 import subprocess
 import sys
 
 import fastbn
+from fastbn.bench import stats
 from fastbn.bench.cold import format_cold_start
 from fastbn.bench.peers import ARRAYS_MOVED, LAYOUTS, PASSES, ROOFLINE_FORMS, ROOFLINE_OF_PASS
 from fastbn.kernels import rows as rows_kernels
@@ -31,6 +40,8 @@ MiB = 1 << 20
 ROOFLINE_LIMITS = {"train": 1.15, "eval": 1.1, "backward": 1.15}
 L2_ASSUMED = 256 * 1024  # when the machine does not say
 BROKEN_BELOW = 0.9  # fastbn-out / floor under this means the floor is no floor
+# A row whose ratio's interval is wider than this fraction of its median is measured again.
+WIDE = 0.2
 # The contract's limits on the small (64, 128) float32 calls, medians in microseconds.
 SMALL_LIMITS_US = {
     "functional train forward": 5,
@@ -40,41 +51,81 @@ SMALL_LIMITS_US = {
 }
 
 
+def round_series(records):
+    """Each call's values at each thread count, in round order: call -> threads -> list.
+
+    A record is one round's median of one call at one thread count; a
+    record without a "round" is the only round.
+    """
+    series = {}
+    for r in sorted(records, key=lambda r: r.get("round", 0)):
+        series.setdefault(r["call"], {}).setdefault(r["threads"], []).append(r["median"])
+    return series
+
+
 def best_times(records):
-    """Each call's best median over thread counts.
+    """Each call at its best thread count: the lowest median over the rounds.
 
     Returns
     -------
     dict
-        call -> {"seconds", "threads", "by_threads": {threads: seconds}}.
+        call -> {"seconds" (the median), "threads", "rounds" (that thread
+        count's value of each round), "by_threads": {threads: rounds}}.
     """
     best = {}
-    for r in records:
-        b = best.setdefault(r["call"], {"seconds": math.inf, "threads": None, "by_threads": {}})
-        b["by_threads"][str(r["threads"])] = r["median"]
-        if r["median"] < b["seconds"]:
-            b.update(seconds=r["median"], threads=r["threads"])
+    for call, by_threads in round_series(records).items():
+        medians = {n: statistics.median(values) for n, values in by_threads.items()}
+        n = min(medians, key=medians.__getitem__)
+        best[call] = {
+            "seconds": medians[n],
+            "threads": n,
+            "rounds": by_threads[n],
+            "by_threads": {str(t): values for t, values in by_threads.items()},
+        }
     return best
 
 
-def floors(roofline_times):
-    """Each roofline kernel's floor: the fastest of its forms (`ROOFLINE_FORMS`), and which."""
+def time_estimate(timed):
+    """The estimate of a `best_times` entry (one timed once, without rounds, is one round)."""
+    return stats.estimate(timed.get("rounds") or [timed["seconds"]])
+
+
+def floors(roofline_times, kernels=tuple(ROOFLINE_FORMS)):
+    """Each kernel's floor: the fastest of its forms (`ROOFLINE_FORMS`), and which."""
     result = {}
-    for kernel, forms in ROOFLINE_FORMS.items():
-        form = min(forms, key=lambda f: roofline_times[f]["seconds"])
+    for kernel in kernels:
+        form = min(ROOFLINE_FORMS[kernel], key=lambda f: roofline_times[f]["seconds"])
         result[kernel] = {**roofline_times[form], "form": form}
     return result
 
 
+def summed_rounds(series):
+    """Round by round, the sum of several series of the same rounds."""
+    return [sum(values) for values in zip(*series, strict=True)]
+
+
+def ratio(numerator, denominator):
+    """The estimate of the round-by-round ratio of two series of the same rounds."""
+    return stats.estimate(stats.paired_ratios(numerator, denominator))
+
+
 def case_rows(case, dtype, records):
-    """The rows (one per pass) of one case and dtype from each peer's timing records."""
-    best = {peer: best_times(peer_records) for peer, peer_records in records.items()}
-    roofline = floors(best.pop("roofline"))
+    """The rows (one per pass) of one case and dtype from each peer's timing records.
+
+    ``records`` maps each peer (the roofline's forms under "roofline") to
+    its records, one per round, call and thread count; a roofline record's
+    "pass" names the pass it was timed beside (none: every pass's).
+    """
+    roofline_records = records["roofline"]
+    best = {peer: best_times(r) for peer, r in records.items() if peer != "roofline"}
     nbytes = case.nbytes(dtype)
     rows = []
     for p in PASSES:
+        beside = [r for r in roofline_records if r.get("pass", p) == p]
+        roofline = floors(best_times(beside), ROOFLINE_OF_PASS[p])
+        rounds = {peer: b[p]["rounds"] for peer, b in best.items()}
+        roof = summed_rounds(roofline[k]["rounds"] for k in ROOFLINE_OF_PASS[p])
         seconds = {peer: b[p]["seconds"] for peer, b in best.items()}
-        roof = sum(roofline[k]["seconds"] for k in ROOFLINE_OF_PASS[p])
         rows.append(
             {
                 "case": case.label,
@@ -83,17 +134,46 @@ def case_rows(case, dtype, records):
                 "nbytes": nbytes,
                 "pass": p,
                 "seconds": seconds,
+                "rounds": rounds,
                 "threads": {peer: b[p]["threads"] for peer, b in best.items()},
                 "by_threads": {peer: b[p]["by_threads"] for peer, b in best.items()},
                 "roofline_kernels": roofline,
-                "roofline": roof,
+                "roofline": statistics.median(roof),
+                "roofline_rounds": roof,
                 "gbps": ARRAYS_MOVED[p] * nbytes / seconds["fastbn-out"] / 1e9,
-                "vs_numpy": seconds["numpy"] / seconds["fastbn"],
-                "vs_torch": seconds["torch"] / seconds["fastbn"] if "torch" in seconds else None,
-                "vs_roofline": seconds["fastbn-out"] / roof,
+                "vs_numpy": ratio(rounds["numpy"], rounds["fastbn"]),
+                "vs_torch": ratio(rounds["torch"], rounds["fastbn"])
+                if "torch" in rounds
+                else None,
+                "vs_roofline": ratio(rounds["fastbn-out"], roof),
+                "out_vs_fastbn": ratio(rounds["fastbn-out"], rounds["fastbn"]),
             }
         )
     return rows
+
+
+def disagreements(row):
+    """What in a row contradicts itself beyond its spread: the reasons to measure it again.
+
+    Returns
+    -------
+    dict
+        reason -> the estimate that shows it: fastbn-out slower than fastbn
+        (the same calls, into preallocated outputs), or the roofline slower
+        than the pass it bounds.
+    """
+    reasons = {}
+    if stats.verdict(row["out_vs_fastbn"], "<=", 1.0) is False:
+        reasons["fastbn-out slower than fastbn"] = row["out_vs_fastbn"]
+    if stats.verdict(row["vs_roofline"], ">=", 1.0) is False:
+        reasons["roofline slower than fastbn-out"] = row["vs_roofline"]
+    return reasons
+
+
+def wide_ratios(row):
+    """The names of a row's ratios whose interval is wider than `WIDE` of their median."""
+    ratios = ("vs_numpy", "vs_torch", "vs_roofline")
+    return [k for k in ratios if row[k] is not None and stats.relative_spread(row[k]) > WIDE]
 
 
 # --- the machine --------------------------------------------------------------------
@@ -160,42 +240,93 @@ def target(text, met, measured):
     return {"target": text, "met": met, "measured": measured}
 
 
+def ranked_verdicts(rows, value, goal, limit):
+    """A target's verdict on every row (`stats.every` of each row's `stats.verdict`), and
+    the row it reports: the worst median among the rows whose verdict is the target's.
+
+    ``limit`` is a number or a band (`stats.verdict`), or a function giving each row's own.
+    """
+    limit_of = limit if callable(limit) else lambda r: limit
+    verdicts = [stats.verdict(value(r), goal, limit_of(r)) for r in rows]
+    met = stats.every(verdicts)
+    deciding = [r for r, v in zip(rows, verdicts, strict=True) if v == met]
+    worst = (min if goal in (">=", ">") else max)(deciding, key=lambda r: value(r)["median"])
+    return met, worst
+
+
 def worst_row(text, rows, value, goal, limit):
-    """A target on every chosen row: the worst row's value against the limit."""
+    """A target on every chosen row: MET if every row's interval is on the limit's good side,
+    NOT MET if one row's is wholly on the other, else WITHIN NOISE (`stats.NOISE`).
+
+    ``value(row)`` is an estimate (`stats.estimate`) or None (not measured).
+    """
     rows = [r for r in rows if value(r) is not None]
     if not rows:
         return target(f"{text} {goal} {limit}x", None, "not measured in this run")
-    row = (min if goal == ">=" else max)(rows, key=value)
-    v = value(row)
-    met = v >= limit if goal == ">=" else v <= limit
-    return target(f"{text} {goal} {limit}x", met, f"worst {v:.2f}x ({label(row)})")
+    met, row = ranked_verdicts(rows, value, goal, limit)
+    worst = "worst " if met != stats.NOISE else "undecided: "
+    measured = f"{worst}{format_range(value(row))} ({label(row)})"
+    return target(f"{text} {goal} {limit}x", met, measured)
+
+
+def broken_floor(text, rows, value):
+    """The target broken, if fastbn-out beats a row's floor by more than 10% beyond the
+    spread (a floor that fastbn beats is no floor); else None."""
+    broken = [r for r in rows if stats.verdict(value(r), ">=", BROKEN_BELOW) is False]
+    if not broken:
+        return None
+    row = min(broken, key=lambda r: value(r)["median"])
+    measured = f"fastbn-out at {format_range(value(row))} of its floor ({label(row)}): not a floor"
+    return target(text, "broken", measured)
+
+
+def may_be_broken(rows, value):
+    """Rows whose interval holds `BROKEN_BELOW`: their floor may be no floor."""
+    return [r for r in rows if stats.verdict(value(r), ">=", BROKEN_BELOW) == stats.NOISE]
 
 
 def floor_row(text, rows, value, limit):
-    """A roofline target: worst_row, unless fastbn beats a floor by more than 10%.
-
-    A floor that fastbn beats is not a floor: the yardstick is broken, and the
-    target is reported as such instead of MET.
+    """A roofline target: worst_row on ``<= limit``, unless a floor is broken (`broken_floor`);
+    a row that may be broken (its interval holds 0.9) leaves the target WITHIN NOISE at best.
     """
     rows = [r for r in rows if value(r) is not None]
+    found = worst_row(text, rows, value, "<=", limit)
     if rows:
-        row = min(rows, key=value)
-        if value(row) < BROKEN_BELOW:
-            return target(
-                f"{text} <= {limit}x",
-                "broken",
-                f"fastbn-out at {value(row):.2f}x of its floor ({label(row)}): not a floor",
-            )
-    return worst_row(text, rows, value, "<=", limit)
+        broken = broken_floor(found["target"], rows, value)
+        if broken:
+            return broken
+        doubtful = may_be_broken(rows, value)
+        if doubtful and found["met"] is True:
+            row = doubtful[0]
+            measured = f"fastbn-out at {format_range(value(row))} of its floor ({label(row)})"
+            return target(found["target"], stats.NOISE, measured + ": broken within noise")
+    return found
+
+
+def vs_torch_rounds(row):
+    return stats.paired_ratios(row["rounds"]["torch"], row["rounds"]["fastbn"])
 
 
 def torch_geomean(rows):
-    ratios = [r["vs_torch"] for r in rows if r["vs_torch"] is not None]
+    """The geometric mean of torch / fastbn over the table, round by round, against 1.5x."""
+    rows = [r for r in rows if r["vs_torch"] is not None]
     text = "vs PyTorch, geometric mean over the table >= 1.5x"
-    if not ratios:
+    if not rows:
         return target(text, None, "not measured in this run")
-    g = math.exp(sum(map(math.log, ratios)) / len(ratios))
-    return target(text, g >= 1.5, f"{g:.2f}x over {len(ratios)} rows")
+    g = stats.estimate(stats.geometric_mean_rounds([vs_torch_rounds(r) for r in rows]))
+    return target(text, stats.verdict(g, ">=", 1.5), f"{format_range(g)} over {len(rows)} rows")
+
+
+def fastest_at(row, peer, threads):
+    """Whether a peer's pass is fastest at ``threads``: against each other thread count,
+    the round-by-round ratio of its time over the time at ``threads`` (`stats.verdict`)."""
+    by_threads = row["by_threads"][peer]
+    at = by_threads[str(threads)]
+    return stats.every(
+        stats.verdict(ratio(other, at), ">", 1.0)
+        for t, other in by_threads.items()
+        if t != str(threads)
+    )
 
 
 def few_features(rows, max_threads):
@@ -204,21 +335,24 @@ def few_features(rows, max_threads):
     rows = [r for r in rows if r["name"] == "2x4194304" and r["dtype"] == "float32"]
     if not rows:
         return target(text, None, "not measured in this run")
-    lowest = min(rows, key=lambda r: r["vs_roofline"])
-    if lowest["vs_roofline"] < BROKEN_BELOW:
-        return target(
-            text,
-            "broken",
-            f"fastbn-out at {lowest['vs_roofline']:.2f}x of its floor ({label(lowest)}): "
-            "not a floor",
-        )
+
+    def vs_roofline(r):
+        return r["vs_roofline"]
+
+    broken = broken_floor(text, rows, vs_roofline)
+    if broken:
+        return broken
     threads = sorted({r["threads"]["fastbn-out"] for r in rows})
-    row = max(rows, key=lambda r: r["vs_roofline"] / ROOFLINE_LIMITS[r["pass"]])
-    met = threads == [max_threads] and all(
-        r["vs_roofline"] <= ROOFLINE_LIMITS[r["pass"]] for r in rows
+    row = max(rows, key=lambda r: r["vs_roofline"]["median"] / ROOFLINE_LIMITS[r["pass"]])
+    met = stats.every(
+        [
+            *(fastest_at(r, "fastbn-out", max_threads) for r in rows),
+            *(stats.verdict(r["vs_roofline"], "<=", ROOFLINE_LIMITS[r["pass"]]) for r in rows),
+            *(stats.NOISE for _ in may_be_broken(rows, vs_roofline)),
+        ]
     )
     measured = (
-        f"best at {'/'.join(map(str, threads))} threads; worst {row['vs_roofline']:.2f}x"
+        f"best at {'/'.join(map(str, threads))} threads; worst {format_range(row['vs_roofline'])}"
         f" of {ROOFLINE_LIMITS[row['pass']]}x ({label(row)})"
     )
     return target(text, met, measured)
@@ -251,39 +385,52 @@ def streamed_rows(rows, l2):
     return [r for r in rows if is_large(r) and not read_once(r, l2)]
 
 
-def floor_seconds(l2):
-    """A row's floor, in seconds: R + RW (R2 + R2W), or RW (R2W) for rows read once."""
+def floor_rounds(l2):
+    """A row's floor, in seconds each round: R + RW (R2 + R2W), or RW (R2W) for rows read
+    once."""
     once = {"train": "RW", "backward": "R2W"}
 
-    def seconds(r):
+    def rounds(r):
         if r["pass"] in once and read_once(r, l2):
-            return r["roofline_kernels"][once[r["pass"]]]["seconds"]
-        return r["roofline"]
+            return r["roofline_kernels"][once[r["pass"]]]["rounds"]
+        return r["roofline_rounds"]
 
-    return seconds
+    return rounds
 
 
 def floor_ratio(l2):
-    """fastbn-out over its floor (`floor_seconds`): what the targets and the /roof column use."""
-    floor = floor_seconds(l2)
-    return lambda r: r["seconds"]["fastbn-out"] / floor(r)
+    """fastbn-out over its floor (`floor_rounds`): what the targets and the /roof column use."""
+    floor = floor_rounds(l2)
+    return lambda r: ratio(r["rounds"]["fastbn-out"], floor(r))
 
 
 def kernel_ratio(kernel):
-    return lambda r: r["seconds"]["fastbn-out"] / r["roofline_kernels"][kernel]["seconds"]
+    return lambda r: ratio(r["rounds"]["fastbn-out"], r["roofline_kernels"][kernel]["rounds"])
 
 
 def small_target(text, small, call, limit_us):
-    seconds = small[call]["seconds"]
+    est = time_estimate(small[call])
     return target(
         f"{text} <= {limit_us} us",
-        seconds <= limit_us * 1e-6,
-        f"{seconds * 1e6:.1f} us median ({thread_text(small[call]['threads'])})",
+        stats.verdict(est, "<=", limit_us * 1e-6),
+        f"{format_range(est, 1e6, ' us', 1)} median ({thread_text(small[call]['threads'])})",
+    )
+
+
+def cold_start_target(cold):
+    """The warm-cache cold start against 1.0 s: over its runs' totals (one run: its total)."""
+    warm = cold["warm_cache"]
+    est = stats.estimate(warm.get("totals") or [warm["total"]])
+    return target(
+        "cold start, warm compile cache <= 1.0 s",
+        stats.verdict(est, "<=", 1.0),
+        f"{format_range(est, 1, ' s', 3)} (empty cache: {cold['empty_cache']['total']:.1f} s)",
     )
 
 
 def evaluate_targets(results):
-    """The contract's targets, each MET (True), NOT MET (False) or not measured (None)."""
+    """The contract's targets, each MET (True), NOT MET (False), `stats.NOISE` (the spread
+    holds the limit), "broken" (a floor is no floor) or not measured (None)."""
     rows = results["rows"]
     l2 = results["machine"]["l2_bytes"] or L2_ASSUMED
     train_bwd = [r for r in rows if r["pass"] in ("train", "backward")]
@@ -299,7 +446,6 @@ def evaluate_targets(results):
     def vs_roofline(r):
         return r["vs_roofline"]
 
-    cold = results["cold_start"]["warm_cache"]["total"]
     return [
         worst_row(
             "vs NumPy, train fwd and bwd, 1-8 MiB",
@@ -351,11 +497,7 @@ def evaluate_targets(results):
             small_target(f"(64, 128) float32, {call}", results["small"], call, limit_us)
             for call, limit_us in SMALL_LIMITS_US.items()
         ),
-        target(
-            "cold start, warm compile cache <= 1.0 s",
-            cold <= 1.0,
-            f"{cold:.3f} s (empty cache: {results['cold_start']['empty_cache']['total']:.1f} s)",
-        ),
+        cold_start_target(results["cold_start"]),
     ]
 
 
@@ -376,8 +518,24 @@ def thread_text(n):
     return "1 thread" if n == 1 else f"{n} threads"
 
 
-def format_ratio(ratio):
-    return "-" if ratio is None else f"{ratio:.2f}x"
+def format_ratio(est):
+    """An estimate of a ratio as its median and the farther end of its interval: 1.22x±0.05."""
+    if est is None:
+        return "-"
+    return f"{est['median']:.2f}x±{stats.half_width(est):.2f}"
+
+
+def format_time_spread(est):
+    """An estimate of a time as its median and its interval's farther end in %: 16.1us±4%."""
+    if est is None:
+        return "-"
+    return f"{format_time(est['median'])}±{100 * stats.half_width(est) / est['median']:.0f}%"
+
+
+def format_range(est, scale=1.0, unit="x", digits=2):
+    """An estimate as its median and its interval: 0.97x (0.93-1.02)."""
+    m, low, high = (scale * est[k] for k in ("median", "low", "high"))
+    return f"{m:.{digits}f}{unit} ({low:.{digits}f}-{high:.{digits}f})"
 
 
 def format_header(results):
@@ -392,14 +550,17 @@ def format_header(results):
     threads = ", ".join(map(str, s["threads"]))
     return "\n".join(
         [
-            f"fastbn {m['fastbn']} benchmark: all times are MEDIANS of repeated calls"
-            f" (one warm-up call, then >= {s['budget']} s and >= {s['min_runs']} calls each)",
+            f"fastbn {m['fastbn']} benchmark: all times are MEDIANS over {s['rounds']} rounds"
+            f" (more for a row measured again) of each round's median of repeated calls"
+            f" (one warm-up call, then >= {s['budget'] / s['rounds']:.3g} s and >= 1 call"
+            " each, on arrays made afresh each round); ±: the farther end of the median's"
+            f" {stats.CONFIDENCE:.0%} interval (times in %), ratios taken round by round",
             f"machine: {m['cpu_count']} CPUs ({m['cpu_model']}, {l2}); python {m['python']},"
             f" numpy {m['numpy']}, numba {m['numba']} (threading layer {m['threading_layer']},"
             f" {m['numba_threads']} threads){torch}",
             f"threads: each peer at its best of {threads} (column thr: fastbn's/torch's);"
             f" each peer in a subprocess of its own (the roofline in fastbn-out's, on its"
-            f" arrays), the peers of a case back to back;"
+            f" arrays), the peers of a case back to back in each round, in turn first;"
             f" run took {s['seconds']:.0f} s",
             "layouts: " + "; ".join(f"{k} = {v}" for k, v in LAYOUTS.items()),
             "  (torch gets ff data as the (1, n, m) view, nhwc as the channels_last"
@@ -415,42 +576,49 @@ def format_header(results):
 
 
 COLUMNS = (
-    ("case", "<18"),
+    ("case", "<16"),
     ("dtype", "<7"),
-    ("MiB", ">7"),
+    ("MiB", ">5"),
     ("pass", "<8"),
-    ("fastbn", ">9"),
-    ("fastbn-out", ">10"),
-    ("numpy", ">9"),
-    ("torch", ">9"),
-    ("roofline", ">9"),
-    ("GB/s", ">6"),
-    ("xNumPy", ">7"),
-    ("xTorch", ">6"),
-    ("/roof", ">6"),
-    ("thr", ">4"),
+    ("fastbn", ">12"),
+    ("fastbn-out", ">13"),
+    ("numpy", ">13"),
+    ("torch", ">13"),
+    ("roofline", ">13"),
+    ("GB/s", ">5"),
+    ("xNumPy", ">11"),
+    ("xTorch", ">10"),
+    ("/roof", ">10"),
+    ("thr", ">3"),
+    ("rnd", ">3"),
 )
 
 
-def table_cells(row, floor=lambda r: r["roofline"]):
-    """A row's cells; floor gives its floor in seconds (`floor_seconds`), the targets' one."""
-    seconds = row["seconds"]
+def table_cells(row, floor=lambda r: r["roofline_rounds"]):
+    """A row's cells; floor gives its floor's rounds (`floor_rounds`), the targets' one.
+
+    fastbn-out's time is marked "!" where it stays slower than fastbn's
+    beyond the spread after the row's measurements (`disagreements`).
+    """
+    rounds = row["rounds"]
     threads = row["threads"]
+    out_mark = "!" if "fastbn-out slower than fastbn" in disagreements(row) else ""
     return (
         row["case"],
         row["dtype"],
         f"{row['nbytes'] / MiB:.2f}",
         row["pass"],
-        format_time(seconds["fastbn"]),
-        format_time(seconds["fastbn-out"]),
-        format_time(seconds["numpy"]),
-        format_time(seconds.get("torch")),
-        format_time(floor(row)),
+        format_time_spread(stats.estimate(rounds["fastbn"])),
+        out_mark + format_time_spread(stats.estimate(rounds["fastbn-out"])),
+        format_time_spread(stats.estimate(rounds["numpy"])),
+        format_time_spread(stats.estimate(rounds["torch"]) if "torch" in rounds else None),
+        format_time_spread(stats.estimate(floor(row))),
         f"{row['gbps']:.1f}",
         format_ratio(row["vs_numpy"]),
         format_ratio(row["vs_torch"]),
-        format_ratio(seconds["fastbn-out"] / floor(row)),
+        format_ratio(ratio(rounds["fastbn-out"], floor(row))),
         f"{threads['fastbn']}/{threads.get('torch', '-')}",
+        str(len(rounds["fastbn"])),
     )
 
 
@@ -471,10 +639,24 @@ def format_table(rows, columns=COLUMNS, cells=table_cells):
 
 def format_small(small):
     return "\n".join(
-        f"small (64, 128) float32, {call}: {format_time(t['seconds'])} median"
+        f"small (64, 128) float32, {call}: {format_time_spread(time_estimate(t))} median"
         f" ({thread_text(t['threads'])})"
         for call, t in small.items()
     )
+
+
+def format_disagreements(rows):
+    """A line per row whose columns contradict each other beyond the spread after all its
+    rounds: what (fastbn-out / fastbn, fastbn-out / R + RW), and in how many rounds."""
+    lines = [
+        f"  {label(r)}, {len(r['rounds']['fastbn'])} rounds: "
+        + "; ".join(f"{reason}, {format_range(est)}" for reason, est in disagreements(r).items())
+        for r in rows
+        if disagreements(r)
+    ]
+    if not lines:
+        return "no row's columns disagree beyond the spread"
+    return "\n".join(["rows whose columns disagree beyond the spread (! in the table):", *lines])
 
 
 # The targets' heading: the page and section that state them.
@@ -483,19 +665,21 @@ TARGETS_HEADING = "Targets (docs/guide/contract.md, Performance targets):"
 
 def format_targets(targets):
     status = {True: "MET", False: "NOT MET", None: "-", "broken": "BROKEN"}
+    status[stats.NOISE] = "WITHIN NOISE"
     width = max(len(t["target"]) for t in targets)
     lines = [TARGETS_HEADING]
     for t in targets:
-        lines.append(f"  {status[t['met']]:<8} {t['target']:<{width}}  {t['measured']}")
+        lines.append(f"  {status[t['met']]:<12} {t['target']:<{width}}  {t['measured']}")
     return "\n".join(lines)
 
 
 def format_report(results):
-    floor = floor_seconds(results["machine"]["l2_bytes"] or L2_ASSUMED)
+    floor = floor_rounds(results["machine"]["l2_bytes"] or L2_ASSUMED)
     return "\n\n".join(
         [
             format_header(results),
             format_table(results["rows"], cells=lambda row: table_cells(row, floor)),
+            format_disagreements(results["rows"]),
             format_small(results["small"]),
             format_cold_start(results["cold_start"]),
             format_targets(results["targets"]),
