@@ -54,6 +54,7 @@ import contextlib
 import gc
 import importlib.util
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -433,7 +434,7 @@ def parse_args(argv):
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="a few shapes, float32, short budgets: under 2 minutes",
+        help="a few shapes, float32, short budgets: 2-4 minutes",
     )
     parser.add_argument(
         "--shapes",
@@ -454,8 +455,8 @@ def parse_args(argv):
     parser.add_argument(
         "--budget",
         type=float,
-        help="seconds per measurement (default 0.2, 0.05 --quick; --torch: 0.5, 0.1 --quick,"
-        " 4x for the models)",
+        help="seconds per call and thread count, over all its rounds (default 0.2, 0.05"
+        " --quick; --torch: 0.5, 0.1 --quick, 4x for the models)",
     )
     parser.add_argument("--json", metavar="PATH", help="write the results as JSON")
     parser.add_argument(
@@ -519,6 +520,7 @@ def main(argv=None):
         return
     settings = settings_from(args)
     started = time.perf_counter()
+    load_before = os.getloadavg()[0]
     results = measure(settings)
     results["machine"] = report.machine_info(results.pop("workers"), settings)
     results["settings"] = {
@@ -530,6 +532,7 @@ def main(argv=None):
         "remeasures": settings.remeasures,
         "peers": settings.peers,
         "seconds": time.perf_counter() - started,
+        "load_average": [load_before, os.getloadavg()[0]],
     }
     results["targets"] = report.evaluate_targets(results)
     print(report.format_report(results))

@@ -561,7 +561,8 @@ def format_header(results):
             f"threads: each peer at its best of {threads} (column thr: fastbn's/torch's);"
             f" each peer in a subprocess of its own (the roofline in fastbn-out's, on its"
             f" arrays), the peers of a case back to back in each round, in turn first;"
-            f" run took {s['seconds']:.0f} s",
+            f" run took {s['seconds']:.0f} s, load average {s['load_average'][0]:.2f} before,"
+            f" {s['load_average'][1]:.2f} after (other processes widen the spreads)",
             "layouts: " + "; ".join(f"{k} = {v}" for k, v in LAYOUTS.items()),
             "  (torch gets ff data as the (1, n, m) view, nhwc as the channels_last"
             " (N, C, H, W) view, of the same memory)",
