@@ -61,7 +61,7 @@ import subprocess
 import sys
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numba
 import numpy as np
@@ -161,16 +161,31 @@ def time_calls(peer, calls, threads, budget):
     return records
 
 
+# The data of the last case a worker was asked for, made once: (case, dtype, seed) -> Data.
+_made = {}
+
+
+def round_data(case, dtype, seed):
+    """A case's data in arrays of their own, allocated for this round: copies of the arrays
+    the worker made for the case once (a copy costs a fraction of drawing them again)."""
+    key = (case, dtype, seed)
+    if key not in _made:
+        _made.clear()  # one case's arrays at a time
+        _made[key] = make_data(case, dtype, seed)
+    d = _made[key]
+    return replace(d, x=d.x.copy(), dy=d.dy.copy())
+
+
 def case_job(peer, job):
     """Each peer's records of one round of a case; the fastbn-out worker also times the
     roofline.
 
-    The arrays are made afresh for each job (a round). The roofline runs on
+    The arrays are allocated afresh for each job (a round, `round_data`). The roofline runs on
     fastbn-out's own arrays, x, dy and the outputs (see `fastbn.bench.peers`),
     the kernels of each pass's floor right after the pass; their records
     name that pass.
     """
-    d = make_data(Case.from_json(job["case"]), job["dtype"], job["seed"])
+    d = round_data(Case.from_json(job["case"]), job["dtype"], job["seed"])
     if peer != "fastbn-out":
         return {
             "records": {peer: time_calls(peer, peer_calls(peer, d), job["threads"], job["budget"])}
