@@ -17,7 +17,7 @@ How it measures:
 - a case is measured in `ROUNDS` rounds; in each round every peer runs once,
   back to back (so the ratios of a round come from the same moments of a
   shared machine), each round another peer first (so none always follows
-  the same one), on arrays each worker makes afresh for the round: what
+  the same one), on arrays each worker allocates afresh for the round: what
   differs between two processes of one program here is the memory its
   arrays get (a streaming pass's bandwidth moves with the physical pages),
   and a fresh allocation samples that without a process start a round;

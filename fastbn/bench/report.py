@@ -553,7 +553,7 @@ def format_header(results):
             f"fastbn {m['fastbn']} benchmark: all times are MEDIANS over {s['rounds']} rounds"
             f" (more for a row measured again) of each round's median of repeated calls"
             f" (one warm-up call, then >= {s['budget'] / s['rounds']:.3g} s and >= 1 call"
-            " each, on arrays made afresh each round); ±: the farther end of the median's"
+            " each, on arrays allocated afresh each round); ±: the farther end of the median's"
             f" {stats.CONFIDENCE:.0%} interval (times in %), ratios taken round by round",
             f"machine: {m['cpu_count']} CPUs ({m['cpu_model']}, {l2}); python {m['python']},"
             f" numpy {m['numpy']}, numba {m['numba']} (threading layer {m['threading_layer']},"
