@@ -252,6 +252,20 @@ _UNFUSED: _Table = {
 }
 
 
+def _fast_table() -> _Table:
+    """_FAST and the model libraries' layers: timm's BatchNormAct2d once timm is imported."""
+    from fastbn.torch import timm  # here, not at the top: it subclasses FastBatchNorm
+
+    return {**_FAST, **timm.fast_classes()}
+
+
+def _torch_table() -> _Table:
+    """_TORCH and the model libraries' layers that `_fast_table` converted."""
+    from fastbn.torch import timm  # as in _fast_table
+
+    return {**_TORCH, **timm.library_classes()}
+
+
 def _replace(module: torch.nn.Module, table: _Table) -> None:
     swapped = table.get(type(module))
     if swapped is not None:
@@ -292,13 +306,15 @@ def _relu_for(bn: torch.nn.Module, identity: torch.nn.Identity) -> torch.nn.ReLU
 
 
 def convert(module: _ModuleT, fuse_relu: bool = False) -> _ModuleT:
-    """Make every torch BatchNorm1d/2d/3d in module fastbn's, in place; return module.
+    """Make every torch BatchNorm1d/2d/3d (and timm's BatchNormAct2d) fastbn's, in place.
 
     Layers are converted in place (their class changes), so parameters,
     buffers, requires_grad, the training mode, hooks and the optimizers that
     hold the parameters are all kept; a BatchNorm passed as the module itself
-    comes back converted. Subclasses of torch's classes (SyncBatchNorm,
-    fastbn's own, anyone else's) are left alone.
+    comes back converted; module is returned. timm's BatchNormAct2d keeps
+    its act, drop and isinstance (`fastbn.torch.timm`). Other subclasses of
+    torch's classes (SyncBatchNorm, fastbn's own, timm's others, anyone
+    else's) are left alone.
 
     Parameters
     ----------
@@ -316,7 +332,7 @@ def convert(module: _ModuleT, fuse_relu: bool = False) -> _ModuleT:
     """
     if fuse_relu:
         _swap_pairs(module, _FUSED, torch.nn.ReLU, _identity_for)
-    _replace(module, _FAST)
+    _replace(module, _fast_table())
     return module
 
 
@@ -327,5 +343,5 @@ def revert(module: torch.nn.Module) -> torch.nn.Module:
     Sequential) gets its nn.ReLU back; one made directly is left alone.
     """
     _swap_pairs(module, _UNFUSED, torch.nn.Identity, _relu_for)
-    _replace(module, _TORCH)
+    _replace(module, _torch_table())
     return module
