@@ -51,6 +51,21 @@ LARGE_LAYOUTS = {
 }
 
 
+@pytest.fixture(autouse=True)
+def kernels_take_every_call(request, monkeypatch):
+    """fastbn.torch's modules on fastbn's kernels at every size, as the suites test them.
+
+    By default a module gives small calls to torch's op (`fastbn.torch.dispatch`);
+    tests marked ``auto_dispatch`` keep the shipped crossover. Only where the test's
+    module imported fastbn.torch (``import fastbn`` never imports torch).
+    """
+    dispatch = sys.modules.get("fastbn.torch.dispatch")
+    if dispatch is None or request.node.get_closest_marker("auto_dispatch"):
+        return
+    everywhere = dispatch.thresholds(dict.fromkeys(dispatch.CROSSOVER, 0))
+    monkeypatch.setattr(dispatch, "THRESHOLDS", everywhere)
+
+
 @pytest.fixture
 def rng():
     """A fresh generator with a fixed seed for every test."""

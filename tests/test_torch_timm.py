@@ -134,7 +134,7 @@ def test_model_trains_as_timms(timm, norm_act, gen, name):
     theirs = timm.create_model(name, num_classes=5).double()
     layers = bn_act_layers(theirs, norm_act.BatchNormAct2d)
     assert len(layers) == MODELS[name]
-    ours = fbt.convert(copy.deepcopy(theirs))
+    ours = fbt.convert(copy.deepcopy(theirs), implementation="fastbn")
     fast = fbt_timm.BatchNormAct2d
     assert bn_act_layers(ours, fast) == layers
     assert not bn_act_layers(ours, norm_act.BatchNormAct2d)
@@ -188,7 +188,7 @@ def test_layer_matches_timms(norm_act, gen, config, channels_last):
         with torch.no_grad():
             theirs.weight.uniform_(0.5, 1.5, generator=gen)
             theirs.bias.normal_(generator=gen)
-    ours = fbt.convert(copy.deepcopy(theirs))
+    ours = fbt.convert(copy.deepcopy(theirs), implementation="fastbn")
     assert type(ours) is fbt_timm.BatchNormAct2d
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     for step in range(2):  # two batches: the cumulative average differs from one
@@ -292,7 +292,7 @@ def test_fx_records_the_layer_once(norm_act, gen):
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit.script's
 def test_script_runs_timms_forward(norm_act, gen):
     theirs = norm_act.BatchNormAct2d(4, act_layer=nn.SiLU, momentum=None)
-    ours = fbt.convert(copy.deepcopy(theirs))
+    ours = fbt.convert(copy.deepcopy(theirs), implementation="fastbn")
     scripted = [torch.jit.script(m) for m in (theirs, ours)]
     for _ in range(2):
         x = torch.randn(3, 4, 2, 2, generator=gen, dtype=torch.float32)

@@ -89,17 +89,23 @@ JIT_DEPRECATION = pytest.mark.filterwarnings(
 
 
 class Bridge:
-    """The BatchNorm under test: torch's own (``"torch"``, the sanity mode) or fastbn's."""
+    """The BatchNorm under test: torch's own (``"torch"``, the sanity mode) or fastbn's.
+
+    fastbn's modules on either implementation: ``"fastbn"`` its kernels,
+    ``"fastbn_torch_op"`` torch's op with fastbn's running-statistics rule (what
+    small calls take by default); ``batch_norm`` is fastbn's functional in both.
+    """
 
     def __init__(self, name):
         self.name = name
-        self.fast = name == "fastbn"
+        self.fast = name != "torch"
+        self.implementation = "torch" if name == "fastbn_torch_op" else "fastbn"
 
     def __repr__(self):
         return self.name
 
     def convert(self, model):
-        return fbt.convert(model) if self.fast else model
+        return fbt.convert(model, implementation=self.implementation) if self.fast else model
 
     def revert(self, model):
         return fbt.revert(model) if self.fast else model
@@ -125,13 +131,15 @@ class Bridge:
         if self.fast:
             cls = {"relu": RELU[dim], "renorm": RENORM[dim], "ghost": OURS[dim]}[kind]
             kwargs = {"virtual_batch_size": 2} if kind == "ghost" else {}
+            if kind != "renorm":  # Batch Renormalization runs on fastbn's kernels only
+                kwargs["implementation"] = self.implementation
             bn = randomize_bn(gen, cls(C, dtype=torch.float64, **kwargs))
             return bn
         bn = randomize_bn(gen, THEIRS[dim](C, dtype=torch.float64))
         return nn.Sequential(bn, nn.Threshold(0.0, 0.0)) if kind == "relu" else bn
 
 
-@pytest.fixture(params=["torch", "fastbn"])
+@pytest.fixture(params=["torch", "fastbn", "fastbn_torch_op"])
 def bridge(request):
     """Which BatchNorm the comparison tests run: torch's (sanity) or fastbn's."""
     return Bridge(request.param)
@@ -1133,7 +1141,8 @@ import fastbn
 import fastbn.torch as fbt
 from fastbn import reference
 
-fast = sys.argv[1] == "fastbn"
+fast = sys.argv[1] != "torch"
+implementation = "torch" if sys.argv[1] == "fastbn_torch_op" else "fastbn"
 torch.manual_seed(0)
 
 
@@ -1142,7 +1151,7 @@ def make_layer(c):
     with torch.no_grad():
         bn.weight.uniform_(0.5, 2.0)
         bn.bias.normal_()
-    return fbt.convert(bn) if fast else bn
+    return fbt.convert(bn, implementation=implementation) if fast else bn
 
 
 big = make_layer(64)

@@ -35,7 +35,7 @@ import torch
 from numpy.typing import NDArray
 
 from fastbn import _checks, _running
-from fastbn.torch import _compat, _ops
+from fastbn.torch import _compat, _ops, dispatch
 
 __all__ = [
     "batch_norm",
@@ -45,6 +45,7 @@ __all__ = [
     "forward",
     "needs_grad",
     "takes_torch_op",
+    "torch_op_forward",
     "verify_batch_size",
     "warn_not_taken",
 ]
@@ -163,6 +164,7 @@ def forward(
     num_batches_tracked: torch.Tensor | None = None,
     stacklevel: int = 2,
     relu: bool = False,
+    implementation: dispatch.Implementation = "fastbn",
 ) -> torch.Tensor:
     """y of `batch_norm` and the modules; the running statistics take a training batch.
 
@@ -171,6 +173,8 @@ def forward(
     ``stacklevel`` is the warning's, counted from the function that warns
     (`fold`, two levels below this one), so that it names the user's line.
     With ``relu``, y is followed by a ReLU (fused in the kernels).
+    ``implementation`` (a module's, `fastbn.torch.dispatch`) says whether
+    fastbn's kernels or torch's op (`torch_op_forward`) take an eager call.
     """
     if (running_mean is None) is not (running_var is None):
         raise ValueError(
@@ -190,6 +194,12 @@ def forward(
         y = _compiled(
             input, running_mean, running_var, weight, bias, training, momentum, eps,
             num_batches_tracked,
+        )  # fmt: skip
+        return torch.relu(y) if relu else y
+    if not dispatch.takes_kernels(implementation, input, training):
+        y = torch_op_forward(
+            input, running_mean, running_var, weight, bias, training, momentum, eps,
+            num_batches_tracked, stacklevel,
         )  # fmt: skip
         return torch.relu(y) if relu else y
     grad = needs_grad(input, weight, bias)
@@ -279,6 +289,54 @@ def warn_not_taken(bad: Sequence[int], dtype: torch.dtype, stacklevel: int, what
         RuntimeWarning,
         stacklevel=stacklevel,  # counted from this function
     )
+
+
+def torch_op_forward(
+    input: torch.Tensor,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    training: bool,
+    momentum: float | None,
+    eps: float,
+    counter: torch.Tensor | None,
+    stacklevel: int,
+) -> torch.Tensor:
+    """torch's op (a C++ autograd node) on a CPU float32/float64 call, with fastbn's rule.
+
+    torch's op updates the running statistics itself, before it saves its
+    tensors (so checkpointing counts as torch's module does); if the result
+    is not finite in the buffers' dtype, the buffers and the counter are put
+    back as they were, with `fold`'s RuntimeWarning. ``stacklevel`` as
+    `forward` counts it.
+    """
+    if not training or running_mean is None:
+        return torch.batch_norm(
+            input, weight, bias, running_mean, running_var, training, 0.0, eps, False
+        )
+    assert running_var is not None  # given with running_mean
+    mean_array, var_array = _ops.vector(running_mean), _ops.vector(running_var)
+    saved_mean, saved_var = mean_array.copy(), var_array.copy()
+    counter_array = _ops.vector(counter)
+    counted = 0 if counter_array is None else int(counter_array)
+    if momentum is None:  # the cumulative average, or 0 without a counter
+        momentum = 0.0 if counter_array is None else 1.0 / (counted + 1)
+    if counter_array is not None:  # item assignment: an in-place += on a 0-d array costs 10x
+        counter_array[()] = counted + 1
+    y = torch.batch_norm(
+        input, weight, bias, running_mean, running_var, True, momentum, eps, False
+    )
+    finite = np.isfinite(mean_array) & np.isfinite(var_array)
+    if not finite.all():
+        mean_array[:], var_array[:] = saved_mean, saved_var
+        if counter_array is not None:
+            counter_array[()] = counted
+        warn_not_taken(
+            np.flatnonzero(~finite).tolist(), running_mean.dtype, stacklevel + 1,
+            "batch statistics",
+        )  # fmt: skip
+    return y
 
 
 def _torch_forward(

@@ -24,7 +24,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.types import Device
 
 from fastbn.ghost import checked_virtual_batch_size
-from fastbn.torch import functional, ghost
+from fastbn.torch import dispatch, functional, ghost
 
 __all__ = [
     "BatchNorm1d",
@@ -70,6 +70,7 @@ class FastBatchNorm(_MixinBase):
         dtype: torch.dtype | None = None,
         *,
         virtual_batch_size: int | None = None,
+        implementation: dispatch.Implementation = "auto",
         **kwargs: Any,
     ) -> None:
         super().__init__(
@@ -78,10 +79,16 @@ class FastBatchNorm(_MixinBase):
         if virtual_batch_size is not None:
             virtual_batch_size = checked_virtual_batch_size(virtual_batch_size)
         self.virtual_batch_size = virtual_batch_size
+        self.implementation = dispatch.checked(implementation)
 
     def extra_repr(self) -> str:
         k = self.__dict__.get("virtual_batch_size")
-        return super().extra_repr() + ("" if k is None else f", virtual_batch_size={k}")
+        implementation = self.__dict__.get("implementation", "auto")
+        return (
+            super().extra_repr()
+            + ("" if k is None else f", virtual_batch_size={k}")
+            + ("" if implementation == "auto" else f", implementation={implementation!r}")
+        )
 
     fused_relu = False  # True in the BatchNormReLU modules: a ReLU follows, in the same kernels
     # TorchScript sees class attributes only as constants; this mixin comes first in the MRO.
@@ -145,7 +152,21 @@ class FastBatchNorm(_MixinBase):
             counter,
             stacklevel=7,  # the caller of the module, through torch's Module.__call__
             relu=self.fused_relu,
+            implementation=self._implementation(),
         )
+
+    def _implementation(self) -> dispatch.Implementation:
+        """The module's choice (`fastbn.torch.dispatch`); a fused ReLU runs on the kernels.
+
+        torch's op plus torch.relu would save the ReLU's output, which an
+        in-place op after it breaks; the fused kernels recompute the mask
+        from the input. A converted torch module (its class changed in
+        place) may have no attribute: "auto".
+        """
+        if self.fused_relu:
+            return "fastbn"
+        implementation: dispatch.Implementation = self.__dict__.get("implementation", "auto")
+        return implementation
 
 
 def leaf_call(module: torch.nn.Module, input: torch.fx.Proxy) -> torch.fx.Proxy:
@@ -305,7 +326,9 @@ def _relu_for(bn: torch.nn.Module, identity: torch.nn.Identity) -> torch.nn.ReLU
     return torch.nn.ReLU(inplace=bn.__dict__.pop("_relu_inplace", False))
 
 
-def convert(module: _ModuleT, fuse_relu: bool = False) -> _ModuleT:
+def convert(
+    module: _ModuleT, fuse_relu: bool = False, implementation: dispatch.Implementation = "auto"
+) -> _ModuleT:
     """Make every torch BatchNorm1d/2d/3d (and timm's BatchNormAct2d) fastbn's, in place.
 
     Layers are converted in place (their class changes), so parameters,
@@ -324,15 +347,26 @@ def convert(module: _ModuleT, fuse_relu: bool = False) -> _ModuleT:
         ``nn.Sequential`` into a BatchNormReLU module; the ReLU is replaced by
         ``nn.Identity``, so the Sequential's indices and state_dict keys stay.
         A ReLU elsewhere (a functional call in a forward) is not seen.
+    implementation : {"auto", "fastbn", "torch"}, default "auto"
+        Which implementation takes each converted layer's eager calls:
+        ``"auto"`` the one that wins at the call's size, layout, dtype and
+        mode (`fastbn.torch.dispatch`), ``"fastbn"`` fastbn's kernels,
+        ``"torch"`` torch's op; fastbn's running-statistics rule holds on
+        both. Set on every fastbn BatchNorm in module, converted now or
+        before.
 
     Returns
     -------
     torch.nn.Module
         module itself.
     """
+    implementation = dispatch.checked(implementation)
     if fuse_relu:
         _swap_pairs(module, _FUSED, torch.nn.ReLU, _identity_for)
     _replace(module, _fast_table())
+    for layer in module.modules():
+        if isinstance(layer, FastBatchNorm):
+            layer.implementation = implementation
     return module
 
 
@@ -343,5 +377,9 @@ def revert(module: torch.nn.Module) -> torch.nn.Module:
     Sequential) gets its nn.ReLU back; one made directly is left alone.
     """
     _swap_pairs(module, _UNFUSED, torch.nn.Identity, _relu_for)
-    _replace(module, _torch_table())
+    torch_table = _torch_table()
+    _replace(module, torch_table)
+    for layer in module.modules():
+        if type(layer) in torch_table.values():  # theirs again: without fastbn's attribute
+            layer.__dict__.pop("implementation", None)
     return module
