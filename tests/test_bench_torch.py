@@ -625,22 +625,17 @@ def test_each_peer_runs_a_layer():
 
 @needs_torch
 def test_end_to_end_tiny_run(tmp_path, capsys):
+    """One layer row and the MLP's model-table row (at batch 4) through the three workers."""
     path = tmp_path / "torch.json"
-    bench.main(
-        [
-            "--torch",
-            "--shapes",
-            "32x128:bf",
-            "--dtype",
-            "float32",
-            "--budget",
-            "0.004",
-            "--numba-layer",
-            "workqueue",  # always there: the variable reaches the fastbn worker
-            "--json",
-            str(path),
-        ]
-    )
+    args = bench.parse_args(["--torch", "--numba-layer", "workqueue", "--json", str(path)])
+    settings = bt.settings_from(args)
+    # workqueue: always there, the variable reaches the fastbn worker.
+    assert settings.numba_layer == "workqueue"
+    settings.cases = [bt.TorchCase((32, 128), "bf")]
+    settings.dtypes = ["float32"]
+    settings.models = [bt.ModelCase("mlp", "bf")]
+    settings.budget, settings.rounds, settings.batch = 0.004, 4, 4
+    bt.run(args, settings)
     out = capsys.readouterr().out
     assert "numba.threading_layer() = workqueue, NUMBA_THREADING_LAYER=workqueue" in out
     results = json.loads(path.read_text())
@@ -648,6 +643,7 @@ def test_end_to_end_tiny_run(tmp_path, capsys):
     assert [(r["case"], r["dtype"], r["pass"]) for r in rows] == [
         ("32x128 bf", "float32", "train"),
         ("32x128 bf", "float32", "eval"),
+        ("mlp bf", "float32", "step"),
     ]
     for r in rows:
         # The ratios round by round, torch / fastbn and torch / torch again.
@@ -656,41 +652,39 @@ def test_end_to_end_tiny_run(tmp_path, capsys):
         assert r["ratio"] == pytest.approx(stats.estimate(ratios))
         again = [t / a for t, a in zip(r["rounds"]["torch"], r["rounds"][bt.AGAIN], strict=True)]
         assert r["noise"] == pytest.approx(stats.estimate(again))
-        assert len(ratios) in (bt.ROUNDS, 2 * bt.ROUNDS)  # measured again at most once
+        assert len(ratios) in (4, 8)  # measured again at most once
         assert min(r["runs"].values()) >= bt.MIN_RUNS
         assert report.format_ratio(r["ratio"]) in out
-    geomean = [math.sqrt(a * b) for a, b in zip(*map(bt.ratio_rounds, rows), strict=False)]
+    layer, model = rows[:2], rows[2]
+    geomean = [math.sqrt(a * b) for a, b in zip(*map(bt.ratio_rounds, layer), strict=False)]
     assert results["geometric_mean"] == pytest.approx(stats.estimate(geomean))
-    assert [t["met"] for t in results["targets"]][2:] == [None] * 4  # no model rows asked for
+    # The model row: the step without BN in torch's and fastbn's workers, not torch again's.
+    assert model["kind"] == "model" and not model["compiled"]
+    assert set(model["first_call"]["fastbn"]) == set(bt.MODEL_CALLS)
+    assert set(model["identity_seconds"]) == set(bt.PEERS)
+    for peer in bt.PEERS:
+        share = 1 - model["identity_seconds"][peer] / model["seconds"][peer]
+        assert model["bn_share"][peer] == pytest.approx(share)
+    assert "mlp bf: BN share of the step: torch" in out
+    assert "model table, training steps:" in out
+    assert results["model_geometric_mean"] == pytest.approx(model["ratio"])
+    # Layer targets measured; of the model table's, the every-row one (the MLP), not the
+    # geometric mean (1 of the 7 rows) nor the compiled one.
+    measured = [False, False, True, False, True, True]
+    assert [t["met"] is None for t in results["targets"]] == measured
     assert results["machine"]["threading_layer"] == "workqueue"
     assert bt.report.TARGETS_HEADING in out
 
 
-@needs_torch
-def test_end_to_end_tiny_model_table(tmp_path, capsys):
-    path = tmp_path / "models.json"
-    args = bench.parse_args(["--torch", "--json", str(path)])
-    cases = [bt.ModelCase("mlp", "bf")]
-    settings = bt.Settings(
-        cases=[], dtypes=["float32"], models=cases, budget=0.001, rounds=2, batch=4
-    )
-    bt.run(args, settings)
-    out = capsys.readouterr().out
-    results = json.loads(path.read_text())
-    rows = results["rows"]
-    assert [r["case"] for r in rows] == ["mlp bf"]
-    for r in rows:
-        assert r["kind"] == "model" and r["pass"] == "step" and not r["compiled"]
-        assert min(r["runs"].values()) >= bt.MIN_RUNS
-        assert set(r["first_call"]["fastbn"]) == set(bt.MODEL_CALLS)
-        for peer in bt.PEERS:
-            share = 1 - r["identity_seconds"][peer] / r["seconds"][peer]
-            assert r["bn_share"][peer] == pytest.approx(share)
-        assert f"{r['case']}: BN share of the step: torch" in out
-    assert results["settings"]["batch"] == 4
-    assert "here every model at batch 4" in out
-    assert "model table, training steps:" in out
-    assert results["model_geometric_mean"] == pytest.approx(rows[0]["ratio"])
-    assert rows[0]["noise"] is not None  # torch against itself, the step alone
-    assert set(rows[0]["identity_seconds"]) == set(bt.PEERS)
-    assert [t["met"] for t in results["targets"]][4] is None  # 1 of the 7 rows
+def test_the_header_names_a_batch_that_replaces_the_models():
+    results = fake_results(model_rows(1.2))
+    results["settings"]["batch"] = 4
+    assert "here every model at batch 4" in bt.format_report(results)
+    assert "here every model at batch" not in bt.format_report(fake_results(model_rows(1.2)))
+
+
+def test_the_bench_command_hands_torch_mode_its_arguments(monkeypatch):
+    runs = []
+    monkeypatch.setattr(bt, "run", runs.append)
+    bench.main(["--torch", "--quick", "--numba-layer", "omp"])
+    assert [(a.torch, a.quick, a.numba_layer) for a in runs] == [(True, True, "omp")]
