@@ -41,7 +41,7 @@ process, and the (4096, 512) features-first float32 eval read 1.86x and
 1.47x of its floor in two runs minutes apart. And a row can disagree with
 itself for a reason of its own, which
 more rounds do not remove: fastbn-out's buffers (``np.empty_like`` of
-x, each a fresh mmap) start at the same offset in a page as x, where the
+x, a fresh mmap) can start at the same offset in a page as x, where the
 allocating call's outputs come from the heap at another; on (256, 1024)
 batch-first float32, in one process, out= into buffers at x's page offset
 took 259 us (train) and 333 us (backward) against 166 and 253 us 2 KiB
