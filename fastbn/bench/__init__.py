@@ -162,7 +162,7 @@ def time_calls(peer, calls, threads, budget):
 
 
 # The data of the last case a worker was asked for, made once: (case, dtype, seed) -> Data.
-_made = {}
+_made: dict[tuple[Case, str, int], object] = {}
 
 
 def round_data(case, dtype, seed):
