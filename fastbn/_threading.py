@@ -1,27 +1,35 @@
 """Kernel launches: one thread or many, serialized where Numba's threading layer is not safe.
 
-Every kernel call of the package goes through `launch`, which runs the
-kernel's one-thread twin for small data and in forked children (below), and
-the parallel kernel otherwise, under `kernel_guard`.
+Every kernel call of the package goes through `launch`, which starts Numba's
+thread pool before the first one (`start_pool`), then runs the kernel's
+one-thread twin for small data and in forked children (below), and the
+parallel kernel otherwise, under `kernel_guard`.
+
+fastbn starts the pool itself, before its first kernel of any size (the
+one-thread twins are compiled with parallel=True too, and would start it):
+the start is where Numba's omp layer sets the OpenMP thread count and
+nesting of the calling thread, in the runtime the host uses (torch's, in a
+torch process), so `start_pool` runs it inside `_openmp.settings_kept`,
+which puts back whatever it changed. After the start `launch` pays one
+module global read for it.
 
 Numba's ``workqueue`` layer aborts the process when two Python threads
-launch parallel regions at once; ``tbb`` and ``omp`` allow it. Which layer
-runs is only known after the first parallel region, so the first parallel
-kernel calls hold a module-level lock, and once ``numba.threading_layer()``
-names a thread-safe layer later calls skip it. Serial calls (small inputs)
-launch no parallel region and are never held.
+launch parallel regions at once; ``tbb`` and ``omp`` allow it. The layer is
+known once the pool has started: `start_pool` records whether it is
+thread-safe, and until then (or under ``workqueue``) parallel calls hold a
+module-level lock. Serial calls (small inputs) launch no parallel region and
+are never held.
 
 A process forked from one whose Numba thread pool had started cannot use
 that pool: GNU OpenMP (the ``omp`` layer) terminates the child at its first
 parallel region ("fork() called from a process already using GNU OpenMP"),
 and ``tbb`` and ``workqueue`` children hang when the fork came while another
 thread was in a parallel region (tbb's own locks; the guard's lock here).
-The pool starts at the first kernel call of any size (the one-thread twins
-are compiled with parallel=True too). So such a child sets `serial_only`,
-and every `launch` runs the kernels' one-thread
-twins there, which give the same bits: DataLoader workers and fork-started
-multiprocessing pools compute correctly, on one thread each. The parent
-keeps its pool; a child forked before the pool started starts its own.
+So such a child sets `serial_only`, and every `launch` runs the kernels'
+one-thread twins there, which give the same bits: DataLoader workers and
+fork-started multiprocessing pools compute correctly, on one thread each.
+The parent keeps its pool; a child forked before the pool started starts
+its own.
 """
 
 from __future__ import annotations
@@ -33,16 +41,25 @@ from typing import Any, Literal
 
 import numba
 
+from fastbn._openmp import settings_kept
 from fastbn.kernels._twins import serial_twin
 
-__all__ = ["SAFE_LAYERS", "kernel_guard", "launch", "layer_is_safe", "serial_only"]
+__all__ = [
+    "SAFE_LAYERS",
+    "kernel_guard",
+    "launch",
+    "layer_is_safe",
+    "pool_started",
+    "serial_only",
+    "start_pool",
+]
 
 SAFE_LAYERS = ("tbb", "omp")  # layers that take parallel launches from several threads
 
 _LOCK = threading.Lock()
-# None until the first guarded call has run a parallel region; then whether
-# the active layer is thread-safe. Written under _LOCK; read without it (a
-# stale None or False only costs taking the lock once more).
+# None until `start_pool` has run in this process (or its forked parent); then
+# whether the active layer is thread-safe. Written under _LOCK; read without it
+# (a stale None only costs taking the lock once more).
 _safe: bool | None = None
 # Whether this process was forked from one whose Numba thread pool had started:
 # then every kernel call runs on one thread (read by `launch`).
@@ -54,13 +71,45 @@ def layer_is_safe() -> bool | None:
     return _safe
 
 
-def _check_layer() -> None:
-    global _safe
+def pool_started() -> bool:
+    """Whether Numba's thread pool has started in this process (or in its forked parent)."""
     try:
-        layer = numba.threading_layer()
-    except ValueError:  # no parallel region has run yet: ask again next time
-        return
-    _safe = layer in SAFE_LAYERS
+        numba.threading_layer()
+    except ValueError:  # raised until the pool has started
+        return False
+    return True
+
+
+def start_pool(layer: str | None = None) -> None:
+    """Start Numba's thread pool unless it has started, the host's OpenMP settings kept.
+
+    Parameters
+    ----------
+    layer : str, optional
+        The threading layer to start on where the user chose none
+        (``numba.config.THREADING_LAYER`` reads ``"default"``); Numba's own
+        order where it cannot load. The setting reads ``"default"`` again
+        after the start.
+    """
+    global _safe
+    with _LOCK:
+        if not pool_started():
+            with settings_kept():
+                _start(layer)
+        _safe = numba.threading_layer() in SAFE_LAYERS
+
+
+def _start(layer: str | None) -> None:
+    config: Any = numba.config  # its settings are set at import: no attributes for mypy
+    if layer is not None and config.THREADING_LAYER == "default":
+        config.THREADING_LAYER = layer
+        try:
+            numba.get_num_threads()  # starts the pool
+        except ValueError:  # this numba build cannot load the layer: its own order
+            pass
+        finally:
+            config.THREADING_LAYER = "default"
+    numba.get_num_threads()  # starts the pool (and picks the layer) if not yet started
 
 
 class _Unguarded:
@@ -76,7 +125,7 @@ class _Unguarded:
 
 
 class _Guarded:
-    """Holds the module lock for the call; learns the layer after the first one."""
+    """Holds the module lock for the call."""
 
     __slots__ = ()
 
@@ -85,11 +134,7 @@ class _Guarded:
         return self
 
     def __exit__(self, *exc_info: object) -> Literal[False]:
-        try:
-            if _safe is None:
-                _check_layer()
-        finally:
-            _LOCK.release()
+        _LOCK.release()
         return False
 
 
@@ -116,10 +161,13 @@ def kernel_guard(serial: bool) -> _Unguarded | _Guarded:
 def launch(serial: bool, kernel: Callable[..., Any], *args: Any) -> Any:
     """kernel(*args), or its one-thread twin; a parallel launch under `kernel_guard`.
 
-    The twin for small data (``serial``), and in a process forked after the
+    The pool is started first if it has not been (`start_pool`). The twin
+    runs for small data (``serial``), and in a process forked after the
     parent's thread pool started (`serial_only`), which cannot launch
     parallel regions.
     """
+    if _safe is None:  # fastbn has not started the pool: start it, settings kept
+        start_pool()
     # No parallel region: the guard would only cost. (Small calls stop at
     # `serial`; the flag costs the parallel ones a module global read.)
     if serial or serial_only:
@@ -136,11 +184,8 @@ def _after_fork_in_child() -> None:
     """
     global _LOCK, serial_only
     _LOCK = threading.Lock()
-    try:
-        numba.threading_layer()
-    except ValueError:  # the parent never started the pool: this child starts its own
-        return
-    serial_only = True
+    if pool_started():
+        serial_only = True  # else the parent never started the pool: this child starts its own
 
 
 if hasattr(os, "register_at_fork"):  # POSIX; elsewhere there is no fork

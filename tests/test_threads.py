@@ -10,9 +10,11 @@ threads launch parallel regions) shows as a negative return code.
 import json
 
 import numba
+import numpy as np
 import pytest
 from conftest import python_env, run_python
 
+import fastbn
 from fastbn import _threading
 
 N_THREADS = 8
@@ -169,7 +171,8 @@ from fastbn.kernels import mean as kmean
 
 x = np.random.default_rng(1).standard_normal((64, 4096))
 assert _threading.layer_is_safe() is None
-expected = kmean(x)  # the first parallel region: the layer is chosen here
+_threading.start_pool()  # the layer is chosen here
+expected = kmean(x)
 seen = []
 barrier = threading.Barrier(8)
 
@@ -210,17 +213,24 @@ def test_kernel_guard_holds_the_lock_until_the_layer_is_known(monkeypatch):
     with _threading.kernel_guard(False):
         assert _threading._LOCK.locked()
     assert not _threading._LOCK.locked()
-    # After a guarded call the layer is known if any parallel region ran in
-    # this process; a safe layer then drops the lock.
-    try:
-        layer = numba.threading_layer()
-    except ValueError:
-        assert _threading.layer_is_safe() is None
-    else:
-        assert _threading.layer_is_safe() is (layer in ("tbb", "omp"))
-        if layer in ("tbb", "omp"):
-            with _threading.kernel_guard(False):
-                assert not _threading._LOCK.locked()
+    assert _threading.layer_is_safe() is None  # a guarded call alone does not learn it
+    _threading.start_pool()  # started already or now: the layer is known
+    layer = numba.threading_layer()
+    assert _threading.layer_is_safe() is (layer in ("tbb", "omp"))
+    with _threading.kernel_guard(False):
+        assert _threading._LOCK.locked() is (layer == "workqueue")
+    assert not _threading._LOCK.locked()
+
+
+def test_launch_starts_the_pool_first(monkeypatch):
+    """launch calls start_pool while the layer is unknown, then never again."""
+    starts = []
+    real_start = _threading.start_pool
+    monkeypatch.setattr(_threading, "_safe", None)
+    monkeypatch.setattr(_threading, "start_pool", lambda: starts.append(real_start()))
+    for _ in range(2):
+        fastbn.batch_norm_train(np.ones((8, 4), np.float32))  # serial: the twin
+    assert len(starts) == 1 and _threading.layer_is_safe() is not None
 
 
 def test_kernel_guard_releases_the_lock_on_error(monkeypatch):

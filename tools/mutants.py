@@ -585,7 +585,8 @@ REGISTRY_TESTS = {
     "fastbn/torch/ghost.py": ["tests/test_torch_ghost.py"],
     "fastbn/torch/renorm.py": ["tests/test_torch_renorm.py"],
     "fastbn/torch/sync.py": ["tests/test_torch_sync.py"],
-    "fastbn/torch/_threads.py": ["tests/test_torch_threads.py"],
+    "fastbn/torch/_threads.py": ["tests/test_torch_threads.py", "tests/test_host_threads.py"],
+    "fastbn/_openmp.py": ["tests/test_host_threads.py"],
     "fastbn/torch/_pages.py": ["tests/test_torch_pages.py", "tests/test_torch_compile.py"],
 }  # fmt: skip
 
