@@ -624,6 +624,30 @@ def test_each_peer_runs_a_layer():
 
 
 @needs_torch
+@pytest.mark.auto_dispatch  # the shipped crossover, as the bench's fastbn worker runs it
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_the_layer_rows_name_the_implementation_a_converted_layer_runs(dtype):
+    import torch
+
+    import fastbn.torch as fbt
+
+    found = set()
+    for case in bt.LAYER_CASES:
+        for call in bt.LAYER_PASSES:
+            bn = (torch.nn.BatchNorm1d if len(case.shape) == 2 else torch.nn.BatchNorm2d)(
+                case.shape[1], dtype=getattr(torch, dtype)
+            )
+            layer = fbt.convert(bn).train(call == "train")
+            fmt = torch.channels_last if case.layout == "nhwc" else torch.contiguous_format
+            x = torch.zeros(case.shape, dtype=getattr(torch, dtype)).contiguous(memory_format=fmt)
+            node = type(layer(x.requires_grad_()).grad_fn).__name__
+            ran = "torch" if node == "NativeBatchNormBackward0" else "fastbn"
+            assert bt.implementation_of(case, dtype, {"pass": call}) == ran, (case, call)
+            found.add(ran)
+    assert found == {"torch", "fastbn"}  # the rows reach both sides of the crossover
+
+
+@needs_torch
 def test_end_to_end_tiny_run(tmp_path, capsys):
     """One layer row and the MLP's model-table row (at batch 4) through the three workers."""
     path = tmp_path / "torch.json"
@@ -656,6 +680,9 @@ def test_end_to_end_tiny_run(tmp_path, capsys):
         assert min(r["runs"].values()) >= bt.MIN_RUNS
         assert report.format_ratio(r["ratio"]) in out
     layer, model = rows[:2], rows[2]
+    # (32, 128) is below every batch-first crossover: a converted layer runs torch's op there.
+    assert [r["implementation"] for r in layer] == ["torch", "torch"]
+    assert "implementation" not in model
     geomean = [math.sqrt(a * b) for a, b in zip(*map(bt.ratio_rounds, layer), strict=False)]
     assert results["geometric_mean"] == pytest.approx(stats.estimate(geomean))
     # The model row: the step without BN in torch's and fastbn's workers, not torch again's.

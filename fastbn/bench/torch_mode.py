@@ -254,6 +254,18 @@ def to_peer(peer, module):
     return fastbn.torch.convert(copy.deepcopy(module))
 
 
+def implementation_of(case, dtype, row):
+    """What a converted layer runs on a layer row's call by default: "fastbn" (its kernels)
+    or "torch" (torch's op), as `fastbn.torch.dispatch` chooses."""
+    import torch
+
+    from fastbn.torch import dispatch
+
+    memory_format = torch.channels_last if case.layout == "nhwc" else torch.contiguous_format
+    x = torch.empty(case.shape, dtype=getattr(torch, dtype), memory_format=memory_format)
+    return "fastbn" if dispatch.takes_kernels("auto", x, row["pass"] == "train") else "torch"
+
+
 def layer_calls(peer, case, dtype, seed=SEED):
     """A peer's train (forward + backward) and eval (forward, no_grad) calls on one case."""
     import torch
@@ -598,7 +610,8 @@ def measure(settings, progress=None):
                     job = {"kind": "layer", "row": case.to_json(), "dtype": dtype}
                     job.update(seed=SEED, budget=settings.budget, ratio_calls=list(LAYER_PASSES))
                     times, _ = measure_row(workers, job, settings)
-                rows += make_rows("layer", case.label, dtype, case.nbytes(dtype), times)
+                for row in make_rows("layer", case.label, dtype, case.nbytes(dtype), times):
+                    rows.append({**row, "implementation": implementation_of(case, dtype, row)})
         for case in model_rows:
             with progress.task(f"{case.label} training step"):
                 job = {"kind": "model", "row": case.to_json(), "dtype": "float32", "seed": SEED}
@@ -791,6 +804,7 @@ COLUMNS = (
     ("xTorch", ">10"),
     ("A/A", ">10"),
     ("runs", ">9"),
+    ("impl", "<6"),
 )
 
 
@@ -815,6 +829,7 @@ def table_cells(row):
         row["pass"],
         *time_cells(row),
         f"{runs['torch']}/{runs['fastbn']}",
+        row.get("implementation", "-"),
     )
 
 
