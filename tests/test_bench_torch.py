@@ -648,6 +648,7 @@ def test_the_layer_rows_name_the_implementation_a_converted_layer_runs(dtype):
 
 
 @needs_torch
+@pytest.mark.auto_dispatch  # the parent names the shipped table's choice, as the workers run it
 def test_end_to_end_tiny_run(tmp_path, capsys):
     """One layer row and the MLP's model-table row (at batch 4) through the three workers."""
     path = tmp_path / "torch.json"
