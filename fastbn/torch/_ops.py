@@ -59,7 +59,6 @@ from fastbn.torch._pages import advise_huge_pages
 
 __all__ = [
     "BatchNormFunction",
-    "Fold",
     "accumulation_dtype",
     "as_array",
     "channel_shape",
