@@ -63,17 +63,17 @@ CROSSOVER: dict[tuple[str, str, str], int | None] = {
     ("channels_last", "float64", "train"): 1 << 19,
     ("channels_last", "float64", "eval"): 1 << 19,
 }
-Key: TypeAlias = tuple[bool, bool, torch.dtype, bool]
+Key: TypeAlias = tuple[str, torch.dtype, bool]
 
 
 def thresholds(table: dict[tuple[str, str, str], int | None]) -> dict[Key, float]:
-    """A crossover table keyed by what a call has: (2-D, channels-last, dtype, training)."""
-    keyed: dict[Key, float] = {}
-    for (where, dtype_name, mode), elements in table.items():
-        dtype = getattr(torch, dtype_name)
-        key = (where == "batch_first", where == "channels_last", dtype, mode == "train")
-        keyed[key] = float("inf") if elements is None else elements
-    return keyed
+    """A crossover table keyed by what a call has: (`layout`, dtype, training)."""
+    return {
+        (where, getattr(torch, dtype_name), mode == "train"): (
+            float("inf") if elements is None else elements
+        )
+        for (where, dtype_name, mode), elements in table.items()
+    }
 
 
 # What `takes_kernels` reads: `CROSSOVER`, keyed by `thresholds`.
@@ -94,8 +94,7 @@ def takes_kernels(implementation: Implementation, input: torch.Tensor, training:
     Only for CPU float32/float64 input (the callers' check).
     """
     if implementation == "auto":
-        key = (input.dim() == 2, _ops.channels_last(input), input.dtype, training)
-        return input.numel() >= THRESHOLDS[key]
+        return input.numel() >= THRESHOLDS[(layout(input), input.dtype, training)]
     return implementation == "fastbn"
 
 
