@@ -17,13 +17,28 @@ in-place activations, the residual adds):
   - ReLU6(inplace), global average pool, fc. The classifier's Dropout(0.2)
   is left out (a step's loss then depends on nothing but the weights and the
   data). 2.2 M parameters for 10 classes.
+- ``vgg11_bn``: torchvision's VGG11-BN conv body (configuration "A": 64, M,
+  128, M, 256, 256, M, 512, 512, M, 512, 512, M; each number a conv 3x3 -
+  BN - ReLU(inplace), each M a maxpool 2x2/2), 8 BN. Its classifier here is
+  a global average pool and one Linear(512, 10), not torchvision's three
+  4096-wide linear layers: those hold 120 M of its 129 M parameters, so
+  their SGD step (reading and writing half a gigabyte a step) would be the
+  step's time, the classifier's and not the network's. 9.2 M parameters.
+- ``r3d18``: torchvision's video ResNet r3d_18: stem Conv3d 3x7x7, stride
+  (1, 2, 2) - BatchNorm3d - ReLU(inplace), four stages of two 3-D
+  BasicBlocks (64, 128, 256, 512 channels, strides 1, 2, 2, 2; conv 3x3x3 -
+  BN - ReLU(inplace) - conv 3x3x3 - BN, ``out += identity``, ReLU(inplace);
+  a 1x1x1 conv - BN downsample where the shape changes), AdaptiveAvgPool3d(1),
+  fc. 20 BatchNorm3d, 33.2 M parameters.
 - ``cnn``: the small ResNet-style CNN of the contract's original step target
   (16-32-64 channels, three basic blocks, BN followed by ``nn.ReLU()`` inside
   ``nn.Sequential``).
 - ``mlp``: 784-1024-1024-10 with BatchNorm1d and ReLU after each hidden linear.
 
-Every model has 10 classes and torch's default initialization. The inputs
-(batch and image size) are `fastbn.bench.torch_mode`'s, which imports this
+Every model has 10 classes and torch's default initialization; the image
+models take any image size their strides allow (VGG11-BN and R3D-18 32
+pixels or more). The inputs (batch, image size, frames) are
+`fastbn.bench.torch_mode`'s, which imports this
 module in its workers only (the bench runs without torch).
 """
 
@@ -189,7 +204,88 @@ class MobileNetV2(nn.Module):
         return self.classifier(torch.flatten(x, 1))
 
 
-BUILDERS = {"resnet18": ResNet18, "mobilenetv2": MobileNetV2, "cnn": small_cnn, "mlp": mlp}
+# torchvision's VGG configuration "A" (VGG11): output channels of each conv 3x3, "M" a maxpool.
+VGG11_LAYERS = (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M")
+
+
+def vgg11_bn():
+    layers = []
+    c_in = 3
+    for v in VGG11_LAYERS:
+        if v == "M":
+            layers.append(nn.MaxPool2d(2, 2))
+        else:
+            layers += [nn.Conv2d(c_in, v, 3, padding=1), nn.BatchNorm2d(v), nn.ReLU(inplace=True)]
+            c_in = v
+    return nn.Sequential(
+        nn.Sequential(*layers),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(c_in, N_CLASSES),
+    )
+
+
+def conv3d_bn(c_in, c_out, stride=1, kernel=3):
+    """torchvision's Conv3DSimple (the same stride in time and space) and its BatchNorm3d."""
+    return [
+        nn.Conv3d(c_in, c_out, kernel, stride, padding=kernel // 2, bias=False),
+        nn.BatchNorm3d(c_out),
+    ]
+
+
+class BasicBlock3d(nn.Module):
+    """torchvision's video BasicBlock: conv1 = conv-BN-ReLU(inplace), conv2 = conv-BN,
+    ``out += residual``, ReLU(inplace)."""
+
+    def __init__(self, c_in, c_out, stride=1):
+        super().__init__()
+        self.conv1 = nn.Sequential(*conv3d_bn(c_in, c_out, stride), nn.ReLU(inplace=True))
+        self.conv2 = nn.Sequential(*conv3d_bn(c_out, c_out))
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = None
+        if stride != 1 or c_in != c_out:
+            self.downsample = nn.Sequential(*conv3d_bn(c_in, c_out, stride, kernel=1))
+
+    def forward(self, x):
+        residual = x if self.downsample is None else self.downsample(x)
+        out = self.conv2(self.conv1(x))
+        out += residual
+        return self.relu(out)
+
+
+class R3D18(nn.Module):
+    def __init__(self, n_classes=N_CLASSES):
+        super().__init__()
+        self.stem = nn.Sequential(
+            nn.Conv3d(3, 64, (3, 7, 7), (1, 2, 2), padding=(1, 3, 3), bias=False),
+            nn.BatchNorm3d(64),
+            nn.ReLU(inplace=True),
+        )
+        stages = []
+        c_in = 64
+        for i, c_out in enumerate((64, 128, 256, 512)):
+            stride = 1 if i == 0 else 2
+            stages.append(
+                nn.Sequential(BasicBlock3d(c_in, c_out, stride), BasicBlock3d(c_out, c_out))
+            )
+            c_in = c_out
+        self.layer1, self.layer2, self.layer3, self.layer4 = stages
+        self.avgpool = nn.AdaptiveAvgPool3d(1)
+        self.fc = nn.Linear(512, n_classes)
+
+    def forward(self, x):
+        x = self.layer4(self.layer3(self.layer2(self.layer1(self.stem(x)))))
+        return self.fc(torch.flatten(self.avgpool(x), 1))
+
+
+BUILDERS = {
+    "resnet18": ResNet18,
+    "mobilenetv2": MobileNetV2,
+    "vgg11_bn": vgg11_bn,
+    "r3d18": R3D18,
+    "cnn": small_cnn,
+    "mlp": mlp,
+}
 
 
 def make_model(name):
@@ -209,5 +305,10 @@ def without_bn(model):
     return model
 
 
+def batch_norms(model):
+    """The model's BatchNorm layers (torch's or a subclass), in module order."""
+    return [m for m in model.modules() if isinstance(m, _BatchNorm)]
+
+
 def count_bn(model):
-    return sum(isinstance(m, _BatchNorm) for m in model.modules())
+    return len(batch_norms(model))
