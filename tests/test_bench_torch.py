@@ -823,27 +823,34 @@ def test_a_model_process_compiles_compiled_rows(monkeypatch):
 @needs_torch
 @pytest.mark.auto_dispatch  # the shipped crossover, as the bench's fastbn processes run it
 @pytest.mark.usefixtures("one_torch_thread")
-def test_the_implementation_counts_are_the_converted_layers_own():
-    """The small CNN at its batch of 32 32x32 images: its 16-channel layers (2^19 elements)
-    on the kernels, its 64-channel ones (2^17) on torch's op. Each layer's own output says
-    which ran: torch's op leaves torch's node."""
+@pytest.mark.parametrize(("name", "batch"), [("cnn", None), ("mlp", 384)])
+def test_the_implementation_counts_are_the_converted_layers_own(name, batch):
+    """Each layer's own output says which implementation ran (torch's op leaves torch's node).
+    The small CNN at its batch of 32 32x32 images: its 16-channel layers (2^19 elements) on
+    the kernels by the shipped crossover, its 64-channel ones (2^17) on torch's op. The MLP
+    at batch 384: (384, 1024) is on torch's op in training, the kernels' side in eval. The
+    first layer of each is forced onto torch's op."""
     from fastbn.bench import models
 
-    step, model = bt.model_step("fastbn", bt.ModelCase("cnn", "nchw"))
+    case = bt.ModelCase(name, bt.model_formats(name)[0])
+    step, model = bt.model_step("fastbn", case, batch=batch)
+    layers = models.batch_norms(model)
+    layers[0].implementation = "torch"
     nodes = []
 
     def node(module, args, output):
         nodes.append(type(output.grad_fn).__name__)
 
-    handles = [m.register_forward_hook(node) for m in models.batch_norms(model)]
+    handles = [m.register_forward_hook(node) for m in layers]
     counts = bt.implementations_taken(model, step)
     for handle in handles:
         handle.remove()
     on_torch = sum(n == "NativeBatchNormBackward0" for n in nodes)
-    assert len(nodes) == 9
-    assert counts == {"fastbn": 9 - on_torch, "torch": on_torch}
-    assert counts["fastbn"] and counts["torch"]  # both sides of the crossover
-    assert bt.format_implementations(counts) == f"{9 - on_torch}/9 kernels"
+    assert len(nodes) == len(layers) == {"cnn": 9, "mlp": 2}[name]
+    assert counts == {"fastbn": len(layers) - on_torch, "torch": on_torch}
+    assert bt.format_implementations(counts) == f"{len(layers) - on_torch}/{len(layers)} kernels"
+    if name == "cnn":
+        assert counts["fastbn"] and counts["torch"] > 1  # both sides of the crossover
 
 
 @needs_torch
