@@ -16,14 +16,15 @@ ops after batch norm (``ReLU(inplace=True)``, ``out += identity``) work.
 Mechanisms
 ----------
 - Eager calls that need gradients go through `BatchNormFunction`, an
-  autograd Function in the ``setup_context`` form (the cheapest correct
-  one: a ``torch.library.custom_op`` costs more per call). What its backward
+  autograd Function whose forward takes ``ctx`` (the cheapest correct
+  form, its docstring says why: a ``torch.library.custom_op`` costs more
+  per call). What its backward
   needs (input, weight, bias and the float64 mean and invstd) is saved with
   ``save_for_backward``, so autograd's in-place checks, saved-tensor hooks
   and checkpointing see it; the backward takes its arrays from the unpacked
   tensors.
-- Calls that need none run the Function's forward directly (training) or
-  `eval_arrays`.
+- Calls that need none compute what the Function's forward computes:
+  `train_arrays` (training) or `eval_arrays`.
 - A training Function folds the batch into the running statistics inside
   its forward, before its tensors are saved, as torch's op does (`Fold`):
   non-reentrant checkpointing stops recomputing there.
@@ -79,6 +80,7 @@ __all__ = [
     "reduced_dims",
     "torch_moments",
     "torch_output",
+    "train_arrays",
     "vector",
 ]
 
@@ -323,14 +325,19 @@ def kernel_vector(
     return _checks.kernel_vector(vector(t), plan.n_features, dtype, default)
 
 
-def _train_arrays(
+def train_arrays(
     input: torch.Tensor,
     weight: torch.Tensor | None,
     bias: torch.Tensor | None,
     eps: float,
-    relu: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Batch-statistics forward on the kernels: (y, mean, invstd), the last two float64 (C,)."""
+    relu: bool,
+    fold: Fold | None,
+) -> tuple[torch.Tensor, Float64, Float64]:
+    """Batch-statistics forward on the kernels: (y, mean, invstd), the last two float64 (C,).
+
+    ``fold`` (None: nothing to update) takes the batch's statistics into the
+    running ones before this returns.
+    """
     x, plan, last = planned(input, training=True)
     y = empty_output(input, last)
     gamma = kernel_vector(weight, plan, x.dtype, 1.0)
@@ -338,7 +345,9 @@ def _train_arrays(
     _, mean, invstd = _engine.train(
         plan, x, gamma, beta, eps, out_array(y, last), True if relu else None
     )
-    return y, torch.from_numpy(mean), torch.from_numpy(invstd)
+    if fold is not None:
+        fold(mean, invstd)
+    return y, mean, invstd
 
 
 def eval_arrays(
@@ -364,11 +373,11 @@ def eval_arrays(
 
 def _running_invstd(
     running_mean: torch.Tensor, running_var: torch.Tensor, eps: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The float64 (mean, invstd) that running statistics normalize with: new tensors."""
+) -> tuple[Float64, Float64]:
+    """The float64 (mean, invstd) that running statistics normalize with: new arrays."""
     mean = vector(running_mean).astype(np.float64)
     invstd = 1.0 / np.sqrt(vector(running_var).astype(np.float64) + eps)
-    return torch.from_numpy(mean), torch.from_numpy(invstd)
+    return mean, invstd
 
 
 def _backward_arrays(
@@ -452,15 +461,23 @@ class BatchNormFunction(torch.autograd.Function):
     """y = weight * (input - mean) * invstd + bias, with batch or running statistics.
 
     ``apply(input, weight, bias, running_mean, running_var, eps, relu, fold)``
-    returns (y, mean, invstd): batch statistics when running_mean is None,
-    running statistics (constants) otherwise; mean and invstd are float64
-    (C,) tensors, not differentiable. ``fold`` (None: nothing to update)
-    takes the batch statistics' arrays into the running ones before the
-    forward returns (`Fold`). With relu, y is max(y, 0).
+    returns y: normalized with the batch's statistics when running_mean is
+    None (``fold``, None or `Fold`, takes them into the running ones before
+    the forward returns), with the running statistics (constants) otherwise.
+    With relu, y is max(y, 0).
+
+    The forward takes ``ctx`` (the form without ``setup_context``): it saves
+    the float64 mean and invstd it computed, which are not outputs. Measured
+    through the C entry (`fastbn.torch._compat.function_apply`), forward and
+    backward of an empty Function of three outputs (y and the two
+    statistics, non-differentiable) cost 9-11 us more than one of one output
+    ((32, 128) float32, 2 cores); this form costs 1-2 us more than the
+    latter.
     """
 
     @staticmethod
     def forward(
+        ctx: Any,
         input: torch.Tensor,
         weight: torch.Tensor | None,
         bias: torch.Tensor | None,
@@ -469,29 +486,21 @@ class BatchNormFunction(torch.autograd.Function):
         eps: float,
         relu: bool,
         fold: Fold | None,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    ) -> torch.Tensor:
         if running_mean is None:
-            y, mean, invstd = _train_arrays(input, weight, bias, eps, relu)
-            if fold is not None:
-                fold(mean.numpy(), invstd.numpy())
-            return y, mean, invstd
-        assert running_var is not None  # given with running_mean
-        y = eval_arrays(input, running_mean, running_var, weight, bias, eps, relu)
-        return (y, *_running_invstd(running_mean, running_var, eps))
-
-    @staticmethod
-    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor, ...]) -> None:
-        input, weight, bias, running_mean, _, eps, relu, _ = inputs
-        _, mean, invstd = output
-        ctx.mark_non_differentiable(mean, invstd)
-        ctx.set_materialize_grads(False)  # no zero tensors made for the statistics' gradients
-        ctx.save_for_backward(input, weight, bias, mean, invstd)
+            y, mean, invstd = train_arrays(input, weight, bias, eps, relu, fold)
+        else:
+            assert running_var is not None  # given with running_mean
+            y = eval_arrays(input, running_mean, running_var, weight, bias, eps, relu)
+            mean, invstd = _running_invstd(running_mean, running_var, eps)
+        ctx.set_materialize_grads(False)  # a hook may undefine y's gradient: no zeros made
+        statistics = torch.from_numpy(mean), torch.from_numpy(invstd)
+        ctx.save_for_backward(input, weight, bias, *statistics)
         ctx.eps, ctx.relu, ctx.training = eps, relu, running_mean is None
+        return y
 
     @staticmethod
-    def backward(
-        ctx: Any, grad: torch.Tensor | None, *_statistics_grads: torch.Tensor | None
-    ) -> Grads:
+    def backward(ctx: Any, grad: torch.Tensor | None) -> Grads:
         if grad is None:  # y's gradient undefined (a hook's doing): no gradient flows
             return (None,) * 8
         input, weight, bias, mean, invstd = ctx.saved_tensors
@@ -517,5 +526,5 @@ class BatchNormFunction(torch.autograd.Function):
 
 # `BatchNormFunction.apply`, straight to the C entry: the bridge never calls it under
 # torch.func transforms (they take torch's own op), where the Python wrapper matters.
-apply: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+apply: Callable[..., torch.Tensor]
 apply = _compat.function_apply(BatchNormFunction)

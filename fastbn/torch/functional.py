@@ -17,7 +17,8 @@ Which mechanism takes a call (`forward`):
   with the ops around it, with fastbn's running-statistics rule in torch
   ops (`_compiled`);
 - eagerly, with gradients to track: `_ops.BatchNormFunction`;
-- eagerly, without: the same Function's forward (training) or `_ops.eval_arrays`.
+- eagerly, without: the arrays the Function's forward computes (`_ops.train_arrays`,
+  `_ops.eval_arrays`).
 
 A training Function folds its batch into the running statistics before it
 returns (`folder`).
@@ -206,18 +207,18 @@ def forward(
     if not training:
         assert running_mean is not None and running_var is not None  # else torch's op took it
         if grad:
-            return _ops.apply(input, weight, bias, running_mean, running_var, eps, relu, None)[0]
+            return _ops.apply(input, weight, bias, running_mean, running_var, eps, relu, None)
         return _ops.eval_arrays(input, running_mean, running_var, weight, bias, eps, relu)
     update = None
     if running_mean is not None:
         assert running_var is not None  # given with running_mean
         update = folder(
             running_mean, running_var, eps, momentum, num_batches_tracked,
-            input.numel() // input.shape[1], stacklevel + 1,
+            input.numel() // input.shape[1], stacklevel + (2 if grad else 1),
         )  # fmt: skip
-    if grad:
-        return _ops.apply(input, weight, bias, None, None, eps, relu, update)[0]
-    return _ops.BatchNormFunction.forward(input, weight, bias, None, None, eps, relu, update)[0]
+    if grad:  # the fold is called two levels down: the Function's forward, `train_arrays`
+        return _ops.apply(input, weight, bias, None, None, eps, relu, update)
+    return _ops.train_arrays(input, weight, bias, eps, relu, update)[0]
 
 
 def fold(
@@ -272,7 +273,7 @@ def folder(
     stops recomputing a forward once the saved tensors are recomputed, and a
     fold after the Function would then be skipped (the batch counted once
     where torch's module counts it twice). ``stacklevel`` is counted from
-    the Function's forward.
+    the function that calls the fold.
     """
     return functools.partial(
         fold, running_mean, running_var, eps=eps, momentum=momentum, counter=counter,
