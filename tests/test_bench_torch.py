@@ -2,13 +2,16 @@
 
 Rows, ratios and their spreads, torch against itself, the geometric means,
 batch norm's shares and the contract's targets (MET, NOT MET, WITHIN NOISE)
-come from fake timings; the driver's rounds (and a row measured again) run
-against fake workers. With
-torch: the bench's models build as described and train, each converted
-model's loss matches torch's in both memory formats, a worker's compiled
-rows go through torch.compile (a stand-in for it: a real compile takes a
-minute a model), and two tiny end-to-end runs (one layer row; the MLP's row at
-batch 4) go through the workers.
+come from fake timings; the layer rows' rounds (and a row measured again)
+run against fake workers, the model rows' pairs of processes against a fake
+process runner (the order alternating). With torch: the bench's models build
+as described and train, each converted model's loss matches torch's in both
+memory formats (the large models at tiny sizes), a model process times its
+steps and compiles compiled rows (a stand-in for torch.compile: a real
+compile takes a minute a model), its count of the layers on fastbn's
+kernels matches each layer's own node, and a tiny end-to-end run (one layer
+row through the workers; the MLP's row at batch 4 in two pairs of
+processes) prints the report.
 """
 
 import importlib.util
