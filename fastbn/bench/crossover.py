@@ -3,9 +3,11 @@
 ``python -m fastbn.bench.crossover`` times torch's BatchNorm module against
 fastbn's forced onto its kernels (``implementation="fastbn"``) on a ladder
 of sizes for each key of `fastbn.torch.dispatch.CROSSOVER` (layout, dtype,
-mode), interleaved in rounds in one process, and prints, per key, the
-smallest size from which fastbn's median is below torch's at that size and
-every larger one: the table that `fastbn.torch.dispatch` ships.
+mode), at several channel counts (`CHANNELS`: the table is keyed by size
+alone, and the winner at one size differs with the channels), interleaved
+in rounds in one process, and prints, per key, the smallest size from
+which fastbn's median is below torch's at that size and every larger one,
+at every channel count: the table that `fastbn.torch.dispatch` ships.
 
 Each round times ``calls`` calls of each module in turn; a size's time is
 the median over rounds of the per-call mean, and its spread the range of
@@ -26,27 +28,29 @@ from fastbn.torch import dispatch
 
 # Elements per call: 2**12 (4 Ki) to 2**22 (4 Mi).
 LADDER = [2**k for k in range(12, 23, 2)]
-CHANNELS = 64
+# Channel counts of real layers: a stem's, a middle stage's, a last stage's.
+CHANNELS = (32, 128, 512)
+BATCH = 16  # images per call; a batch-first call has numel // channels rows
 
 
-def shape_for(layout: str, numel: int) -> tuple[int, ...]:
-    """An input shape of about numel elements in layout, CHANNELS channels."""
+def shape_for(layout: str, numel: int, channels: int) -> tuple[int, ...]:
+    """An input shape of about numel elements in layout, with channels channels."""
     if layout == "batch_first":
-        return (numel // CHANNELS, CHANNELS)
-    side = max(1, round((numel // (16 * CHANNELS)) ** 0.5))
-    return (16, CHANNELS, side, side)
+        return (max(2, numel // channels), channels)
+    side = max(1, round((numel / (BATCH * channels)) ** 0.5))
+    return (BATCH, channels, side, side)
 
 
-def make_pair(layout: str, numel: int, dtype: torch.dtype) -> tuple[torch.nn.Module, ...]:
-    shape = shape_for(layout, numel)
+def make_pair(shape: tuple[int, ...], dtype: torch.dtype) -> tuple[torch.nn.Module, ...]:
+    """torch's BatchNorm module for shape, and fastbn's forced onto its kernels."""
     cls = torch.nn.BatchNorm1d if len(shape) == 2 else torch.nn.BatchNorm2d
-    theirs = cls(CHANNELS, dtype=dtype)
-    ours = fbt.convert(cls(CHANNELS, dtype=dtype), implementation="fastbn")
+    theirs = cls(shape[1], dtype=dtype)
+    ours = fbt.convert(cls(shape[1], dtype=dtype), implementation="fastbn")
     return theirs, ours
 
 
-def make_input(layout: str, numel: int, dtype: torch.dtype) -> torch.Tensor:
-    x = torch.randn(shape_for(layout, numel), dtype=dtype)
+def make_input(layout: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    x = torch.randn(shape, dtype=dtype)
     if layout == "channels_last":
         x = x.contiguous(memory_format=torch.channels_last)
     return x
@@ -70,32 +74,39 @@ def call_time(module: torch.nn.Module, x: torch.Tensor, train: bool, calls: int)
 
 
 def measure(
-    layout: str, dtype: torch.dtype, train: bool, numel: int, rounds: int, calls: int
+    layout: str, dtype: torch.dtype, train: bool, shape: tuple[int, ...], rounds: int, calls: int
 ) -> tuple[list[float], list[float]]:
-    """Per-round mean seconds per call: (torch's, fastbn's), interleaved in rounds."""
-    theirs, ours = make_pair(layout, numel, dtype)
-    x = make_input(layout, numel, dtype)
+    """Per-round mean seconds per call: (torch's, fastbn's), interleaved, each first in turn."""
+    theirs, ours = make_pair(shape, dtype)
+    x = make_input(layout, shape, dtype)
     for module in (theirs, ours):  # warm-up: compile, allocator
         call_time(module, x, train, 3)
-    torch_times, fastbn_times = [], []
-    for _ in range(rounds):
-        torch_times.append(call_time(theirs, x, train, calls))
-        fastbn_times.append(call_time(ours, x, train, calls))
-    return torch_times, fastbn_times
+    times: dict[torch.nn.Module, list[float]] = {theirs: [], ours: []}
+    for r in range(rounds):
+        for module in (theirs, ours) if r % 2 == 0 else (ours, theirs):
+            times[module].append(call_time(module, x, train, calls))
+    return times[theirs], times[ours]
 
 
-def crossover(rows: list[tuple[int, float, float, float]]) -> int | None:
+def crossover(rows: list[tuple[int, float, float]]) -> int | None:
     """The smallest size from which fastbn's median is below torch's at it and every larger one.
 
-    rows: (numel, torch median, fastbn median, spread of the ratio); None if
+    rows: (numel, torch median, fastbn median) in increasing numel; None if
     fastbn does not win at the largest size.
     """
     found = None
-    for numel, torch_median, fastbn_median, _ in reversed(rows):
+    for numel, torch_median, fastbn_median in reversed(rows):
         if fastbn_median >= torch_median:
             break
         found = numel
     return found
+
+
+def key_crossover(crossovers: list[int | None]) -> int | None:
+    """A key's crossover over its channel counts: where the kernels win at every one."""
+    if None in crossovers:
+        return None
+    return max(c for c in crossovers if c is not None)
 
 
 def quartiles(values: list[float]) -> tuple[float, float]:
@@ -108,6 +119,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--calls", type=int, default=20)
     parser.add_argument("--quick", action="store_true", help="float32 only, 7 rounds")
+    parser.add_argument("--ladder", type=int, nargs="+", default=LADDER, help="sizes to time")
     args = parser.parse_args(argv)
     rounds = 7 if args.quick else args.rounds
     print(
@@ -118,25 +130,28 @@ def main(argv: list[str] | None = None) -> None:
         if args.quick and dtype_name != "float32":
             continue
         dtype = getattr(torch, dtype_name)
-        rows = []
-        for numel in LADDER:
-            torch_times, fastbn_times = measure(
-                layout, dtype, mode == "train", numel, rounds, args.calls
-            )
-            theirs, ours = statistics.median(torch_times), statistics.median(fastbn_times)
-            ratios = [t / f for t, f in zip(torch_times, fastbn_times, strict=True)]
-            low, high = quartiles(ratios)
-            rows.append((numel, theirs, ours, high - low))
-            shape = str(shape_for(layout, numel))
-            print(
-                f"  {layout:<14} {dtype_name:<8} {mode:<5} {shape:<18} "
-                f"torch {theirs * 1e6:9.1f} us  fastbn {ours * 1e6:9.1f} us  "
-                f"{statistics.median(ratios):5.2f}x [{low:.2f}, {high:.2f}]",
-                flush=True,
-            )
+        found = []
+        for channels in CHANNELS:
+            rows = []
+            for numel in sorted(args.ladder):
+                shape = shape_for(layout, numel, channels)
+                torch_times, fastbn_times = measure(
+                    layout, dtype, mode == "train", shape, rounds, args.calls
+                )
+                theirs, ours = statistics.median(torch_times), statistics.median(fastbn_times)
+                ratios = [t / f for t, f in zip(torch_times, fastbn_times, strict=True)]
+                low, high = quartiles(ratios)
+                rows.append((numel, theirs, ours))
+                print(
+                    f"  {layout:<14} {dtype_name:<8} {mode:<5} {shape!s:<18} "
+                    f"torch {theirs * 1e6:9.1f} us  fastbn {ours * 1e6:9.1f} us  "
+                    f"{statistics.median(ratios):5.2f}x [{low:.2f}, {high:.2f}]",
+                    flush=True,
+                )
+            found.append(crossover(rows))
         print(
-            f"{layout} {dtype_name} {mode}: crossover {crossover(rows)} elements "
-            f"(shipped: {shipped})",
+            f"{layout} {dtype_name} {mode}: crossover {key_crossover(found)} elements "
+            f"(by channels {dict(zip(CHANNELS, found, strict=True))}; shipped: {shipped})",
             flush=True,
         )
 
