@@ -177,9 +177,25 @@ def test_torch_op_path_without_tracking_or_affine_is_torchs(gen):
             assert torch.equal(dict(ours.named_buffers())[name], buffer), name
 
 
-def test_fused_relu_takes_the_kernels_whatever_the_choice(gen):
-    # torch's op then torch.relu would save the ReLU's output, which in-place ops break.
-    x = make_input("channels_first", (8, C, 2, 2), torch.float64, gen)
-    for implementation in dispatch.IMPLEMENTATIONS:
-        bn = fbt.BatchNormReLU2d(C, dtype=torch.float64, implementation=implementation)
-        assert type(bn(x).grad_fn).__name__ == "BatchNormFunctionBackward"
+@pytest.mark.parametrize("implementation", ["auto", "torch"])
+def test_fused_relu_on_torchs_op_gives_the_kernels_results_and_survives_in_place_ops(
+    gen, implementation
+):
+    # Below the crossover (or forced) a fused ReLU runs torch's op then threshold, whose
+    # backward reads its input: an in-place op on the output (a residual add) breaks nothing.
+    x = make_input("channels_first", (8, C, 2, 2), torch.float64, gen).requires_grad_()
+    ours = fbt.BatchNormReLU2d(C, dtype=torch.float64, implementation=implementation)
+    kernels = fbt.BatchNormReLU2d(C, dtype=torch.float64, implementation="fastbn")
+    theirs = torch.nn.BatchNorm2d(C, dtype=torch.float64)
+    y = ours(x)
+    assert type(y.grad_fn).__name__ == "ThresholdBackward0"
+    y_kernels = kernels(x)
+    assert type(y_kernels.grad_fn).__name__ == "BatchNormFunctionBackward"
+    torch.testing.assert_close(y, y_kernels)
+    torch.testing.assert_close(y, torch.relu(theirs(x)))
+    residual = torch.randn(y.shape, dtype=torch.float64, generator=gen)
+    (gx,) = torch.autograd.grad((y.add_(residual) ** 2).sum(), x)
+    (gx_kernels,) = torch.autograd.grad((y_kernels.add_(residual) ** 2).sum(), x)
+    torch.testing.assert_close(gx, gx_kernels)
+    for name, buffer in kernels.named_buffers():
+        torch.testing.assert_close(dict(ours.named_buffers())[name], buffer)

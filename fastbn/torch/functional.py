@@ -45,6 +45,7 @@ __all__ = [
     "folder",
     "forward",
     "needs_grad",
+    "relu_after",
     "takes_torch_op",
     "torch_op_forward",
     "verify_batch_size",
@@ -188,7 +189,7 @@ def forward(
             input, running_mean, running_var, weight, bias, training, momentum, eps,
             num_batches_tracked,
         )  # fmt: skip
-        return torch.relu(y) if relu else y
+        return relu_after(y) if relu else y
     check_sizes(input.shape[1], running_mean, running_var, weight, bias)
     eps = _checks.positive_eps(eps)
     if torch.compiler.is_compiling():
@@ -196,13 +197,13 @@ def forward(
             input, running_mean, running_var, weight, bias, training, momentum, eps,
             num_batches_tracked,
         )  # fmt: skip
-        return torch.relu(y) if relu else y
+        return relu_after(y) if relu else y
     if not dispatch.takes_kernels(implementation, input, training):
         y = torch_op_forward(
             input, running_mean, running_var, weight, bias, training, momentum, eps,
             num_batches_tracked, stacklevel,
         )  # fmt: skip
-        return torch.relu(y) if relu else y
+        return relu_after(y) if relu else y
     grad = needs_grad(input, weight, bias)
     if not training:
         assert running_mean is not None and running_var is not None  # else torch's op took it
@@ -219,6 +220,17 @@ def forward(
     if grad:  # the fold is called two levels down: the Function's forward, `train_arrays`
         return _ops.apply(input, weight, bias, None, None, eps, relu, update)
     return _ops.train_arrays(input, weight, bias, eps, relu, update)[0]
+
+
+def relu_after(y: torch.Tensor) -> torch.Tensor:
+    """max(y, 0) in torch ops, after a batch norm that torch's op computed (a new tensor).
+
+    ``threshold(y, 0, 0)`` is ReLU in value and gradient, and its backward
+    reads its input, where torch.relu's reads its output: an in-place op on
+    the result (``out += identity``) then breaks nothing, as with the fused
+    kernels (which recompute the mask from the batch norm's input).
+    """
+    return torch.nn.functional.threshold(y, 0.0, 0.0)
 
 
 def fold(

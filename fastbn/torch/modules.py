@@ -137,7 +137,8 @@ class FastBatchNorm(_MixinBase):
                 input, running_mean, running_var, weight, bias, virtual_batch_size, momentum,
                 self.eps, counter, stacklevel=7,
             )  # fmt: skip
-            return torch.relu(y) if self.fused_relu else y  # the ghost kernels fuse no ReLU
+            # The ghost kernels fuse no ReLU.
+            return functional.relu_after(y) if self.fused_relu else y
         if batch_stats:
             functional.verify_batch_size(input.size())
         return functional.forward(
@@ -152,21 +153,9 @@ class FastBatchNorm(_MixinBase):
             counter,
             stacklevel=7,  # the caller of the module, through torch's Module.__call__
             relu=self.fused_relu,
-            implementation=self._implementation(),
+            # A converted torch module (its class changed in place) may have no attribute.
+            implementation=self.__dict__.get("implementation", "auto"),
         )
-
-    def _implementation(self) -> dispatch.Implementation:
-        """The module's choice (`fastbn.torch.dispatch`); a fused ReLU runs on the kernels.
-
-        torch's op plus torch.relu would save the ReLU's output, which an
-        in-place op after it breaks; the fused kernels recompute the mask
-        from the input. A converted torch module (its class changed in
-        place) may have no attribute: "auto".
-        """
-        if self.fused_relu:
-            return "fastbn"
-        implementation: dispatch.Implementation = self.__dict__.get("implementation", "auto")
-        return implementation
 
 
 def leaf_call(module: torch.nn.Module, input: torch.fx.Proxy) -> torch.fx.Proxy:
