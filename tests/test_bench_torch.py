@@ -259,25 +259,32 @@ def test_model_rows_are_pairs_of_fresh_processes_whose_order_alternates():
     run = FakeProcesses()
     settings = bt.Settings(cases=[], dtypes=[], models=[], budget=1.0, pairs=4, batch=2)
     row = bt.measure_model_row(bt.ModelCase("cnn", "nchw"), settings, ENVS, run)
-    pair = [("torch", True, "torch"), ("fastbn", True, "fastbn")]
+    pair = [("torch", False, "torch"), ("fastbn", False, "fastbn")]
+    first = [("torch", True, "torch"), ("fastbn", True, "fastbn")]  # with the step without BN
     aa = [("torch", False, "torch")] * 2  # torch against itself: no step without BN
-    assert run.log == 2 * (pair + aa + pair[::-1] + aa)
-    # Run n took n s: pairs (torch, fastbn) (1, 2), (6, 5), (9, 10), (14, 13); torch against
-    # itself (3, 4), then (7, 8) taken the other way round, (11, 12), (15, 16) the other way.
-    assert row["rounds"] == {"torch": [1, 6, 9, 14], "fastbn": [2, 5, 10, 13]}
-    assert row["ratio"] == pytest.approx(stats.estimate([1 / 2, 6 / 5, 9 / 10, 14 / 13]))
-    assert row["noise"] == pytest.approx(stats.estimate([3 / 4, 8 / 7, 11 / 12, 16 / 15]))
+    assert bt.AGAIN_EVERY == 2
+    assert run.log == first + aa + pair[::-1] + pair + aa + pair[::-1]
+    # Run n took n s: pairs (torch, fastbn) (1, 2), (6, 5), (7, 8), (12, 11); torch against
+    # itself (3, 4), then (9, 10) taken the other way round.
+    assert row["rounds"] == {"torch": [1, 6, 7, 12], "fastbn": [2, 5, 8, 11]}
+    assert row["ratio"] == pytest.approx(stats.estimate([1 / 2, 6 / 5, 7 / 8, 12 / 11]))
+    assert row["noise"] == pytest.approx(stats.estimate([3 / 4, 10 / 9]))
     assert row["input"] == [2, 3, 32, 32] and row["implementations"] == IMPLEMENTATIONS
-    # The job: the row, the settings' steps, batch and size.
+    # Batch norm's share from the first pair alone (the fake's step without BN: 0.5 s).
+    assert row["identity_seconds"] == {"torch": 0.5, "fastbn": 0.5}
+    # The job: the row, the settings' steps, batch and size; the large rows' own steps.
     job = bt.model_job(bt.ModelCase("cnn", "nchw"), settings)
     assert (job["warm_up"], job["steps"], job["batch"], job["size"]) == (
         *(bt.WARM_UP, bt.STEPS),
         *(2, None),
     )
+    job = bt.model_job(bt.ModelCase("vgg11_bn", "nchw", large=True), settings)
+    assert (job["warm_up"], job["steps"]) == (bt.LARGE_WARM_UP, bt.LARGE_STEPS)
+    assert bt.LARGE_STEPS < bt.STEPS
     # Compiled rows: no torch against itself (a third cold compile of every model).
     run = FakeProcesses()
     row = bt.measure_model_row(bt.ModelCase("cnn", "nchw", compiled=True), settings, ENVS, run)
-    assert run.log == 2 * (pair + pair[::-1]) and row["noise"] is None
+    assert run.log == first + pair[::-1] + pair + pair[::-1] and row["noise"] is None
 
 
 def test_targets_all_met():
@@ -937,7 +944,8 @@ def test_end_to_end_tiny_run(tmp_path, capsys):
         assert model[key] == pytest.approx(
             report.ratio(model[clock]["torch"], model[clock]["fastbn"])
         )
-    assert model["noise"]["n"] == model["cpu_noise"]["n"] == 2
+    # Torch against itself after every other pair: one pair of two.
+    assert model["noise"]["n"] == model["cpu_noise"]["n"] == 1
     assert set(model["first_call"]["fastbn"]) == {"step", "identity"}
     # (4, 1024) is below the crossover too: the MLP's two layers on torch's op.
     assert model["implementations"] == {"fastbn": 0, "torch": 2}

@@ -456,7 +456,8 @@ def parse_args(argv):
         help="comma-separated filter: shape names (4096x512), array shapes (512x4096), "
         "layouts (ff, bf, nchw, nhwc) or name:layout (4096x512:bf); with --torch: shapes"
         " (32x128), layouts (bf, nchw, nhwc), shape:layout, model names (resnet18, mobilenetv2,"
-        " cnn, mlp), model:format (resnet18:nhwc), models (the whole model table)",
+        " vgg11_bn, r3d18, cnn, mlp), model:format (resnet18:nhwc), models (the whole model"
+        " table), small (its 64 px rows), large (its large-layer rows)",
     )
     parser.add_argument(
         "--dtype", choices=["float32", "float64", "both"], help="default: both (float32 --quick)"

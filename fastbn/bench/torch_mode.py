@@ -76,14 +76,15 @@ How the model rows are measured: as a user meets them, one model in a
 process. `PAIRS` pairs of fresh processes, after the layer workers are
 closed: in each pair one process builds torch's model, takes `WARM_UP`
 steps and then `STEPS` timed steps, and reports the median wall time and
-the median CPU time (time.process_time, every thread) of its timed steps,
-and the same for the model without BN; another process does the same with
+the median CPU time (time.process_time, every thread) of its timed steps
+(the large-layer rows `LARGE_WARM_UP` and `LARGE_STEPS`), and in the first
+pair the same for the model without BN; another process does the same with
 the converted model. Torch's process runs first in even pairs, the
-converted one in odd pairs. After each pair, two more fresh torch
-processes (the step alone) give torch against itself by the same
-procedure, the first's time over the second's in even pairs and the
-inverse in odd ones (none under ``--compile``: a third and fourth compile
-of every model). A row's times are the medians over its processes, its
+converted one in odd pairs. After every `AGAIN_EVERY`-th pair, two more
+fresh torch processes (the step alone) give torch against itself by the
+same procedure, the first's time over the second's and the inverse every
+other time (none under ``--compile``: a third and fourth compile of every
+model). A row's times are the medians over its processes, its
 ratios (wall and CPU) the median of the pairs' ratios with its spread.
 
 The targets on every row (no row slower) take 1.0x within the spread of
@@ -218,6 +219,11 @@ PAIRS = 8
 STEPS = 10
 WARM_UP = 3
 QUICK_PAIRS = 4
+# The large-layer rows' steps take 1.4-4 s each on 2 cores: fewer of them a process (their
+# times move less from step to step than the 64 px rows' do).
+LARGE_STEPS = 4
+LARGE_WARM_UP = 2
+AGAIN_EVERY = 2  # torch against itself after every other pair
 LR = 0.01
 # The contract's targets for the model table: the 64 px rows' geometric mean, the large-layer
 # rows' geometric mean, and VGG11-BN large in each format.
@@ -439,9 +445,7 @@ def implementations_taken(model, step):
     kernels = []
 
     def record(module, args):
-        # A fused ReLU runs on the kernels whatever the module's choice (fastbn.torch.modules).
-        fused = getattr(module, "fused_relu", False)
-        implementation = "fastbn" if fused else getattr(module, "implementation", "auto")
+        implementation = getattr(module, "implementation", "auto")
         kernels.append(dispatch.takes_kernels(implementation, args[0], module.training))
 
     handles = [m.register_forward_pre_hook(record) for m in models.batch_norms(model)]
@@ -627,6 +631,8 @@ class Settings:
     pairs: int = PAIRS
     steps: int = STEPS
     warm_up: int = WARM_UP
+    large_steps: int = LARGE_STEPS
+    large_warm_up: int = LARGE_WARM_UP
 
     def model_rows(self):
         """The model-table rows in the order measured: eager, then compiled."""
@@ -738,8 +744,8 @@ def model_job(case, settings, identity=True):
         "seed": SEED,
         "batch": settings.batch,
         "size": settings.size,
-        "warm_up": settings.warm_up,
-        "steps": settings.steps,
+        "warm_up": settings.large_warm_up if case.large else settings.warm_up,
+        "steps": settings.large_steps if case.large else settings.steps,
         "identity": identity,
     }
 
@@ -749,19 +755,24 @@ def measure_model_row(case, settings, envs, run=model_process):
     env)``; ``envs``: each peer's environment).
 
     Pair i runs torch's process, then fastbn's, for even i; fastbn's first for
-    odd i. After each, but for compiled rows (a third and fourth compile of
+    odd i; the first pair's processes also time the model without BN (batch
+    norm's share: one pair's, which halves a row's time). After every
+    `AGAIN_EVERY`-th pair, but for compiled rows (a third and fourth compile of
     every model), a pair of two fresh torch processes, torch against itself,
-    whose ratio is the first's time over the second's for even i and the
-    inverse for odd i: the same procedure, the noise floor of the row.
+    whose ratio is the first's time over the second's, the two taken in the
+    other order every other time: the same procedure, the noise floor of the
+    row. Large-layer rows take `settings.large_steps` timed steps and
+    `settings.large_warm_up` warm-up ones (a step of seconds).
     """
     job = model_job(case, settings)
     pairs, again = [], []
     for i in range(settings.pairs):
         order = PEERS if i % 2 == 0 else PEERS[::-1]
-        pairs.append({peer: run(peer, job, envs[peer]) for peer in order})
-        if not case.compiled:
+        pair_job = job if i == 0 else {**job, "identity": False}
+        pairs.append({peer: run(peer, pair_job, envs[peer]) for peer in order})
+        if not case.compiled and i % AGAIN_EVERY == 0:
             aa = [run("torch", {**job, "identity": False}, envs["torch"]) for _ in range(2)]
-            again.append(aa if i % 2 == 0 else aa[::-1])
+            again.append(aa if len(again) % 2 == 0 else aa[::-1])
     shape = model_input_shape(case, settings.batch, settings.size)
     return make_model_row(case, shape, pairs, again)
 
@@ -796,9 +807,10 @@ def make_model_row(case, shape, pairs, again):
         return report.ratio(a, b)
 
     identity = None
-    if all("identity" in pair[p] for pair in pairs for p in PEERS):
+    timed = [pair for pair in pairs if all("identity" in pair[p] for p in PEERS)]
+    if timed:
         identity = {
-            p: statistics.median(process_median(pair[p], "identity") for pair in pairs)
+            p: statistics.median(process_median(pair[p], "identity") for pair in timed)
             for p in PEERS
         }
     first = pairs[0]
