@@ -7,12 +7,11 @@ torch's whole op is cheaper than fastbn's kernels plus the bridge, and on
 large ones fastbn's kernels win. `CROSSOVER` says from how many elements
 the kernels take a call, per (layout, dtype, mode); below it torch's op
 does, with fastbn's running-statistics rule (`fastbn.torch.functional`).
-The table comes from measurements, not a guess: layer timings on a quiet
-machine (its comment). ``python -m fastbn.bench.crossover`` measures it
-again: torch's module against fastbn's forced onto its kernels on a ladder
-of sizes, interleaved, with each key's crossover printed beside the
-shipped one (the guide's "Which implementation runs" says what its runs
-on a loaded machine gave).
+The table comes from measurements, not a guess: ``python -m
+fastbn.bench.crossover`` (torch's module against fastbn's forced onto its
+kernels on a ladder of sizes and three channel counts, interleaved, each
+key's crossover printed beside the shipped one); its comment gives the
+runs.
 
 A module's ``implementation`` chooses: ``"auto"`` (the default) by the
 table, ``"fastbn"`` the kernels always, ``"torch"`` torch's op always.
@@ -43,25 +42,28 @@ IMPLEMENTATIONS: tuple[Implementation, ...] = ("auto", "fastbn", "torch")
 
 # (layout, dtype, mode) -> elements from which fastbn's kernels take the call (None: never).
 # "train" is a batch-statistics forward (and its backward), "eval" a running-statistics one.
-# Set from layer timings on a quiet 2-core machine of the CI's kind (forward + backward,
-# torch's module / fastbn's, medians): batch-first (32, 128) 0.64x, (64, 256) 0.64x, (128,
-# 512) 0.63-1.02x, (1024, 256) 0.87-1.43x; channels-last (16, 160, 2, 2) 0.60x, (16, 96, 8,
-# 8) 0.73x, (16, 576, 4, 4) 0.70x, (16, 32, 32, 32) 1.12x; channels-first (16, 160, 2, 2)
-# 1.22x, (16, 96, 8, 8) 1.13x, (16, 576, 4, 4) 0.94x, (16, 32, 32, 32) 1.94x, (8, 512, 7,
-# 7) 0.76-1.45x. Where a size's rows disagree, torch's op keeps it (it costs no Python node).
+# Measured with `python -m fastbn.bench.crossover` on a quiet 2-core machine of the CI's kind
+# (2026-12-07): two runs of the 4 Ki-4 Mi ladder (9 rounds of 10 calls, both dtypes) and one
+# of 4-16 Mi (float32, 7 rounds of 5), each size at 32, 128 and 512 channels. Each entry is
+# the largest size any run or channel count needed, so that no measured call gets the slower
+# side. What decides it: below 32 MiB torch's op is fast in every layout but channels-first
+# training, where the kernels win from 256 Ki elements (1.13-1.94x); at 32 MiB and more a
+# fresh output is mmap'd by glibc and torch pays a page fault per 4 KiB page each call, where
+# fastbn's outputs of 4 MiB and more sit on huge pages: 1.5-4x there. Where a run left a key
+# undecided at 4 Mi float64 (ratios 0.88-0.97x at one channel count), the entry is 2^23.
 CROSSOVER: dict[tuple[str, str, str], int | None] = {
-    ("batch_first", "float32", "train"): 1 << 19,
-    ("batch_first", "float32", "eval"): 1 << 18,
-    ("batch_first", "float64", "train"): 1 << 19,
-    ("batch_first", "float64", "eval"): 1 << 18,
+    ("batch_first", "float32", "train"): 1 << 23,
+    ("batch_first", "float32", "eval"): 1 << 23,
+    ("batch_first", "float64", "train"): 1 << 23,
+    ("batch_first", "float64", "eval"): 1 << 22,
     ("channels_first", "float32", "train"): 1 << 18,
-    ("channels_first", "float32", "eval"): 1 << 18,
-    ("channels_first", "float64", "train"): 1 << 18,
-    ("channels_first", "float64", "eval"): 1 << 18,
-    ("channels_last", "float32", "train"): 1 << 19,
-    ("channels_last", "float32", "eval"): 1 << 19,
-    ("channels_last", "float64", "train"): 1 << 19,
-    ("channels_last", "float64", "eval"): 1 << 19,
+    ("channels_first", "float32", "eval"): 1 << 23,
+    ("channels_first", "float64", "train"): 1 << 20,
+    ("channels_first", "float64", "eval"): 1 << 23,
+    ("channels_last", "float32", "train"): 1 << 23,
+    ("channels_last", "float32", "eval"): 1 << 24,
+    ("channels_last", "float64", "train"): 1 << 22,
+    ("channels_last", "float64", "eval"): 1 << 23,
 }
 Key: TypeAlias = tuple[str, torch.dtype, bool]
 
