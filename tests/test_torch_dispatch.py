@@ -166,6 +166,29 @@ def test_torch_op_path_keeps_running_statistics_from_a_bad_batch(gen, momentum):
     assert int(bn.num_batches_tracked) == 2
 
 
+def test_torch_op_path_takes_finite_statistics_whose_product_overflows(gen):
+    # The rule checks mean . var first: its overflow alone must not reject a batch.
+    bn = fbt.BatchNorm1d(C, implementation="torch")
+    x = torch.randn(8, C, generator=gen) * 1e18 + 1e20  # mean ~1e20, var ~1e36: finite
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        bn(x)
+    assert int(bn.num_batches_tracked) == 1
+    assert torch.isfinite(bn.running_mean).all() and torch.isfinite(bn.running_var).all()
+    assert float(bn.running_mean.double() @ bn.running_var.double()) > 3.5e38  # overflows
+    assert torch.allclose(bn.running_mean, 0.1 * x.mean(0))
+
+
+def test_torch_op_path_rejects_a_variance_that_overflows(gen):
+    bn = fbt.BatchNorm1d(C, implementation="torch")
+    x = torch.randn(8, C, generator=gen)
+    x[0, 2] = 3e38  # finite data, but its variance overflows float32
+    with pytest.warns(RuntimeWarning, match=r"features \[2\]"):
+        bn(x)
+    assert int(bn.num_batches_tracked) == 0
+    assert torch.equal(bn.running_var, torch.ones(C))
+
+
 def test_torch_op_path_without_tracking_or_affine_is_torchs(gen):
     x = make_input("channels_first", (8, C, 2, 2), torch.float64, gen)
     for kwargs in ({"track_running_stats": False}, {"affine": False}):

@@ -340,6 +340,12 @@ def torch_op_forward(
     y = torch.batch_norm(
         input, weight, bias, running_mean, running_var, True, momentum, eps, False
     )
+    # mean . var is NaN or inf if any mean or variance is (0 * inf is NaN): one call, where
+    # isfinite over both cost more in situ; each is checked only if it is not (or overflows).
+    with np.errstate(over="ignore", invalid="ignore"):
+        product = mean_array.dot(var_array)
+    if math.isfinite(product):
+        return y
     finite = np.isfinite(mean_array) & np.isfinite(var_array)
     if not finite.all():
         mean_array[:], var_array[:] = saved_mean, saved_var
