@@ -327,8 +327,7 @@ COMPILED_LAYERS = {
         CL,
         TRAIN_OP,
     ),
-    # 6 MiB of float64 data: outputs large enough for huge pages in eager mode
-    # (fastbn/torch/_pages.py); the compiled ops' fake tensors have no memory to advise.
+    # 6 MiB of float64 data: the parallel kernels in eager mode.
     "BatchNorm2d_momentum_0.5_6MiB": (
         lambda: fbt.BatchNorm2d(C, momentum=0.5),
         (16, C, 128, 128),

@@ -575,7 +575,7 @@ REGISTRY_TESTS = {
         "tests/test_torch_versions.py",
     ],
     "fastbn/torch/_ops.py": [
-        *_TORCH, "tests/test_torch_relu.py", "tests/test_torch_pages.py",
+        *_TORCH, "tests/test_torch_relu.py",
         "tests/test_torch_compile.py",  # fold_torch: the compiled path's running statistics
     ],
     "fastbn/torch/functional.py": [*_TORCH, "tests/test_torch_compile.py"],
@@ -587,7 +587,6 @@ REGISTRY_TESTS = {
     "fastbn/torch/sync.py": ["tests/test_torch_sync.py"],
     "fastbn/torch/_threads.py": ["tests/test_torch_threads.py", "tests/test_host_threads.py"],
     "fastbn/_openmp.py": ["tests/test_host_threads.py"],
-    "fastbn/torch/_pages.py": ["tests/test_torch_pages.py", "tests/test_torch_compile.py"],
 }  # fmt: skip
 
 # Operators left out: replacements by shifts and bitwise operators (and of them),

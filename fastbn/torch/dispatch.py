@@ -44,26 +44,25 @@ IMPLEMENTATIONS: tuple[Implementation, ...] = ("auto", "fastbn", "torch")
 # "train" is a batch-statistics forward (and its backward), "eval" a running-statistics one.
 # Measured with `python -m fastbn.bench.crossover` on a quiet 2-core machine of the CI's kind
 # (2026-12-07): two runs of the 4 Ki-4 Mi ladder (9 rounds of 10 calls, both dtypes) and one
-# of 4-16 Mi (float32, 7 rounds of 5), each size at 32, 128 and 512 channels. Each entry is
-# the largest size any run or channel count needed, so that no measured call gets the slower
-# side. What decides it: below 32 MiB torch's op is fast in every layout but channels-first
-# training, where the kernels win from 256 Ki elements (1.13-1.94x); at 32 MiB and more a
-# fresh output is mmap'd by glibc and torch pays a page fault per 4 KiB page each call, where
-# fastbn's outputs of 4 MiB and more sit on huge pages: 1.5-4x there. Where a run left a key
-# undecided at 4 Mi float64 (ratios 0.88-0.97x at one channel count), the entry is 2^23.
+# of 2-16 Mi (both dtypes, 7 rounds of 5), each size at 32, 128 and 512 channels. Each entry
+# is the largest size any run or channel count needed, so that no measured call gets the
+# slower side (None: some channel count lost or tied at 16 Mi). What decides it: torch's op
+# is fast in every layout but channels-first training, where the kernels win from 256 Ki
+# elements (1.13-1.94x; 1.10-2.10x at 2-16 Mi); elsewhere the two are within 0.74-1.36x of
+# each other at 2-16 Mi, where each fresh output of either is paid for page by page.
 CROSSOVER: dict[tuple[str, str, str], int | None] = {
-    ("batch_first", "float32", "train"): 1 << 23,
-    ("batch_first", "float32", "eval"): 1 << 23,
-    ("batch_first", "float64", "train"): 1 << 23,
-    ("batch_first", "float64", "eval"): 1 << 22,
+    ("batch_first", "float32", "train"): 1 << 24,
+    ("batch_first", "float32", "eval"): None,
+    ("batch_first", "float64", "train"): 1 << 24,
+    ("batch_first", "float64", "eval"): None,
     ("channels_first", "float32", "train"): 1 << 18,
-    ("channels_first", "float32", "eval"): 1 << 23,
-    ("channels_first", "float64", "train"): 1 << 20,
-    ("channels_first", "float64", "eval"): 1 << 23,
-    ("channels_last", "float32", "train"): 1 << 23,
+    ("channels_first", "float32", "eval"): 1 << 24,
+    ("channels_first", "float64", "train"): 1 << 23,
+    ("channels_first", "float64", "eval"): None,
+    ("channels_last", "float32", "train"): None,
     ("channels_last", "float32", "eval"): 1 << 24,
-    ("channels_last", "float64", "train"): 1 << 22,
-    ("channels_last", "float64", "eval"): 1 << 23,
+    ("channels_last", "float64", "train"): 1 << 24,
+    ("channels_last", "float64", "eval"): None,
 }
 Key: TypeAlias = tuple[str, torch.dtype, bool]
 
