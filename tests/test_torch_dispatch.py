@@ -222,3 +222,21 @@ def test_fused_relu_on_torchs_op_gives_the_kernels_results_and_survives_in_place
     torch.testing.assert_close(gx, gx_kernels)
     for name, buffer in kernels.named_buffers():
         torch.testing.assert_close(dict(ours.named_buffers())[name], buffer)
+
+
+@pytest.mark.parametrize("implementation", ["torch", "fastbn"])
+@pytest.mark.parametrize("name", ["running_mean", "running_var", "weight", "bias"])
+def test_a_per_channel_tensor_of_the_wrong_size_raises_torchs_error_and_changes_nothing(
+    gen, implementation, name
+):
+    # torch's op path leaves the size check to torch's op, the kernels' path makes it itself:
+    # the same error, and neither the buffers nor the counter move.
+    bn = fbt.BatchNorm1d(C, implementation=implementation)
+    tensor = getattr(bn, name)
+    tensor.data = torch.ones(C - 1) if name == "running_var" else torch.zeros(C - 1)
+    state = {key: t.clone() for key, t in bn.state_dict().items()}
+    x = torch.randn(8, C, generator=gen)
+    with pytest.raises(RuntimeError, match=rf"^{name} should contain {C} elements not {C - 1}$"):
+        bn(x)
+    for key, t in bn.state_dict().items():
+        assert torch.equal(t, state[key]), key

@@ -190,18 +190,20 @@ def forward(
             num_batches_tracked,
         )  # fmt: skip
         return relu_after(y) if relu else y
-    check_sizes(input.shape[1], running_mean, running_var, weight, bias)
     eps = _checks.positive_eps(eps)
-    if torch.compiler.is_compiling():
-        y = _compiled(
-            input, running_mean, running_var, weight, bias, training, momentum, eps,
-            num_batches_tracked,
-        )  # fmt: skip
-        return relu_after(y) if relu else y
-    if not dispatch.takes_kernels(implementation, input, training):
+    compiling = torch.compiler.is_compiling()
+    if not compiling and not dispatch.takes_kernels(implementation, input, training):
+        # torch's op checks the per-channel sizes first, with check_sizes' errors.
         y = torch_op_forward(
             input, running_mean, running_var, weight, bias, training, momentum, eps,
             num_batches_tracked, stacklevel,
+        )  # fmt: skip
+        return relu_after(y) if relu else y
+    check_sizes(input.shape[1], running_mean, running_var, weight, bias)
+    if compiling:
+        y = _compiled(
+            input, running_mean, running_var, weight, bias, training, momentum, eps,
+            num_batches_tracked,
         )  # fmt: skip
         return relu_after(y) if relu else y
     grad = needs_grad(input, weight, bias)
@@ -335,26 +337,16 @@ def torch_op_forward(
     counted = 0 if counter_array is None else int(counter_array)
     if momentum is None:  # the cumulative average, or 0 without a counter
         momentum = 0.0 if counter_array is None else 1.0 / (counted + 1)
-    if counter_array is not None:  # item assignment: an in-place += on a 0-d array costs 10x
-        counter_array[()] = counted + 1
+    # torch's op checks its arguments before it updates anything: an error changes nothing.
     y = torch.batch_norm(
         input, weight, bias, running_mean, running_var, True, momentum, eps, False
     )
-    # mean . var is NaN or inf if any mean or variance is (0 * inf is NaN): 2.4 us against 3.1
-    # for isfinite over both; each value is checked only if it is not (or it overflows).
-    with np.errstate(over="ignore", invalid="ignore"):
-        product = mean_array.dot(var_array)
-    if math.isfinite(product):
-        return y
-    finite = np.isfinite(mean_array) & np.isfinite(var_array)
-    if not finite.all():
+    bad = _running.nonfinite_features(mean_array, var_array)
+    if bad:
         mean_array[:], var_array[:] = saved_mean, saved_var
-        if counter_array is not None:
-            counter_array[()] = counted
-        warn_not_taken(
-            np.flatnonzero(~finite).tolist(), running_mean.dtype, stacklevel + 1,
-            "batch statistics",
-        )  # fmt: skip
+        warn_not_taken(bad, running_mean.dtype, stacklevel + 1, "batch statistics")
+    elif counter_array is not None:  # item assignment: an in-place += on a 0-d array costs 10x
+        counter_array[()] = counted + 1
     return y
 
 
