@@ -64,6 +64,7 @@ def kernels_take_every_call(request, monkeypatch):
         return
     everywhere = dispatch.thresholds(dict.fromkeys(dispatch.CROSSOVER, 0))
     monkeypatch.setattr(dispatch, "THRESHOLDS", everywhere)
+    monkeypatch.setattr(dispatch, "SMALLEST", 0)
 
 
 @pytest.fixture

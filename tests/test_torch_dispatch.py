@@ -61,6 +61,7 @@ def test_the_table_covers_every_key_a_call_can_have():
     }
     assert set(dispatch.CROSSOVER) == keys
     assert len(dispatch.THRESHOLDS) == len(keys)
+    assert dispatch.SMALLEST == min(dispatch.THRESHOLDS.values())  # no key is asked below it
 
 
 @pytest.mark.parametrize(("layout", "dtype", "mode"), list(dispatch.CROSSOVER))

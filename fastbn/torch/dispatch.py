@@ -77,8 +77,10 @@ def thresholds(table: dict[tuple[str, str, str], int | None]) -> dict[Key, float
     }
 
 
-# What `takes_kernels` reads: `CROSSOVER`, keyed by `thresholds`.
+# What `takes_kernels` reads: `CROSSOVER`, keyed by `thresholds`; below SMALLEST every key
+# takes torch's op, without the layout's question.
 THRESHOLDS = thresholds(CROSSOVER)
+SMALLEST = min(THRESHOLDS.values())
 
 
 def layout(input: torch.Tensor) -> str:
@@ -95,7 +97,8 @@ def takes_kernels(implementation: Implementation, input: torch.Tensor, training:
     Only for CPU float32/float64 input (the callers' check).
     """
     if implementation == "auto":
-        return input.numel() >= THRESHOLDS[(layout(input), input.dtype, training)]
+        numel = input.numel()
+        return numel >= SMALLEST and numel >= THRESHOLDS[(layout(input), input.dtype, training)]
     return implementation == "fastbn"
 
 
