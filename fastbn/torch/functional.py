@@ -322,9 +322,9 @@ def torch_op_forward(
 
     torch's op updates the running statistics itself, before it saves its
     tensors (so checkpointing counts as torch's module does); if the result
-    is not finite in the buffers' dtype, the buffers and the counter are put
-    back as they were, with `fold`'s RuntimeWarning. ``stacklevel`` as
-    `forward` counts it.
+    is not finite in the buffers' dtype, the buffers are put back as they
+    were and the counter does not move, with `fold`'s RuntimeWarning.
+    ``stacklevel`` as `forward` counts it.
     """
     if not training or running_mean is None:
         return torch.batch_norm(
