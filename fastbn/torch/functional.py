@@ -322,9 +322,10 @@ def torch_op_forward(
 
     torch's op updates the running statistics itself, before it saves its
     tensors (so checkpointing counts as torch's module does); if the result
-    is not finite in the buffers' dtype, the buffers are put back as they
-    were and the counter does not move, with `fold`'s RuntimeWarning.
-    ``stacklevel`` as `forward` counts it.
+    is not finite in the buffers' dtype, the buffers and the counter are put
+    back as they were, with `fold`'s RuntimeWarning; so are they when torch's
+    op raises (its checks, the per-channel sizes among them, come before it
+    updates anything). ``stacklevel`` as `forward` counts it.
     """
     if not training or running_mean is None:
         return torch.batch_norm(
@@ -337,16 +338,24 @@ def torch_op_forward(
     counted = 0 if counter_array is None else int(counter_array)
     if momentum is None:  # the cumulative average, or 0 without a counter
         momentum = 0.0 if counter_array is None else 1.0 / (counted + 1)
-    # torch's op checks its arguments before it updates anything: an error changes nothing.
-    y = torch.batch_norm(
-        input, weight, bias, running_mean, running_var, True, momentum, eps, False
-    )
+    # Counted before torch's op, as torch's module counts: non-reentrant checkpointing stops
+    # its recomputation inside the op, and counts the batch twice, as it does torch's.
+    if counter_array is not None:  # item assignment: an in-place += on a 0-d array costs 10x
+        counter_array[()] = counted + 1
+    try:
+        y = torch.batch_norm(
+            input, weight, bias, running_mean, running_var, True, momentum, eps, False
+        )
+    except RuntimeError:  # torch's argument checks (the sizes), made before it updates anything
+        if counter_array is not None:
+            counter_array[()] = counted
+        raise
     bad = _running.nonfinite_features(mean_array, var_array)
     if bad:
         mean_array[:], var_array[:] = saved_mean, saved_var
+        if counter_array is not None:
+            counter_array[()] = counted
         warn_not_taken(bad, running_mean.dtype, stacklevel + 1, "batch statistics")
-    elif counter_array is not None:  # item assignment: an in-place += on a 0-d array costs 10x
-        counter_array[()] = counted + 1
     return y
 
 
