@@ -1,12 +1,14 @@
 """The contract's memory promises (docs/guide/contract.md): no leak over 10,000 calls, no
-input-sized temporaries.
+input-sized temporaries; and the torch bridge's outputs left off huge pages (its guide).
 
 Peak RSS (VmHWM) is measured in a fresh interpreter so that nothing else the
 test session allocated counts. The figures are printed (``pytest -s``).
 """
 
 import json
+import os
 
+import pytest
 from conftest import python_env, run_python
 
 MiB = 1 << 20
@@ -131,3 +133,64 @@ def test_peak_memory_of_a_large_forward_backward(subprocess_cache):
     assert r["ok"]
     # y and dx are unavoidable; an input-sized temporary would add 256 MiB (+25%).
     assert r["peak"] - r["base"] <= 1.15 * 4 * nbytes
+
+
+HUGE_PAGES = r"""
+import json
+import numpy as np
+import torch
+import fastbn.torch as fbt
+
+
+def advised_mebibytes(address, nbytes):
+    # How many of the MiB steps over [address, address + nbytes) lie in a mapping whose
+    # VmFlags carry "hg" (madvise MADV_HUGEPAGE), by /proc/self/smaps.
+    ranges, flags = [], {}
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split(maxsplit=1)[0]
+            if "-" in head and all(c in "0123456789abcdef-" for c in head):
+                ranges.append(tuple(int(v, 16) for v in head.split("-")))
+            elif line.startswith("VmFlags:"):
+                flags[ranges[-1]] = line.split()[1:]
+    steps = range(address, address + nbytes, 1 << 20)
+    return sum(any(lo <= a < hi and "hg" in flags[lo, hi] for lo, hi in ranges) for a in steps)
+
+
+found = {}
+for name, fmt in (("nchw", torch.contiguous_format), ("channels_last", torch.channels_last)):
+    module = fbt.BatchNorm2d(64, implementation="fastbn")
+    x = torch.randn(8, 64, 64, 64).contiguous(memory_format=fmt).requires_grad_()  # 8 MiB
+    y = module(x)
+    y.backward(torch.ones_like(y))
+    with torch.no_grad():
+        y_eval = module.eval()(x)
+    found[name] = {
+        what: advised_mebibytes(t.data_ptr(), t.numel() * t.element_size())
+        for what, t in (("y", y), ("dx", x.grad), ("y_eval", y_eval))
+    }
+# Last, so that no output reuses its memory: NumPy's own 8 MiB array, which NumPy advises.
+control = np.empty(x.numel(), np.float32)
+found["numpy"] = advised_mebibytes(control.ctypes.data, control.nbytes)
+print(json.dumps(found))
+"""
+
+
+def test_bridge_outputs_are_not_advised_onto_huge_pages(subprocess_cache):
+    """y and dx of the torch bridge's kernels are torch's allocations, which no one madvises.
+
+    NumPy advises its arrays of 4 MiB and more onto huge pages; outputs made
+    so made a ResNet-18 224 px training step's batch norm backward 4x slower
+    (`fastbn.torch._ops.empty_output`). A NumPy array in the same process is
+    the control: it must show the advice, or this platform cannot tell.
+    """
+    pytest.importorskip("torch")
+    if not os.path.exists("/proc/self/smaps"):
+        pytest.skip("no /proc/self/smaps to read the advice from")
+    proc = run_python(HUGE_PAGES, python_env(subprocess_cache), timeout=300)
+    found = json.loads(proc.stdout.strip().splitlines()[-1])
+    if found.pop("numpy") == 0:
+        pytest.skip("NumPy's arrays are not advised onto huge pages here: nothing to tell apart")
+    assert found == {name: {"y": 0, "dx": 0, "y_eval": 0} for name in ("nchw", "channels_last")}, (
+        found
+    )
