@@ -145,16 +145,16 @@ import fastbn.torch as fbt
 def advised_mebibytes(address, nbytes):
     # How many of the MiB steps over [address, address + nbytes) lie in a mapping whose
     # VmFlags carry "hg" (madvise MADV_HUGEPAGE), by /proc/self/smaps.
-    ranges, flags = [], {}
+    advised, mapping = [], None
     with open("/proc/self/smaps") as f:
         for line in f:
             head = line.split(maxsplit=1)[0]
             if "-" in head and all(c in "0123456789abcdef-" for c in head):
-                ranges.append(tuple(int(v, 16) for v in head.split("-")))
-            elif line.startswith("VmFlags:"):
-                flags[ranges[-1]] = line.split()[1:]
+                mapping = tuple(int(v, 16) for v in head.split("-"))
+            elif line.startswith("VmFlags:") and "hg" in line.split()[1:]:
+                advised.append(mapping)
     steps = range(address, address + nbytes, 1 << 20)
-    return sum(any(lo <= a < hi and "hg" in flags[lo, hi] for lo, hi in ranges) for a in steps)
+    return sum(any(lo <= a < hi for lo, hi in advised) for a in steps)
 
 
 found = {}
